@@ -1,0 +1,131 @@
+"""Building blocks shared by the encoders, and the ONE extension point for PEFT methods.
+
+Every linear map inside a transformer layer is a `Projection` with a `Site` (which stack, which
+layer, which named place). Every sublayer output (attention, cross-attention, feed-forward)
+passes through `extend_sublayer`, attention keys/values through `extend_attention_kv`, and input
+embeddings through `extend_embeddings`. Adapters, LoRA, prefix/prompt tuning, (IA)^3 and
+hypernetwork-generated weights (mtlx.peft) attach at these points by configuration: an encoder
+never knows which methods exist.
+
+Site names are the same in every model family:
+  projections: attention.{query,key,value,output}, cross_attention.{query,key,value,output},
+               ffn.input, ffn.gate (T5 v1.1 gated GELU), ffn.output
+  sublayers:   attention, cross_attention, ffn
+  embeddings:  embeddings
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional, Sequence
+
+import flax.linen as nn
+import flax.struct
+import jax.numpy as jnp
+
+PROJECTION_SITES = (
+    "attention.query", "attention.key", "attention.value", "attention.output",
+    "cross_attention.query", "cross_attention.key", "cross_attention.value",
+    "cross_attention.output", "ffn.input", "ffn.gate", "ffn.output",
+)
+SUBLAYER_SITES = ("attention", "cross_attention", "ffn")
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """A named place in the network: `stack` is 'encoder' or 'decoder', `layer` 0-based."""
+    stack: str
+    layer: int
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.stack}.layer{self.layer}.{self.name}"
+
+
+@flax.struct.dataclass
+class Routing:
+    """What task-specific extensions need at run time, passed down the layers.
+
+    task_ids:  int32 [B], each example's task (index into the model's task tuple).
+    generated: weights produced once per step outside the layers (hypernetworks), keyed by
+               extension name, or None.
+    """
+    task_ids: Any = None
+    generated: Optional[Any] = None
+
+
+class Extension:
+    """Base of every PEFT method. Each hook returns an (unbound) Flax module to run at that
+    site, or None to leave the site alone. Modules are instantiated inside the calling layer, so
+    their parameters live under it (e.g. ``layer_3/attention/query/lora/...``).
+
+    Hook call conventions:
+      projection(site)  -> module(x, y, routing) -> y          (x input, y = x W + b)
+      sublayer(site)    -> module(sub_in, sub_out, routing) -> sub_out   (before residual add)
+      attention_kv(site)-> module(k, v, mask, routing) -> (k, v, mask)   (k/v [B, L, H, D])
+      embeddings(site)  -> module(emb, mask, routing) -> (emb, mask)
+    """
+    name: str = "extension"
+
+    def projection(self, site: Site) -> Optional[nn.Module]:
+        return None
+
+    def sublayer(self, site: Site) -> Optional[nn.Module]:
+        return None
+
+    def attention_kv(self, site: Site) -> Optional[nn.Module]:
+        return None
+
+    def embeddings(self, site: Site) -> Optional[nn.Module]:
+        return None
+
+
+class Projection(nn.Module):
+    """y = x W (+ b), then any extension attached to this site (LoRA, (IA)^3, ...).
+
+    Params: ``kernel`` [in, out] and ``bias`` [out] (if use_bias), same layout as nn.Dense.
+    """
+    features: int
+    site: Site
+    use_bias: bool = True
+    extensions: Sequence[Extension] = ()
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    kernel_init: Callable = nn.initializers.normal(0.02)
+
+    @nn.compact
+    def __call__(self, x, routing: Optional[Routing] = None):
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        for ext in self.extensions:
+            module = ext.projection(self.site)
+            if module is not None:
+                y = module(x, y, routing)
+        return y
+
+
+def extend_sublayer(extensions: Sequence[Extension], site: Site, sub_in, sub_out, routing):
+    for ext in extensions:
+        module = ext.sublayer(site)
+        if module is not None:
+            sub_out = module(sub_in, sub_out, routing)
+    return sub_out
+
+
+def extend_attention_kv(extensions: Sequence[Extension], site: Site, k, v, mask, routing):
+    for ext in extensions:
+        module = ext.attention_kv(site)
+        if module is not None:
+            k, v, mask = module(k, v, mask, routing)
+    return k, v, mask
+
+
+def extend_embeddings(extensions: Sequence[Extension], site: Site, emb, mask, routing):
+    for ext in extensions:
+        module = ext.embeddings(site)
+        if module is not None:
+            emb, mask = module(emb, mask, routing)
+    return emb, mask
