@@ -64,6 +64,10 @@ class Extension:
       sublayer(site)    -> module(sub_in, sub_out, routing) -> sub_out   (before residual add)
       attention_kv(site)-> module(k, v, mask, routing) -> (k, v, mask)   (k/v [B, L, H, D])
       embeddings(site)  -> module(emb, mask, routing) -> (emb, mask)
+      generator()       -> module() -> pytree, run ONCE per forward pass by the multi-task
+                           model before the backbone (hypernetworks generate every task's
+                           weights here); the result reaches the hooks as
+                           ``routing.generated[ext.name]``.
     """
     name: str = "extension"
 
@@ -77,6 +81,9 @@ class Extension:
         return None
 
     def embeddings(self, site: Site) -> Optional[nn.Module]:
+        return None
+
+    def generator(self) -> Optional[nn.Module]:
         return None
 
 

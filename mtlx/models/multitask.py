@@ -1,0 +1,164 @@
+"""One shared backbone, one small head per task, one forward over a mixed-task batch.
+
+    model = MultiTaskModel(backbone_config=bert_cfg, tasks=(TaskHead('sst2', 'classification', 2),
+                                                            TaskHead('stsb', 'regression')))
+    params = model.init(rng, batch)['params']          # {'backbone': ..., 'heads': {name: ...}}
+    outputs = model.apply({'params': params}, batch)   # pure function of (params, batch)
+    losses, counts = task_losses(outputs, batch, model.tasks)
+
+Everything task-specific is keyed by task name. `batch.task_ids[i]` indexes `tasks`; adding a
+task appends a name and leaves every other parameter's name and value alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mtlx.batch import Batch, check_task_ids
+from mtlx.models import heads as H
+from mtlx.models.layers import Routing
+
+
+def backbone_module(config, name: str = "backbone") -> nn.Module:
+    """The Flax module of a backbone config (BertConfig -> BertEncoder, T5Config -> T5Model)."""
+    kind = type(config).__name__
+    if kind == "BertConfig":
+        from mtlx.models.bert import BertEncoder
+        return BertEncoder(config, name=name)
+    if kind == "T5Config":
+        from mtlx.models.t5 import T5Model
+        return T5Model(config, name=name)
+    raise ValueError(f"unsupported backbone config {kind}; expected BertConfig or T5Config")
+
+
+def hidden_size(config) -> int:
+    return getattr(config, "hidden_size", None) or getattr(config, "d_model")
+
+
+class _HeadParams(nn.Module):
+    """The parameters of one task's head: kernel [d, out] and bias [out]."""
+    features: int
+
+    @nn.compact
+    def __call__(self, d: int):
+        kernel = self.param("kernel", nn.initializers.normal(0.02), (d, self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        return {"kernel": kernel, "bias": bias}
+
+
+class TaskHeads(nn.Module):
+    """``params['heads'][task_name] = {'kernel', 'bias'}`` for every task that has a head."""
+    tasks: tuple
+
+    @nn.compact
+    def __call__(self, d: int):
+        return {t.name: _HeadParams(t.out_features, name=t.name)(d)
+                for t in self.tasks if t.out_features > 0}
+
+
+class MultiTaskModel(nn.Module):
+    backbone_config: Any
+    tasks: tuple  # of TaskHead, in task-id order
+    head_dropout: float = 0.1
+
+    def setup(self):
+        H.check_tasks(self.tasks)
+        is_t5 = type(self.backbone_config).__name__ == "T5Config"
+        seq2seq = [t.name for t in self.tasks if t.kind == "seq2seq"]
+        if seq2seq and not is_t5:
+            raise ValueError(f"tasks {seq2seq} are seq2seq (text-to-text) and need a T5 backbone, "
+                             f"got {type(self.backbone_config).__name__}")
+        self.backbone = backbone_module(self.backbone_config)
+        self.heads = TaskHeads(self.tasks)
+        self.dropout = nn.Dropout(self.head_dropout)
+        self.generators = {
+            ext.name: ext.generator() for ext in getattr(self.backbone_config, "extensions", ())
+            if ext.generator() is not None}
+
+    @property
+    def task_names(self) -> tuple:
+        return tuple(t.name for t in self.tasks)
+
+    def task_index(self, name: str) -> int:
+        names = self.task_names
+        if name not in names:
+            raise KeyError(f"unknown task {name!r}; this model's tasks: {list(names)}")
+        return names.index(name)
+
+    def check_batch(self, batch: Batch) -> None:
+        """Host-side validation (run before jit): task ids in range."""
+        check_task_ids(batch.task_ids, len(self.tasks), self.task_names)
+
+    def __call__(self, batch: Batch, deterministic: bool = True) -> dict:
+        cfg = self.backbone_config
+        # Hypernetworks generate every task's weights once per forward pass (not per example).
+        generated = {name: gen() for name, gen in self.generators.items()} or None
+        routing = Routing(task_ids=batch.task_ids, generated=generated)
+        is_t5 = type(cfg).__name__ == "T5Config"
+        if is_t5:
+            enc = self.backbone.encode(batch.input_ids, batch.attention_mask, routing=routing,
+                                       deterministic=deterministic)
+        else:
+            enc = self.backbone(batch.input_ids, batch.attention_mask, batch.token_type_ids,
+                                position_ids=batch.position_ids, segment_ids=batch.segment_ids,
+                                routing=routing, deterministic=deterministic)
+        hidden = enc.last_hidden_state
+        pooled = enc.pooled_output if enc.pooled_output is not None else hidden[:, 0]
+        outputs = {"pooled": pooled}
+        d = hidden.shape[-1]
+        head_params = self.heads(d)
+        dtype = hidden.dtype
+        pooled_d = self.dropout(pooled, deterministic=deterministic)
+        hidden_d = self.dropout(hidden, deterministic=deterministic)
+        kinds = {t.kind for t in self.tasks}
+        for kind in sorted(kinds - {"seq2seq"}):
+            r = H.kind_routing(self.tasks, kind)
+            kernel, bias = H.stack_head_params(head_params, r, dtype)
+            local, _ = H.route(batch.task_ids, r)
+            token_level = kind in ("token_classification", "span")
+            out = H.apply_kind(hidden_d if token_level else pooled_d, kernel, bias, local)
+            if kind in ("regression", "multiple_choice"):
+                outputs[kind] = out[..., 0]
+            elif kind == "span":
+                outputs["span_start"], outputs["span_end"] = out[..., 0], out[..., 1]
+            else:
+                outputs[kind] = out
+        if "seq2seq" in kinds:
+            if batch.decoder_input_ids is None:
+                raise ValueError("seq2seq tasks need batch.decoder_input_ids (teacher forcing)")
+            outputs["seq2seq"] = self.backbone.decode(
+                batch.decoder_input_ids, hidden, batch.attention_mask,
+                decoder_attention_mask=batch.decoder_attention_mask, routing=routing,
+                deterministic=deterministic)
+        return outputs
+
+
+def init_params(model: MultiTaskModel, rng, batch: Batch) -> dict:
+    """Initial parameters (a plain dict pytree) for `model` on a batch of the run's shapes."""
+    return model.init({"params": rng, "dropout": rng}, batch)["params"]
+
+
+def with_backbone(params: dict, backbone_params: dict) -> dict:
+    """`params` with the backbone replaced, e.g. by a loaded Hugging Face checkpoint.
+
+    Only the backbone parameters the model has are taken (a T5 model with no seq2seq task has
+    no decoder parameters); a backbone parameter the model has but the checkpoint lacks is an
+    error naming its path.
+    """
+    import flax.traverse_util as tu
+    have = tu.flatten_dict(params["backbone"], sep="/")
+    got = tu.flatten_dict(backbone_params, sep="/")
+    missing = sorted(set(have) - set(got))
+    if missing:
+        raise KeyError(f"backbone parameters missing from the checkpoint: {missing[:10]}"
+                       + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else ""))
+    for k, v in have.items():
+        if tuple(got[k].shape) != tuple(v.shape):
+            raise ValueError(f"backbone parameter {k}: checkpoint shape {tuple(got[k].shape)} "
+                             f"!= model shape {tuple(v.shape)}")
+    out = dict(params)
+    out["backbone"] = tu.unflatten_dict({k: got[k] for k in have}, sep="/")
+    return out
