@@ -388,6 +388,11 @@ def config_from_hf(hf: Mapping[str, Any]) -> BertConfig:
     )
 
 
+def _export_dtype(cfg: BertConfig) -> np.dtype:
+    """The dtype `params_to_hf` writes: the param dtype, bfloat16 widened to float32."""
+    return np.dtype(np.float32) if cfg.param_dtype == jnp.bfloat16 else np.dtype(cfg.param_dtype)
+
+
 def config_to_hf(cfg: BertConfig) -> dict:
     """A config.json dict that transformers' AutoConfig / BertModel / RobertaModel load."""
     return {
@@ -410,7 +415,7 @@ def config_to_hf(cfg: BertConfig) -> dict:
         "eos_token_id": cfg.eos_token_id,
         "is_decoder": False,
         "add_cross_attention": False,
-        "dtype": jnp.dtype(cfg.param_dtype).name,
+        "dtype": _export_dtype(cfg).name,
     }
 
 
@@ -531,6 +536,8 @@ def params_to_hf(params, cfg: BertConfig) -> dict:
         if mtlx_path not in flat:
             raise KeyError(f"parameter {mtlx_path!r} (HF {hf_key!r}) is missing from params")
         value = np.asarray(jax.device_get(flat.pop(mtlx_path)))
+        if value.dtype == jnp.bfloat16:
+            value = value.astype(np.float32)  # safetensors' numpy writer has no bfloat16
         out[hf_key] = np.ascontiguousarray(value.T if transpose else value)
     if flat:
         raise ValueError(
