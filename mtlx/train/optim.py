@@ -1,0 +1,97 @@
+"""Optimizers, schedules and what trains: optax all the way down.
+
+`trainable_mask(params, patterns)` picks the parameters that train by regular expressions over
+their '/'-joined paths (e.g. heads + adapters + layer norms); frozen parameters get
+`optax.set_to_zero()` through `optax.multi_transform`, so they stay bit-identical, receive no
+weight decay and hold no optimizer state.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Optional, Sequence
+
+import flax.traverse_util as tu
+import jax
+import optax
+
+OPTIMIZERS = ("adamw", "adafactor", "sgd")
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+def path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def trainable_mask(params: Any, patterns: Optional[Sequence[str]]) -> Any:
+    """Bool pytree: True where the '/'-joined path matches any pattern (None or () = all train).
+
+    A pattern that matches no parameter is an error naming it (a typo would otherwise freeze
+    everything silently).
+    """
+    if not patterns:
+        return jax.tree_util.tree_map(lambda _: True, params)
+    compiled = [(p, re.compile(p)) for p in patterns]
+    flat = tu.flatten_dict(params, sep="/")
+    used = {p: False for p in patterns}
+    mask = {}
+    for k in flat:
+        hit = False
+        for p, rx in compiled:
+            if rx.search(k):
+                used[p] = hit = True
+        mask[k] = hit
+    unused = [p for p, u in used.items() if not u]
+    if unused:
+        raise ValueError(f"config.trainable: pattern(s) {unused} match no parameter; "
+                         f"example paths: {list(flat)[:5]}")
+    return tu.unflatten_dict(mask, sep="/")
+
+
+def make_schedule(cfg) -> optax.Schedule:
+    """Warmup (linear from 0) then constant / linear decay to 0 / cosine decay to 0."""
+    lr, warmup, total = float(cfg.learning_rate), int(cfg.warmup_steps), int(cfg.num_train_steps)
+    kind = cfg.get("schedule", "linear")
+    if kind not in SCHEDULES:
+        raise ValueError(f"config.schedule: unknown schedule {kind!r}; known: {list(SCHEDULES)}")
+    if warmup < 0 or total <= 0:
+        raise ValueError(f"config.warmup_steps ({warmup}) must be >= 0 and config.num_train_steps ({total}) > 0")
+    decay_steps = max(total - warmup, 1)
+    after = {"constant": optax.constant_schedule(lr),
+             "linear": optax.linear_schedule(lr, 0.0, decay_steps),
+             "cosine": optax.cosine_decay_schedule(lr, decay_steps)}[kind]
+    if warmup == 0:
+        return after
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), after], [warmup])
+
+
+def _decay_mask(params):
+    # No weight decay on biases, layer norms and embeddings' scales (BERT's recipe).
+    return jax.tree_util.tree_map_with_path(
+        lambda p, x: x.ndim > 1 and "norm" not in path_str(p).lower(), params)
+
+
+def make_optimizer(cfg, params: Any, trainable: Optional[Any] = None) -> optax.GradientTransformation:
+    """The full update rule: clip -> optimizer(schedule) on trainable params, zero elsewhere."""
+    name = cfg.get("optimizer", "adamw")
+    sched = make_schedule(cfg)
+    wd = float(cfg.get("weight_decay", 0.0))
+    if name == "adamw":
+        opt = optax.adamw(sched, b1=cfg.get("adam_b1", 0.9), b2=cfg.get("adam_b2", 0.999),
+                          eps=cfg.get("adam_eps", 1e-8), weight_decay=wd, mask=_decay_mask)
+    elif name == "adafactor":
+        opt = optax.adafactor(sched, weight_decay_rate=wd or None, weight_decay_mask=_decay_mask)
+    elif name == "sgd":
+        opt = optax.sgd(sched, momentum=cfg.get("momentum", None))
+    else:
+        raise ValueError(f"config.optimizer: unknown optimizer {name!r}; known: {list(OPTIMIZERS)}")
+    chain = []
+    clip = cfg.get("grad_clip_norm", None)
+    if clip:
+        chain.append(optax.clip_by_global_norm(float(clip)))
+    chain.append(opt)
+    tx = optax.chain(*chain)
+    if trainable is None:
+        return tx
+    labels = jax.tree_util.tree_map(lambda t: "train" if t else "freeze", trainable)
+    return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
