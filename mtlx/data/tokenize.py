@@ -1,0 +1,330 @@
+"""Tokenization: Examples -> flat numpy token arrays per task, ready to be batched.
+
+Tokenizers are Hugging Face fast tokenizers (WordPiece, BPE, SentencePiece/Unigram), loaded
+from a local directory or a WordPiece vocab file (`load_tokenizer`). One call tokenizes a whole
+split in the Rust tokenizer's batch mode; the result (`TokenizedSplit`) stores every row's tokens
+in one flat array with row offsets, so batching is a gather and a pad, never a re-tokenization.
+
+Per head kind (labels follow Hugging Face's reference fine-tuning scripts):
+  classification / regression / multilabel: one row per example (single text or a pair).
+  token_classification: words -> subwords; the first subword of each word carries the word's
+      tag, other subwords and specials IGNORE_INDEX (run_ner.py, label_all_tokens=False).
+  span: question + context, context truncated ("only_second") into windows of max_length that
+      overlap by `stride` tokens; each window is one row whose start/end are the answer's first
+      and last token, or the [CLS] position 0 when the answer is not inside it (run_qa.py).
+      Character offsets of context tokens are kept for mapping predictions back to text.
+  multiple_choice: one row per (context, choice); label 1 on the right choice's row, 0 on the
+      others; the rows of one example form one sampling unit (they stay together in a batch).
+
+A "unit" is what the sampler draws: one row, or the k rows of a multiple-choice example.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from mtlx.batch import IGNORE_INDEX
+from mtlx.data.errors import DataError
+from mtlx.data.readers import SplitData
+
+log = logging.getLogger("mtlx.data")
+
+
+def load_tokenizer(path, *, lowercase: Optional[bool] = None):
+    """A fast tokenizer from a local directory (AutoTokenizer) or a WordPiece vocab.txt file.
+
+    For a vocab file this is `BertTokenizerFast(vocab=path)`: transformers 5 silently ignores
+    `vocab_file=` (REFERENCE.md section 7). `lowercase` defaults to True for vocab files whose
+    path says "uncased" (and True otherwise, as BERT's default); directories carry their own
+    setting. No network access is ever attempted.
+    """
+    from transformers import AutoTokenizer, BertTokenizerFast
+
+    path = Path(path)
+    if path.is_dir():
+        try:
+            return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot load a tokenizer from directory {path}: {e}") from None
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer not found: {path} (expected a directory with a "
+                                f"tokenizer config, or a WordPiece vocab.txt)")
+    if path.suffix == ".model":
+        raise ValueError(f"{path}: a raw SentencePiece .model file needs the `sentencepiece` "
+                         f"package to convert; pass the directory of a saved fast tokenizer "
+                         f"(tokenizer.json) instead")
+    if path.name == "tokenizer.json":
+        return AutoTokenizer.from_pretrained(str(path.parent), local_files_only=True)
+    first = path.read_text(encoding="utf-8", errors="replace").splitlines()[:1]
+    if not first or "\t" in first[0] or " " in first[0].strip():
+        raise ValueError(f"{path}: not a WordPiece vocab file (one token per line)")
+    if lowercase is None:
+        lowercase = "cased" not in path.as_posix().lower().replace("uncased", "")
+    return BertTokenizerFast(vocab=str(path), do_lower_case=lowercase)
+
+
+@dataclasses.dataclass
+class TokenizedSplit:
+    """A task split (or one process's shard of it) as flat token arrays.
+
+    Rows r = 0..R-1: tokens input_ids[row_starts[r]:row_starts[r+1]] (same slices for type_ids
+    and token_labels). Units u = 0..U-1 (what the sampler draws): rows
+    unit_starts[u]:unit_starts[u+1]; unit_example[u] is the index of the unit's example in the
+    whole split (before sharding), so predictions can be matched to examples.
+    """
+    task: str
+    head: str
+    split: str
+    input_ids: np.ndarray          # int32 [N]
+    type_ids: np.ndarray           # int8 [N]
+    row_starts: np.ndarray         # int64 [R + 1]
+    unit_starts: np.ndarray        # int64 [U + 1]
+    unit_example: np.ndarray       # int32 [U]
+    labels: np.ndarray             # int32 [R], IGNORE_INDEX where none
+    label_values: np.ndarray       # float32 [R]
+    num_examples: int              # examples in the whole split (all shards)
+    pad_id: int = 0
+    shard: tuple = (0, 1)          # (process index, process count)
+    num_labels: int = 0
+    token_labels: Optional[np.ndarray] = None    # int32 [N]
+    multi_labels: Optional[np.ndarray] = None    # float32 [R, C]
+    start_positions: Optional[np.ndarray] = None  # int32 [R]
+    end_positions: Optional[np.ndarray] = None    # int32 [R]
+    char_offsets: Optional[np.ndarray] = None     # int32 [N, 2], (-1, -1) outside the context
+    stats: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.row_starts) - 1
+
+    @property
+    def num_units(self) -> int:
+        return len(self.unit_starts) - 1
+
+    @property
+    def row_lengths(self) -> np.ndarray:
+        return np.diff(self.row_starts)
+
+    @property
+    def rows_per_unit(self) -> int:
+        """Rows of every unit (constant per task: 1, or the number of choices)."""
+        sizes = np.unique(np.diff(self.unit_starts))
+        return int(sizes[0]) if len(sizes) else 1
+
+    def row_tokens(self, r: int) -> np.ndarray:
+        return self.input_ids[self.row_starts[r]: self.row_starts[r + 1]]
+
+
+def shard_indices(n: int, index: int, count: int) -> np.ndarray:
+    """The examples process `index` of `count` owns: every count-th from `index` (disjoint,
+    together covering 0..n-1, sizes differ by at most one)."""
+    if not 0 <= index < count:
+        raise ValueError(f"process index {index} out of range for {count} processes")
+    return np.arange(index, n, count)
+
+
+def tokenize_split(data: SplitData, tokenizer, *, shard: tuple = (0, 1),
+                   max_length: Optional[int] = None) -> TokenizedSplit:
+    """Tokenizes the examples of `data` that belong to `shard` = (process index, count)."""
+    spec = data.task
+    max_length = max_length or spec.max_length
+    owned = shard_indices(len(data.examples), *shard)
+    if len(owned) == 0:
+        raise DataError(f"split {data.split!r} has {len(data.examples)} examples: none for process "
+                        f"{shard[0]} of {shard[1]} (a task with no examples is an error)",
+                        path=data.path, task=spec.name)
+    examples = [data.examples[i] for i in owned]
+    fn = {"token_classification": _token_classification, "span": _span,
+          "multiple_choice": _multiple_choice}.get(spec.head, _sequence)
+    if spec.head == "seq2seq":
+        raise NotImplementedError(f"task {spec.name!r}: seq2seq (text-to-text) tokenization is not "
+                                  f"implemented in mtlx.data yet")
+    out = fn(spec, examples, owned, tokenizer, max_length, data.labelled)
+    out.update(task=spec.name, head=spec.head, split=data.split, num_examples=len(data.examples),
+               pad_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0),
+               shard=tuple(shard), num_labels=spec.num_labels)
+    result = TokenizedSplit(**out)
+    if result.stats.get("truncated"):
+        log.warning("task %r split %r: %d of %d examples longer than max_length=%d were truncated%s",
+                    spec.name, data.split, result.stats["truncated"], len(examples), max_length,
+                    f" ({result.stats['words_truncated']} tagged words lost)"
+                    if result.stats.get("words_truncated") else "")
+    return result
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _flatten(rows: Sequence[Sequence[int]], dtype) -> tuple:
+    lengths = np.fromiter((len(r) for r in rows), np.int64, len(rows))
+    starts = np.zeros(len(rows) + 1, np.int64)
+    np.cumsum(lengths, out=starts[1:])
+    flat = np.fromiter(itertools.chain.from_iterable(rows), dtype, int(starts[-1]))
+    return flat, starts
+
+
+def _encode(tokenizer, spec, first, second, max_length, **kw):
+    return tokenizer(first, second, truncation=spec.truncation if second is not None else True,
+                     max_length=max_length, return_token_type_ids=True,
+                     return_attention_mask=False, **kw)
+
+
+def _count_truncated(tokenizer, spec, first, second, ids, max_length) -> int:
+    """Rows at max_length may have been cut: re-tokenize only those without truncation."""
+    full = [i for i, r in enumerate(ids) if len(r) >= max_length]
+    if not full:
+        return 0
+    a = [first[i] for i in full]
+    b = [second[i] for i in full] if second is not None else None
+    enc = tokenizer(a, b, truncation=False, return_attention_mask=False, verbose=False)
+    return sum(len(r) > max_length for r in enc["input_ids"])
+
+
+def _units(rows_per_unit: int, num_units: int, owned) -> tuple:
+    unit_starts = np.arange(num_units + 1, dtype=np.int64) * rows_per_unit
+    return unit_starts, np.asarray(owned, np.int32)
+
+
+def _base(ids, types, labels, values, unit_starts, unit_example, **extra) -> dict:
+    flat, starts = _flatten(ids, np.int32)
+    tflat, _ = _flatten(types, np.int8)
+    return dict(input_ids=flat, type_ids=tflat, row_starts=starts, unit_starts=unit_starts,
+                unit_example=unit_example, labels=np.asarray(labels, np.int32),
+                label_values=np.asarray(values, np.float32), **extra)
+
+
+# ----------------------------------------------------------------------------- per head kind
+
+def _sequence(spec, examples, owned, tokenizer, max_length, labelled) -> dict:
+    first = [ex.texts[0] for ex in examples]
+    second = [ex.texts[1] for ex in examples] if len(spec.text_fields) > 1 else None
+    if len(spec.text_fields) > 2:
+        # More than two text fields: join the rest into the second segment.
+        second = [" ".join(ex.texts[1:]) for ex in examples]
+    enc = _encode(tokenizer, spec, first, second, max_length)
+    n = len(examples)
+    labels = np.full(n, IGNORE_INDEX, np.int32)
+    values = np.zeros(n, np.float32)
+    extra = {}
+    if spec.head == "classification" and labelled:
+        labels[:] = [ex.label for ex in examples]
+    elif spec.head == "regression" and labelled:
+        values[:] = [ex.label for ex in examples]
+    elif spec.head == "multilabel":
+        multi = np.zeros((n, spec.num_labels), np.float32)
+        if labelled:
+            for i, ex in enumerate(examples):
+                multi[i, list(ex.label)] = 1.0
+        extra["multi_labels"] = multi
+    unit_starts, unit_example = _units(1, n, owned)
+    out = _base(enc["input_ids"], enc["token_type_ids"], labels, values, unit_starts, unit_example, **extra)
+    out["stats"] = {"truncated": _count_truncated(tokenizer, spec, first, second, enc["input_ids"], max_length)}
+    return out
+
+
+def _token_classification(spec, examples, owned, tokenizer, max_length, labelled) -> dict:
+    words = [list(ex.texts) for ex in examples]
+    enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length,
+                    return_token_type_ids=True, return_attention_mask=False)
+    token_labels, truncated, words_lost, untokenized = [], 0, 0, 0
+    for i, ex in enumerate(examples):
+        word_ids = enc.word_ids(i)
+        row = [IGNORE_INDEX] * len(word_ids)
+        seen = set()
+        for t, w in enumerate(word_ids):
+            if w is not None and w not in seen:
+                seen.add(w)
+                if labelled:
+                    row[t] = ex.tags[w]
+        last = max((w for w in word_ids if w is not None), default=-1)
+        if last < len(ex.texts) - 1:
+            truncated += 1
+            words_lost += len(ex.texts) - 1 - last
+        # Words that produce no subword at all (e.g. a lone control character) cannot be tagged.
+        untokenized += sum(1 for w in range(last + 1) if w not in seen)
+        token_labels.append(row)
+    n = len(examples)
+    unit_starts, unit_example = _units(1, n, owned)
+    out = _base(enc["input_ids"], enc["token_type_ids"], np.full(n, IGNORE_INDEX), np.zeros(n),
+                unit_starts, unit_example)
+    out["token_labels"], _ = _flatten(token_labels, np.int32)
+    out["stats"] = {"truncated": truncated, "words_truncated": words_lost,
+                    "words_without_tokens": untokenized}
+    if untokenized:
+        log.warning("task %r: %d words produce no subword token and carry no label", spec.name, untokenized)
+    return out
+
+
+def _span(spec, examples, owned, tokenizer, max_length, labelled) -> dict:
+    questions = [ex.texts[0] for ex in examples]
+    contexts = [ex.texts[1] for ex in examples]
+    q_lens = tokenizer(questions, add_special_tokens=False, return_attention_mask=False,
+                       return_token_type_ids=False)["input_ids"]
+    specials = tokenizer.num_special_tokens_to_add(pair=True)
+    for i, q in enumerate(q_lens):
+        if len(q) + specials + spec.stride + 1 > max_length:
+            ex = examples[i]
+            raise DataError(f"question of {len(q)} tokens leaves no room for a context window "
+                            f"with stride {spec.stride} in max_length {max_length}",
+                            line=ex.line or None, where=None if ex.line else f"id {ex.uid}",
+                            task=spec.name)
+    enc = tokenizer(questions, contexts, truncation="only_second", max_length=max_length,
+                    stride=spec.stride, return_overflowing_tokens=True,
+                    return_offsets_mapping=True, return_token_type_ids=True,
+                    return_attention_mask=False)
+    sample = enc["overflow_to_sample_mapping"]
+    starts, ends, offsets = [], [], []
+    for r, i in enumerate(sample):
+        seq = enc.sequence_ids(r)
+        offs = enc["offset_mapping"][r]
+        row_offsets = [(a, b) if s == 1 else (-1, -1) for (a, b), s in zip(offs, seq)]
+        offsets.append(row_offsets)
+        if not labelled:
+            starts.append(IGNORE_INDEX), ends.append(IGNORE_INDEX)
+            continue
+        ex = examples[i]
+        if not ex.answers:  # SQuAD 2.0 unanswerable: point at [CLS]
+            starts.append(0), ends.append(0)
+            continue
+        text, char_start = ex.answers[0]
+        char_end = char_start + len(text)
+        ctx = [t for t, s in enumerate(seq) if s == 1]
+        if offs[ctx[0]][0] > char_start or offs[ctx[-1]][1] < char_end:
+            starts.append(0), ends.append(0)  # answer not (wholly) in this window
+            continue
+        s_tok = next(t for t in ctx if offs[t][1] > char_start)
+        e_tok = next(t for t in reversed(ctx) if offs[t][0] < char_end)
+        starts.append(s_tok), ends.append(e_tok)
+    n = len(sample)
+    unit_starts = np.arange(n + 1, dtype=np.int64)
+    unit_example = np.asarray(owned, np.int32)[np.asarray(sample, np.int64)]
+    out = _base(enc["input_ids"], enc["token_type_ids"], np.full(n, IGNORE_INDEX), np.zeros(n),
+                unit_starts, unit_example)
+    out["start_positions"] = np.asarray(starts, np.int32)
+    out["end_positions"] = np.asarray(ends, np.int32)
+    flat_offsets = np.asarray(list(itertools.chain.from_iterable(offsets)), np.int32).reshape(-1, 2)
+    out["char_offsets"] = flat_offsets
+    out["stats"] = {"truncated": 0, "windows": n, "examples": len(examples)}
+    return out
+
+
+def _multiple_choice(spec, examples, owned, tokenizer, max_length, labelled) -> dict:
+    k = len(spec.source.choices)
+    first, second, labels = [], [], []
+    for ex in examples:
+        context = " ".join(ex.texts)
+        for c, choice in enumerate(ex.choices):
+            first.append(context)
+            second.append(choice)
+            labels.append(int(c == ex.label) if labelled else IGNORE_INDEX)
+    enc = _encode(tokenizer, spec, first, second, max_length)
+    unit_starts, unit_example = _units(k, len(examples), owned)
+    out = _base(enc["input_ids"], enc["token_type_ids"], labels, np.zeros(len(labels)),
+                unit_starts, unit_example)
+    out["stats"] = {"truncated": _count_truncated(tokenizer, spec, first, second, enc["input_ids"], max_length)}
+    return out
