@@ -275,7 +275,7 @@ def _read_delimited(spec: TaskSpec, entry, path: Path, errors: RowErrors) -> lis
     if tsv:
         rows = ((i, text.split("\t")) for i, text in lines)
     else:
-        rows = _csv_rows(lines)
+        rows = _csv_rows(lines, path)
     header, index, examples = None, None, []
     for line, cols in rows:
         if entry.header and header is None:
@@ -302,25 +302,27 @@ def _read_delimited(spec: TaskSpec, entry, path: Path, errors: RowErrors) -> lis
     return examples
 
 
-def _csv_rows(lines):
+def _csv_rows(lines, path):
     """CSV rows with the line each starts on (quoted fields may span lines)."""
     lines = iter(lines)
-    current = [0]
+    start = [None]
 
     def feed():
         for i, text in lines:
-            current[0] = i
-            yield text
+            if start[0] is None:
+                start[0] = i
+            yield text + "\n"
 
     reader = csv.reader(feed(), strict=True)
     while True:
+        start[0] = None
         try:
             row = next(reader)
         except StopIteration:
             return
         except csv.Error as e:
-            raise DataError(f"CSV does not parse: {e}", line=current[0]) from None
-        yield current[0] - max(0, sum(f.count("\n") for f in row)), row or [""]
+            raise DataError(f"CSV does not parse: {e}", path=path, line=start[0]) from None
+        yield start[0], row or [""]
 
 
 # ----------------------------------------------------------------------------- JSONL
