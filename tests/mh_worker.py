@@ -1,0 +1,54 @@
+"""One process of a 2-process CPU run (gloo collectives); see tests/test_multihost.py."""
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+import numpy as np  # noqa: E402
+
+from mtlx.train import distributed, sharding  # noqa: E402
+
+
+def main(port: str, pid: int, out: str):
+    import ml_collections
+    cfg = ml_collections.ConfigDict(dict(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
+                                         process_id=pid))
+    assert distributed.initialize(cfg)
+    from tests.test_sharding import STEPS, batch16
+    from mtlx.models.multitask import MultiTaskModel, init_params
+    from mtlx.train import optim
+    from mtlx.train.step import create_state, make_train_step
+    from tests.test_multitask import TASKS, tiny_bert
+
+    model = MultiTaskModel(tiny_bert(hidden_dropout=0.0, attention_dropout=0.0, num_heads=4),
+                           TASKS, head_dropout=0.0)
+    params = init_params(model, jax.random.key(0), batch16(0))
+    ocfg = ml_collections.ConfigDict(dict(optimizer="sgd", momentum=0.9, learning_rate=0.1,
+                                          warmup_steps=0, num_train_steps=10, schedule="constant",
+                                          grad_clip_norm=1.0))
+    tx = optim.make_optimizer(ocfg, params)
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 2})  # 4 devices over 2 processes
+    state = create_state(params, tx, jax.random.key(1))
+    abstract = jax.eval_shape(lambda s: s, state)
+    step, state_sh = sharding.jit_train_step(make_train_step(model, tx), mesh, abstract, batch16(0))
+    state = jax.device_put(state, state_sh)
+    rows = distributed.process_slice(16)
+    for i in range(STEPS):
+        local = batch16(i).select(np.arange(16)[rows])  # this process reads only its rows
+        state, metrics = step(state, distributed.global_batch(mesh, local, 16))
+    gathered = jax.experimental.multihost_utils.process_allgather(state.params, tiled=True)
+    if pid == 0:
+        flat = {jax.tree_util.keystr(k): np.asarray(v)
+                for k, v in jax.tree_util.tree_leaves_with_path(gathered)}
+        np.savez(out, **flat)
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    import jax.experimental.multihost_utils  # noqa: F401
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
