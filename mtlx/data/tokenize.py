@@ -169,9 +169,16 @@ def _flatten(rows: Sequence[Sequence[int]], dtype) -> tuple:
 
 
 def _encode(tokenizer, spec, first, second, max_length, **kw):
-    return tokenizer(first, second, truncation=spec.truncation if second is not None else True,
-                     max_length=max_length, return_token_type_ids=True,
-                     return_attention_mask=False, **kw)
+    strategy = spec.truncation if second is not None else True
+    try:
+        return tokenizer(first, second, truncation=strategy, max_length=max_length,
+                         return_token_type_ids=True, return_attention_mask=False, **kw)
+    except Exception as e:  # the Rust tokenizer raises a bare Exception
+        if "Truncation error" not in str(e):
+            raise
+        raise DataError(f"truncation {strategy!r} cannot fit an example into max_length "
+                        f"{max_length}: the segment it may cut is too short ({e}); use "
+                        f"'longest_first' or a larger max_length", task=spec.name) from None
 
 
 def _count_truncated(tokenizer, spec, first, second, ids, max_length) -> int:
