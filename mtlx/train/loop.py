@@ -1,0 +1,284 @@
+"""The training loop: config -> tasks, data, model -> the compiled step -> checkpoints, evals.
+
+    results = train_and_evaluate(load_config("configs/demo.py"), "/tmp/run")
+
+The loop is the only stateful part (iterator, checkpointer, logger, progress bar); everything it
+calls is a pure function (mtlx.train.step) or a library object. Writes under `workdir`:
+  checkpoints/        orbax checkpoints (last N + best by 'avg'), resumed from by default
+  tensorboard/        event files;   metrics.jsonl   every logged scalar
+  plots/*.png         loss and metric curves;   eval_results.json   {task: {metric: value}}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+import ml_collections
+import numpy as np
+
+from mtlx import data as D
+from mtlx import metrics as M
+from mtlx.models import hf
+from mtlx.models.heads import TaskHead
+from mtlx.models.multitask import MultiTaskModel, init_params, with_backbone
+from mtlx.train import distributed, evaluate as E, optim, sharding
+from mtlx.train.checkpoint import Checkpointer, install_preemption_handler
+from mtlx.train.logs import RunLogger, atomic_write_text
+from mtlx.train.step import (count_compilations, create_state, finite_or_raise, make_eval_step,
+                             make_train_step)
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+def build_specs(cfg) -> list:
+    """TaskSpecs from config.tasks: registered names, or dicts declaring a task from a file."""
+    specs = []
+    for i, entry in enumerate(cfg.tasks):
+        if isinstance(entry, str):
+            specs.append(D.get_task(entry))
+        else:
+            entry = entry.to_dict() if isinstance(entry, ml_collections.ConfigDict) else dict(entry)
+            specs.append(D.task_from_config(entry))
+    if not specs:
+        raise ValueError("config.tasks is empty: name at least one task")
+    return specs
+
+
+def task_heads(specs) -> tuple:
+    return tuple(TaskHead(s.name, s.head, s.num_labels if s.head in
+                          ("classification", "multilabel", "token_classification") else 0)
+                 for s in specs)
+
+
+def build_backbone(cfg):
+    """(backbone config, pretrained params or None) from config.model."""
+    mc = cfg.model
+    overrides = {"dtype": mc.get("dtype", "float32"), "attention_impl": mc.get("attention_impl", None)}
+    for key in ("hidden_dropout", "attention_dropout", "dropout_rate"):
+        if mc.get(key, None) is not None:
+            overrides[key] = mc[key]
+    if mc.get("checkpoint", None):
+        return hf.load_pretrained(mc.checkpoint, **overrides)
+    family = mc.get("family", "bert")
+    arch = mc.config.to_dict() if isinstance(mc.config, ml_collections.ConfigDict) else dict(mc.config)
+    if family == "bert":
+        from mtlx.models.bert import BertConfig
+        return BertConfig(**arch, **{k: v for k, v in overrides.items() if k != "dropout_rate"}), None
+    if family == "t5":
+        from mtlx.models.t5 import T5Config
+        return T5Config(**arch, **{k: v for k, v in overrides.items()
+                                   if k not in ("hidden_dropout", "attention_dropout")}), None
+    raise ValueError(f"config.model.family: unknown family {family!r}; known: ['bert', 't5']")
+
+
+def with_extensions(backbone_cfg, cfg, task_names):
+    """Attaches PEFT extensions from config.peft (mtlx.peft), if any."""
+    peft = cfg.get("peft", None)
+    methods = [] if peft is None else list(peft.get("methods", ()))
+    if not methods:
+        return backbone_cfg
+    from mtlx.peft import registry
+    exts = registry.build_extensions(methods, task_names)
+    return dataclasses.replace(backbone_cfg, extensions=tuple(exts))
+
+
+def signature_of(backbone_cfg) -> dict:
+    """What must match for a checkpoint's parameters to fit this run's model."""
+    out = {}
+    for f in dataclasses.fields(backbone_cfg):
+        v = getattr(backbone_cfg, f.name)
+        if f.name == "extensions":
+            v = [repr(e) for e in v]
+        elif not isinstance(v, (int, float, str, bool, type(None))):
+            v = str(getattr(v, "__name__", v))
+        out[f.name] = v
+    return out
+
+
+@dataclasses.dataclass
+class RunData:
+    specs: list
+    train: dict
+    eval: dict
+    tokenizer: Any
+    layout: Any
+
+
+def load_data(cfg, backbone_cfg=None) -> RunData:
+    dc = cfg.data
+    specs = build_specs(cfg)
+    tok_path = dc.get("tokenizer", None) or (D.sample_root() / "vocab" / "bert-base-uncased" / "vocab.txt")
+    tokenizer = D.load_tokenizer(tok_path)
+    if backbone_cfg is not None:
+        hf.check_tokenizer_fits(tokenizer, backbone_cfg)
+    shard = (jax.process_index(), jax.process_count())
+    root = dc.get("data_root", None)
+    on_error = dc.get("on_error", "raise")
+    train, evals = {}, {}
+    for spec in specs:
+        split = D.load_split(spec, spec.train_split, data_root=root, on_error=on_error)
+        train[spec.name] = D.tokenize_split(split, tokenizer, shard=shard, max_length=dc.max_length)
+        if spec.eval_splits:
+            ev = D.load_split(spec, spec.eval_splits[0], data_root=root, on_error=on_error)
+            evals[spec.name] = D.tokenize_split(ev, tokenizer, max_length=dc.max_length)
+    layout = D.BatchLayout.for_heads([(s.head, s.num_labels) for s in specs])
+    return RunData(specs, train, evals, tokenizer, layout)
+
+
+# ----------------------------------------------------------------------------- the run
+
+def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path,
+                       progress: bool = True) -> dict:
+    workdir = Path(workdir)
+    distributed.initialize(cfg)
+    is_main = jax.process_index() == 0
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    backbone_cfg, pretrained = build_backbone(cfg)
+    run = load_data(cfg, backbone_cfg)
+    heads = task_heads(run.specs)
+    names = [h.name for h in heads]
+    backbone_cfg = with_extensions(backbone_cfg, cfg, names)
+    model = MultiTaskModel(backbone_cfg, heads, head_dropout=cfg.model.get("head_dropout", 0.1))
+
+    mc = cfg.mixture
+    strategy = D.make_strategy(mc.strategy, **(mc.get("kwargs", None) or ml_collections.ConfigDict()).to_dict())
+    mixture = D.mixture_for(run.train, strategy, mixed=mc.get("mixed", True), tasks=names)
+    buckets = tuple(cfg.data.buckets) if cfg.data.get("buckets", None) else None
+    it = D.make_iterator(run.train, mixture, batch_size=cfg.batch_size, seed=cfg.seed, buckets=buckets)
+
+    init_batch = it.batch_at(0)
+    params = init_params(model, jax.random.key(cfg.seed), init_batch)
+    if pretrained is not None:
+        params = with_backbone(params, pretrained)
+    trainable = optim.trainable_mask(params, tuple(cfg.get("trainable", ()) or ()))
+    schedule = optim.make_schedule(cfg.optim)
+    tx = optim.make_optimizer(cfg.optim, params, trainable)
+    state = create_state(params, tx, jax.random.key(cfg.seed + 1))
+    del params
+
+    ckpt = Checkpointer(workdir / "checkpoints", tasks=heads, model_signature=signature_of(backbone_cfg),
+                        run_config=cfg.to_dict(), keep_last=cfg.checkpoint.keep_last,
+                        best_metric="avg", best_mode="max")
+    restored = ckpt.restore_latest(state, allow_new_tasks=cfg.get("allow_new_tasks", False))
+    if restored is not None:
+        state = restored.state
+        it.restore(restored.data_state)
+        if is_main:
+            print(f"resumed from step {restored.step} in {workdir / 'checkpoints'}")
+
+    mesh = sharding.make_mesh(cfg.get("mesh", None) and cfg.mesh.to_dict())
+    abstract_state = jax.eval_shape(lambda s: s, state)
+    step_fn = make_train_step(model, tx, task_weights=cfg.get("task_weights", None),
+                              accum_steps=cfg.optim.get("accum_steps", 1), schedule=schedule)
+    train_step, state_sh = sharding.jit_train_step(step_fn, mesh, abstract_state, init_batch,
+                                                   donate=True)
+    state = jax.device_put(state, state_sh)
+    eval_step = jax.jit(make_eval_step(model))
+    multi = jax.process_count() > 1
+
+    def place(local_batch):
+        if multi:
+            return distributed.global_batch(mesh, local_batch, cfg.batch_size)
+        return jax.device_put(local_batch, sharding.batch_sharding(mesh, local_batch))
+
+    def place_eval(batch):
+        if multi:
+            rows = np.arange(batch.batch_size)[distributed.process_slice(batch.batch_size)]
+            return distributed.global_batch(mesh, batch.select(rows), batch.batch_size)
+        return jax.device_put(batch, sharding.batch_sharding(mesh, batch))
+
+    eval_bs = cfg.get("eval_batch_size", cfg.batch_size)
+
+    def make_batches(task, task_id):
+        return D.eval_batches(run.eval[task], task_id, batch_size=eval_bs, layout=run.layout,
+                              buckets=buckets)
+
+    def run_eval(params):
+        return E.evaluate_tasks(eval_step, params, run.specs, run.eval, make_batches, place_eval,
+                                max_batches=cfg.get("eval_max_batches", None))
+
+    logger = RunLogger(workdir, enabled=is_main)
+    preempted = install_preemption_handler()
+    total = int(cfg.optim.num_train_steps)
+    start = int(jax.device_get(state.step))
+    bar = None
+    if progress and is_main:
+        from tqdm import tqdm
+        bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+    prefetched = D.prefetch(it, size=2, transform=place)
+    pending = None  # (step, metrics) checked one step late, so dispatch stays asynchronous
+    results, last_eval_step = {}, None
+    t0, examples = time.perf_counter(), 0
+
+    def check(p):
+        if p is not None:
+            finite_or_raise(jax.device_get(p[1]), p[0], names)
+
+    try:
+        for step in range(start, total):
+            batch = next(prefetched)
+            state, metrics = train_step(state, batch)
+            check(pending)
+            pending = (step, metrics)
+            examples += cfg.batch_size
+            done = step + 1
+            if done % cfg.log_every == 0 or done == total:
+                check(pending)
+                m = jax.device_get(metrics)
+                dt = time.perf_counter() - t0
+                scalars = {"train/loss": m["loss"], "train/grad_norm": m["grad_norm"],
+                           "train/learning_rate": m.get("learning_rate", np.nan),
+                           "perf/examples_per_s": examples / dt, "perf/steps_per_s": examples / cfg.batch_size / dt}
+                for i, n in enumerate(names):
+                    if m["task_count"][i] > 0:
+                        scalars[f"train/loss/{n}"] = m["task_loss"][i]
+                logger.write(done, scalars)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{float(m['loss']):.4f}", ex_s=f"{examples / dt:.1f}")
+                t0, examples = time.perf_counter(), 0
+            if bar is not None:
+                bar.update(1)
+            eval_now = done % cfg.eval_every == 0 or done == total
+            save_now = done % cfg.checkpoint.every == 0 or done == total or preempted.is_set()
+            if eval_now:
+                check(pending)
+                results = run_eval(state.params)
+                last_eval_step = done
+                scalars = {f"eval/{t}/{k}": v for t, r in results.items() for k, v in r.items()}
+                scalars["eval/avg"] = E.summary_score(results)
+                logger.write(done, scalars, kind="eval")
+            if save_now:
+                check(pending)
+                ckpt.save(done, state, data_state=prefetched.state(),
+                          metrics={"avg": E.summary_score(results)} if eval_now and np.isfinite(E.summary_score(results)) else None)
+            if preempted.is_set():
+                if is_main:
+                    print(f"\npreempted (signal {preempted.signum}): saved step {done}, exiting")
+                break
+        check(pending)
+    finally:
+        prefetched.close()
+        if bar is not None:
+            bar.close()
+        ckpt.close()
+        preempted.uninstall()
+
+    final_step = int(jax.device_get(state.step))
+    if last_eval_step != final_step and not preempted.is_set():
+        results = run_eval(state.params)
+    if is_main:
+        logger.write(final_step, {"compile/train_step_executables": count_compilations(train_step)}, kind="info")
+        logger.plot()
+        logger.close()
+        atomic_write_text(workdir / "eval_results.json", json.dumps(results, indent=2, sort_keys=True))
+        table = {t: {k: v for k, v in r.items()} for t, r in results.items()}
+        print(M.format_metrics_table(table, title=f"per-task evaluation at step {final_step}"))
+        print(f"average of task scores: {E.summary_score(results):.4f}   "
+              f"(train step compiled {count_compilations(train_step)} time(s))")
+    return results
