@@ -1,7 +1,7 @@
 """Building blocks shared by the encoders, and the ONE extension point for PEFT methods.
 
 Every linear map inside a transformer layer is a `Projection` with a `Site` (which stack, which
-layer, which named place). Every sublayer output (attention, cross-attention, feed-forward)
+layer, which named place); extensions may rescale its input or change its output. Every sublayer output (attention, cross-attention, feed-forward)
 passes through `extend_sublayer`, attention keys/values through `extend_attention_kv`, and input
 embeddings through `extend_embeddings`. Adapters, LoRA, prefix/prompt tuning, (IA)^3 and
 hypernetwork-generated weights (mtlx.peft) attach at these points by configuration: an encoder
@@ -60,6 +60,8 @@ class Extension:
     their parameters live under it (e.g. ``layer_3/attention/query/lora/...``).
 
     Hook call conventions:
+      projection_input(site) -> module(x, routing) -> x  (rescales a projection's INPUT before
+                           the matmul, e.g. (IA)^3 on ffn.output; the output hooks then see it)
       projection(site)  -> module(x, y, routing) -> y          (x input, y = x W + b)
       sublayer(site)    -> module(sub_in, sub_out, routing) -> sub_out   (before residual add)
       attention_kv(site)-> module(k, v, mask, routing) -> (k, v, mask)   (k/v [B, L, H, D])
@@ -70,6 +72,9 @@ class Extension:
                            ``routing.generated[ext.name]``.
     """
     name: str = "extension"
+
+    def projection_input(self, site: Site) -> Optional[nn.Module]:
+        return None
 
     def projection(self, site: Site) -> Optional[nn.Module]:
         return None
@@ -102,6 +107,10 @@ class Projection(nn.Module):
 
     @nn.compact
     def __call__(self, x, routing: Optional[Routing] = None):
+        for ext in self.extensions:
+            module = ext.projection_input(self.site)
+            if module is not None:
+                x = module(x, routing)
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
         y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
         if self.use_bias:

@@ -1,0 +1,147 @@
+"""Per-example routing of task-specific weights inside one forward pass.
+
+A mixed-task batch holds examples of several tasks; each example must use ITS task's weights.
+Weights of G tasks are stacked along a leading axis ([G, ...]) and every example carries a
+group index (its task's row in that stack). Two ways to multiply, both exact:
+
+  'gather'  every example gathers its own weight matrix (``w[group]``, [B, k, n]) and one
+            batched matmul runs over the batch. Cost and memory grow with B, not with G: the
+            right choice when the per-example matrices are small (adapters, LoRA), which is
+            the case this library serves (S-LoRA/Punica's "gather" kernel, in XLA).
+  'ragged'  examples are sorted by group, the rows of each group form one contiguous block,
+            `jax.lax.ragged_dot` multiplies each block by its group's matrix (a grouped GEMM,
+            as MegaBlocks / Punica's SGMV), and the result is unsorted.
+
+With a single group (one task) both fall back to one plain matmul, so a one-task model pays
+no routing cost. `scripts/bench_routing.py` measures the two on the machine at hand; the
+measured choice is the default (`DEFAULT_IMPL`).
+
+The functions here are plain functions of arrays: the hypernetworks (mtlx.peft.hyper) call
+them with weights they generate, the extension modules with weights they own.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+IMPLEMENTATIONS = ("gather", "ragged")
+# Chosen by scripts/bench_routing.py on CPU (see its docstring for the numbers): 'gather' was
+# faster than 'ragged' for every adapter and LoRA shape measured.
+DEFAULT_IMPL = "gather"
+
+
+def check_impl(impl: str, key: str = "impl") -> None:
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"{key}: unknown routing implementation {impl!r}; known: {list(IMPLEMENTATIONS)}")
+
+
+def group_tables(task_names: Sequence[str], active: Sequence[str]) -> Tuple[np.ndarray, np.ndarray]:
+    """Static tables from a model task id to (row in the stack of `active` tasks, has weights).
+
+    Tasks without weights map to row 0 and are marked non-members: their outputs must be
+    left unchanged by the caller (`keep_members`).
+    """
+    index = np.zeros(len(task_names), np.int32)
+    member = np.zeros(len(task_names), bool)
+    for i, t in enumerate(task_names):
+        if t in active:
+            index[i], member[i] = list(active).index(t), True
+    return index, member
+
+
+def route(task_ids, task_names: Sequence[str], active: Sequence[str]):
+    """task_ids [B] (model task ids, -1 = padding) -> (group [B] int32, member [B] bool).
+
+    Padding rows (-1) are clipped to task 0 (their outputs are ignored downstream) and marked
+    members when task 0 has weights, so that a model whose tasks all have weights never needs
+    a mask.
+    """
+    index, member = group_tables(task_names, active)
+    safe = jnp.clip(jnp.asarray(task_ids, jnp.int32), 0, len(task_names) - 1)
+    return jnp.asarray(index)[safe], jnp.asarray(member)[safe]
+
+
+def per_example(values, group):
+    """values [G, ...] -> [B, ...] (each example's own row); no gather when G == 1."""
+    if values.shape[0] == 1:
+        return jnp.broadcast_to(values, (group.shape[0],) + values.shape[1:])
+    return jnp.take(values, group, axis=0)
+
+
+def broadcast_rows(v, like):
+    """Per-example v [B, n] reshaped to broadcast against like [B, ..., n]."""
+    return v.reshape((v.shape[0],) + (1,) * (like.ndim - 2) + v.shape[1:])
+
+
+def add_bias(y, bias, group):
+    """y [B, ..., n] + bias[group] with bias [G, n]."""
+    if bias.shape[0] == 1:
+        return y + bias[0].astype(y.dtype)
+    return y + broadcast_rows(per_example(bias, group), y).astype(y.dtype)
+
+
+def scale_rows(y, scale, group):
+    """y [B, ..., n] * scale[group] with scale [G, n] ((IA)^3-style rescaling)."""
+    if scale.shape[0] == 1:
+        return y * scale[0].astype(y.dtype)
+    return y * broadcast_rows(per_example(scale, group), y).astype(y.dtype)
+
+
+def routed_matmul(x, w, group, impl: str = DEFAULT_IMPL, precision=None):
+    """x [B, ..., k] times each example's own w[group[b]] ([G, k, n]) -> [B, ..., n].
+
+    The compute dtype is x's (w is cast). `group` must lie in [0, G).
+    """
+    w = w.astype(x.dtype)
+    if w.shape[0] == 1:
+        return jnp.einsum("...k,kn->...n", x, w[0], precision=precision)
+    if impl == "gather":
+        wb = jnp.take(w, group, axis=0)  # [B, k, n]
+        flat = x.reshape(x.shape[0], -1, x.shape[-1])
+        y = jnp.einsum("bik,bkn->bin", flat, wb, precision=precision)
+        return y.reshape(x.shape[:-1] + (w.shape[-1],))
+    if impl == "ragged":
+        return _ragged_matmul(x, w, group, precision)
+    check_impl(impl)
+
+
+def _ragged_matmul(x, w, group, precision):
+    b, k = x.shape[0], x.shape[-1]
+    inner = int(np.prod(x.shape[1:-1], dtype=np.int64))
+    order = jnp.argsort(group, stable=True)
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(b, dtype=order.dtype))
+    rows = jnp.take(x, order, axis=0).reshape(b * inner, k)
+    sizes = (jnp.bincount(group, length=w.shape[0]) * inner).astype(jnp.int32)
+    y = jax.lax.ragged_dot(rows, w, sizes, precision=precision)
+    return jnp.take(y.reshape((b,) + x.shape[1:-1] + (w.shape[-1],)), inverse, axis=0)
+
+
+def keep_members(member, new, old):
+    """new where the example's task has weights, old (the identity) elsewhere; member [B]."""
+    return jnp.where(member.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+
+
+def task_layer_norm(x, scale, bias, group, eps: float = 1e-5):
+    """Task-conditional LayerNorm: each example normalised with ITS task's gamma/beta.
+
+    x [B, ..., d]; scale, bias [G, d]. Statistics in float32, output in x's dtype. HyperFormer
+    (Karimi Mahabadi et al. 2021, sec. 2.3) generates gamma/beta from the task embedding; here
+    they may be owned per task or generated.
+    """
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    normed = (x32 - mean) * jax.lax.rsqrt(var + eps)
+    out = add_bias(scale_rows(normed, scale.astype(jnp.float32), group), bias.astype(jnp.float32), group)
+    return out.astype(x.dtype)
+
+
+def stack_tasks(per_task: Sequence, tasks: Optional[Sequence[str]] = None):
+    """[{...} per task] -> {... [G, ...]}: the per-task pytrees stacked along a new axis 0."""
+    if not per_task:
+        raise ValueError(f"no task parameters to stack (tasks: {list(tasks or [])})")
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *per_task)
