@@ -125,25 +125,18 @@ def cagrad_objective(w: Array, gram: Array, present: Array, c: Array) -> Array:
     return _quad(w, gram, b) + c * jnp.sqrt(_quad(w, gram, w) + 1e-8)
 
 
-def cagrad_weights(gram: Array, present: Array, c: Array, max_iter: int = 500,
-                   tol: float = 1e-9) -> Array:
-    """min over the simplex (present tasks) of `cagrad_objective` (Liu et al. 2021).
+def minimize_on_simplex(f, present: Array, lip0: Array, max_iter: int = 500,
+                        tol: float = 1e-9) -> Array:
+    """argmin of a smooth convex `f` over the simplex of the present tasks.
 
-    LibMTL solves this with SciPy's SLSQP. Here: accelerated projected gradient (FISTA, Beck &
-    Teboulle 2009) with backtracking on the step size, allowed to shrink back each iteration,
-    and a monotone restart; stops when the projected-gradient step moves less than `tol` (L1) or
-    after `max_iter` iterations. The objective is convex (linear + norm of a linear map).
+    Accelerated projected gradient (FISTA, Beck & Teboulle 2009) from the uniform point, with
+    backtracking on the Lipschitz estimate (starting at `lip0`, allowed to shrink back each
+    iteration) and a monotone restart; stops when the projected-gradient step moves less than
+    `tol` (L1) or after `max_iter` iterations.
     """
-    gram = mask_gram(gram.astype(jnp.float32), present)
     n = num_present(present)
     x0 = present.astype(jnp.float32) / jnp.maximum(n, 1.0)
-
-    def f(x):
-        return cagrad_objective(x, gram, present, c)
-
     grad_f = jax.grad(f)
-    lip0 = c * jnp.trace(gram) / jnp.sqrt(_quad(x0, gram, x0) + 1e-8) + jnp.trace(gram)
-    lip0 = jnp.maximum(lip0, 1e-12)
 
     def cond(carry):
         it, _, _, _, _, done = carry
@@ -173,9 +166,33 @@ def cagrad_weights(gram: Array, present: Array, c: Array, max_iter: int = 500,
         done = jnp.sum(jnp.abs(p - y)) < tol
         return it + 1, x_next, y_next, mom_next, lip, done
 
-    carry = (jnp.int32(0), x0, x0, jnp.float32(1.0), lip0, jnp.bool_(False))
+    carry = (jnp.int32(0), x0, x0, jnp.float32(1.0), jnp.maximum(lip0, 1e-12).astype(jnp.float32),
+             jnp.bool_(False))
     _, x, _, _, _, _ = jax.lax.while_loop(cond, body, carry)
     return x
+
+
+def min_norm_weights_fista(gram: Array, present: Array, max_iter: int = 500) -> Array:
+    """The same min-norm problem as `min_norm_weights`, solved to convergence by FISTA."""
+    gram = mask_gram(gram.astype(jnp.float32), present)
+    x = minimize_on_simplex(lambda w: _quad(w, gram, w), present, 2.0 * jnp.trace(gram),
+                            max_iter)
+    return jnp.where(num_present(present) == 1, present.astype(jnp.float32), x)
+
+
+def cagrad_weights(gram: Array, present: Array, c: Array, max_iter: int = 500) -> Array:
+    """min over the simplex (present tasks) of `cagrad_objective` (Liu et al. 2021).
+
+    LibMTL solves this with SciPy's SLSQP; here `minimize_on_simplex` (FISTA). The objective is
+    convex (linear + norm of a linear map) and smooth thanks to LibMTL's + 1e-8.
+    """
+    gram = mask_gram(gram.astype(jnp.float32), present)
+    n = num_present(present)
+    x0 = present.astype(jnp.float32) / jnp.maximum(n, 1.0)
+    lip0 = c * jnp.trace(gram) / jnp.sqrt(_quad(x0, gram, x0) + 1e-8) + jnp.trace(gram)
+    x = minimize_on_simplex(lambda w: cagrad_objective(w, gram, present, c), present, lip0,
+                            max_iter)
+    return jnp.where(num_present(present) == 1, present.astype(jnp.float32), x)
 
 
 # ---------------------------------------------------------------------------------------------
