@@ -133,7 +133,9 @@ def load_data(cfg, backbone_cfg=None) -> RunData:
 # ----------------------------------------------------------------------------- the run
 
 def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path,
-                       progress: bool = True) -> dict:
+                       progress: bool = True, on_step=None, return_state: bool = False):
+    """Runs the config in `workdir`; returns {task: {metric: value}} (and the final train state
+    if `return_state`). `on_step(step)` is called after each step (tests, profilers)."""
     workdir = Path(workdir)
     distributed.initialize(cfg)
     is_main = jax.process_index() == 0
@@ -244,6 +246,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path,
                 t0, examples = time.perf_counter(), 0
             if bar is not None:
                 bar.update(1)
+            if on_step is not None:
+                on_step(done)
             eval_now = done % cfg.eval_every == 0 or done == total
             save_now = done % cfg.checkpoint.every == 0 or done == total or preempted.is_set()
             if eval_now:
@@ -277,8 +281,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path,
         logger.plot()
         logger.close()
         atomic_write_text(workdir / "eval_results.json", json.dumps(results, indent=2, sort_keys=True))
-        table = {t: {k: v for k, v in r.items()} for t, r in results.items()}
-        print(M.format_metrics_table(table, title=f"per-task evaluation at step {final_step}"))
-        print(f"average of task scores: {E.summary_score(results):.4f}   "
-              f"(train step compiled {count_compilations(train_step)} time(s))")
-    return results
+        if results:
+            print(M.format_metrics_table(results, title=f"per-task evaluation at step {final_step}"))
+            print(f"average of task scores: {E.summary_score(results):.4f}   "
+                  f"(train step compiled {count_compilations(train_step)} time(s))")
+    return (results, state) if return_state else results

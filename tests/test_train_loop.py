@@ -1,0 +1,115 @@
+"""The training loop end to end on the embedded sample: outputs, exact resume, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from mtlx.train.checkpoint import CheckpointMismatchError, Checkpointer
+from mtlx.train.config import ConfigError, apply_overrides, load_config
+from mtlx.train.loop import train_and_evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = str(ROOT / "configs" / "demo.py")
+
+
+def local_cfg(*overrides):
+    cfg = load_config(DEMO + ":local")
+    cfg.tasks = ("cola", "stsb", "ud_pos")
+    cfg.model.hidden_dropout = 0.0
+    return apply_overrides(cfg, list(overrides))
+
+
+def leaves(state):
+    return [np.asarray(x) for x in jax.tree_util.tree_leaves(jax.device_get(state.params))]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    wd = tmp_path_factory.mktemp("full")
+    results, state = train_and_evaluate(local_cfg(), wd, progress=False, return_state=True)
+    return wd, results, state
+
+
+def test_run_writes_results_logs_plots(uninterrupted):
+    wd, results, _ = uninterrupted
+    saved = json.loads((wd / "eval_results.json").read_text())
+    assert set(saved) == {"cola", "stsb", "ud_pos"}
+    assert {"mcc", "loss"} <= set(saved["cola"]) and {"pearson", "spearman"} <= set(saved["stsb"])
+    assert "token_accuracy" in saved["ud_pos"]
+    assert saved == json.loads(json.dumps(results))
+    assert (wd / "plots" / "loss_curves.png").stat().st_size > 1000
+    assert (wd / "plots" / "metric_curves.png").stat().st_size > 1000
+    assert list((wd / "tensorboard").glob("events.out.tfevents.*"))
+    lines = [json.loads(l) for l in (wd / "metrics.jsonl").read_text().splitlines()]
+    assert any(l["kind"] == "eval" and "eval/cola/mcc" in l for l in lines)
+    info = [l for l in lines if l["kind"] == "info"]
+    assert info and info[-1]["compile/train_step_executables"] <= 2  # one per length bucket
+
+
+def test_preempted_run_resumes_bit_identical(uninterrupted, tmp_path):
+    _, _, full_state = uninterrupted
+
+    def preempt_at_3(step):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    cfg = local_cfg("--config.checkpoint.every=100")  # only the preemption save happens
+    _, first = train_and_evaluate(cfg, tmp_path, progress=False, on_step=preempt_at_3, return_state=True)
+    assert int(first.step) == 3
+    _, resumed = train_and_evaluate(cfg, tmp_path, progress=False, return_state=True)
+    assert int(resumed.step) == int(full_state.step) == 6
+    for a, b in zip(leaves(resumed), leaves(full_state)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_workdir_of_another_task_set(uninterrupted, tmp_path):
+    wd, _, _ = uninterrupted
+    import shutil
+    shutil.copytree(wd / "checkpoints", tmp_path / "checkpoints")
+    cfg = local_cfg("--config.tasks=cola,stsb,ud_pos,sst2")
+    with pytest.raises(CheckpointMismatchError, match="sst2"):
+        train_and_evaluate(cfg, tmp_path, progress=False)
+    cfg = local_cfg("--config.tasks=cola,stsb,ud_pos,sst2", "--config.allow_new_tasks=True",
+                    "--config.optim.num_train_steps=8")
+    results = train_and_evaluate(cfg, tmp_path, progress=False)
+    assert set(results) == {"cola", "stsb", "ud_pos", "sst2"}
+
+
+def test_nan_loss_stops_naming_step_and_task_and_keeps_last_good_checkpoint(tmp_path):
+    cfg = local_cfg("--config.optim.optimizer=sgd", "--config.optim.learning_rate=1e30",
+                    "--config.optim.grad_clip_norm=None", "--config.optim.warmup_steps=0",
+                    "--config.checkpoint.every=1", "--config.optim.num_train_steps=6")
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step \d+: tasks \[") as e:
+        train_and_evaluate(cfg, tmp_path, progress=False)
+    ckpt = Checkpointer(tmp_path / "checkpoints", tasks=["cola", "stsb", "ud_pos"], model_signature={})
+    bad_step = int(str(e.value).split("step ")[1].split(":")[0])
+    assert all(s <= bad_step for s in ckpt.all_steps())  # nothing saved after the bad step
+    ckpt.close()
+
+
+def test_config_errors():
+    cfg = load_config(DEMO)
+    with pytest.raises(ConfigError, match=r"unknown config key 'config.optim.learnig_rate'; did you mean config.optim.learning_rate"):
+        apply_overrides(cfg, ["--config.optim.learnig_rate=1e-4"])
+    with pytest.raises(ConfigError, match=r"--config.batch_size: expected int .*'many'"):
+        apply_overrides(cfg, ["--config.batch_size=many"])
+    with pytest.raises(ConfigError, match=r"config.optim is a group"):
+        apply_overrides(cfg, ["--config.optim=3"])
+    apply_overrides(cfg, ["--config.optim.learning_rate", "3e-4", "--config.data.buckets=16,32"])
+    assert cfg.optim.learning_rate == 3e-4 and cfg.data.buckets == (16, 32)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("configs/nope.py")
+
+
+def test_cli_reports_unknown_key():
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--config", DEMO,
+                        "--workdir", "/tmp/unused", "--config.seeed=3"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and "did you mean config.seed" in r.stderr
