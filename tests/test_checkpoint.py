@@ -198,6 +198,13 @@ def test_incomplete_step_directory_is_never_restored(tmp_path):
     tmp = tmp_path / "c" / "9.orbax-checkpoint-tmp-1700000000"
     shutil.copytree(tmp_path / "c" / "3", tmp)
     os.remove(tmp / "commit_success.txt")
+    # A read-only reader (an evaluator next to a live run) must not touch it.
+    reader = ckpt(tmp_path / "c", read_only=True)
+    assert reader.restore_latest(state).step == 3
+    with pytest.raises(RuntimeError, match="read_only=True"):
+        reader.save(10, state, data_state={})
+    reader.close()
+    assert tmp.exists()
     c = ckpt(tmp_path / "c")
     assert c.latest_step() == 3 and c.restore_latest(state).step == 3
     c.save(4, state, data_state={"step": 4})  # the next save waits for the clean-up ...

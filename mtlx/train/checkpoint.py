@@ -34,11 +34,13 @@ Guarantees and how they are obtained (each one is tested in tests/test_checkpoin
   (SIGKILL, power loss, full disk) is never picked on restore. Leftover temporary directories
   are removed when the next ``Checkpointer`` opens the directory.
 * Asynchronous saves without races. ``save`` blocks only while device arrays are copied to host
-  memory (orbax's default SYNCHRONOUS device-to-host transfer), then returns while a background
-  thread writes. The caller may mutate or donate the state right after ``save`` returns. Host
-  numpy leaves are copied here before the hand-off, because orbax would otherwise write them
-  later from the caller's (possibly mutated) buffer. Each ``save`` first waits for the previous
-  one; ``wait_until_finished()``/``close()`` waits for the last (call it before exiting).
+  memory (orbax's default ``TransferPriority.SYNCHRONOUS`` device-to-host transfer) and host
+  numpy leaves are deep-copied (``NumpyHandler(deepcopy_host_arrays=True)``, the default), then
+  returns while a background thread writes. So the caller may mutate, delete or donate the
+  state right after ``save`` returns (tested by freeing every buffer). Each ``save`` first waits
+  for the previous one, so save every k steps where one write takes up to k steps;
+  ``wait_until_finished()``/``close()`` waits for the last (call it before exiting: a process
+  that exits mid-write leaves only an ignored temporary directory).
 * Retention: the last ``keep_last`` checkpoints AND the ``keep_best`` best by ``best_metric``
   (orbax ``AnyPreservationPolicy(LatestN, BestN)``: a step is kept if either policy keeps it).
   Checkpoints saved without metrics count only for the keep-last rule. Old steps are deleted
@@ -57,8 +59,9 @@ Guarantees and how they are obtained (each one is tested in tests/test_checkpoin
   changes under one of these flags, state leaves outside any task subtree whose shape changed
   (per-task vectors of a weighting strategy, ``[T_old] -> [T_new]``: positions cannot be
   mapped) are re-initialised from the target too; every leaf taken from the target is listed
-  in ``Restored.fresh_paths`` and the re-shaped ones are logged as a warning. Changing a task's head (kind or num_labels) or the relative order of the tasks
-  (task ids index per-task state) is always an error.
+  in ``Restored.fresh_paths`` and the re-shaped ones are logged as a warning. Changing a task's
+  head (kind or num_labels) or the relative order of the tasks (task ids index per-task state)
+  is always an error.
 
 Preemption: ``install_preemption_handler()`` turns SIGTERM into a flag that the loop polls
 after each step (a signal handler must not run a save: it interrupts the main thread at an
@@ -70,7 +73,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import json
 import logging
 import math
 import os
@@ -241,11 +243,6 @@ def _abstract(x):
     return x  # ShapeDtypeStruct, numpy array, Python scalar: orbax restores as that type
 
 
-def _host_copy(x):
-    # Async saves write numpy leaves after `save` returns: copy them so the caller may mutate.
-    return np.array(x, copy=True) if isinstance(x, np.ndarray) else x
-
-
 def _check_leaves(state: Any) -> None:
     """Fail in the caller's thread (not later in the background writer) on unsavable leaves."""
     for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
@@ -311,12 +308,14 @@ class Checkpointer:
       best_mode: 'max' or 'min': which end of ``best_metric`` is best.
       keep_best: how many best checkpoints to keep besides the last ``keep_last``.
       async_save: write in a background thread (default) or block until written.
+      read_only: only restore (evaluation, serving, inspecting a live run): never writes and
+        never removes another process's in-progress temporary directories.
     """
 
     def __init__(self, directory: str | os.PathLike, *, tasks: Sequence[Any],
                  model_signature: Mapping, run_config: Any = None, keep_last: int = 3,
                  best_metric: Optional[str] = None, best_mode: str = "max", keep_best: int = 1,
-                 async_save: bool = True):
+                 async_save: bool = True, read_only: bool = False):
         if not isinstance(keep_last, int) or keep_last < 1:
             raise ValueError(f"keep_last must be an int >= 1, got {keep_last!r}")
         if best_mode not in ("max", "min"):
@@ -324,6 +323,7 @@ class Checkpointer:
         if not isinstance(keep_best, int) or keep_best < 1:
             raise ValueError(f"keep_best must be an int >= 1, got {keep_best!r}")
         self.directory = os.path.abspath(os.fspath(directory))
+        self.read_only = read_only
         self.best_metric, self.best_mode = best_metric, best_mode
         self._model = {"format": _FORMAT, "tasks": normalize_tasks(tasks),
                        "signature": _to_json(model_signature, "model_signature")}
@@ -340,12 +340,14 @@ class Checkpointer:
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
             best_fn=best_fn, best_mode=best_mode,  # best_fn also makes orbax store the metrics
-            cleanup_tmp_directories=True, enable_async_checkpointing=async_save, create=True)
+            cleanup_tmp_directories=not read_only, enable_async_checkpointing=async_save,
+            create=not read_only, read_only=read_only)
         self._options = options
         self._mgr = self._new_manager()
 
     def _new_manager(self, cleanup_tmp: bool = True) -> ocp.CheckpointManager:
-        options = dataclasses.replace(self._options, cleanup_tmp_directories=cleanup_tmp)
+        options = dataclasses.replace(
+            self._options, cleanup_tmp_directories=cleanup_tmp and not self.read_only)
         handlers = {STATE: ocp.PyTreeCheckpointHandler(), DATA_STATE: ocp.JsonCheckpointHandler(),
                     RUN_CONFIG: ocp.JsonCheckpointHandler(), MODEL: ocp.JsonCheckpointHandler()}
         return ocp.CheckpointManager(self.directory, item_names=_ITEMS, item_handlers=handlers,
@@ -405,6 +407,9 @@ class Checkpointer:
         for ``best_metric`` (evaluation steps); checkpoints without metrics are kept only while
         they are among the last ``keep_last``.
         """
+        if self.read_only:
+            raise RuntimeError(f"save(step={step}): the Checkpointer of {self.directory} was "
+                               f"opened with read_only=True")
         step = int(step)
         payload_data = _to_json(data_state, "data_state")
         if metrics is not None:
@@ -421,7 +426,6 @@ class Checkpointer:
         self.wait_until_finished()  # a failure of the previous async save surfaces here
         if step in self._mgr.all_steps():
             return False
-        state = jax.tree.map(_host_copy, state)
         args = ocp.args.Composite(**{
             STATE: ocp.args.PyTreeSave(state), DATA_STATE: ocp.args.JsonSave(payload_data),
             RUN_CONFIG: ocp.args.JsonSave(self._run_config), MODEL: ocp.args.JsonSave(self._model)})
