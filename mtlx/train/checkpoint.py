@@ -32,7 +32,8 @@ Guarantees and how they are obtained (each one is tested in tests/test_checkpoin
   ``<step>`` only after every item (and ``commit_success.txt``) is written; step directories
   with the temporary suffix are never listed as checkpoints, so a save interrupted at any point
   (SIGKILL, power loss, full disk) is never picked on restore. Leftover temporary directories
-  are removed when the next ``Checkpointer`` opens the directory.
+  are removed when the next writing ``Checkpointer`` opens the directory (``read_only=True``
+  readers, e.g. an evaluator beside a live run, leave them alone).
 * Asynchronous saves without races. ``save`` blocks only while device arrays are copied to host
   memory (orbax's default ``TransferPriority.SYNCHRONOUS`` device-to-host transfer) and host
   numpy leaves are deep-copied (``NumpyHandler(deepcopy_host_arrays=True)``, the default), then
