@@ -21,7 +21,7 @@ from mtlx.data.pipeline import (BatchLayout, DataIterator, EvalBatch, collate, d
 from mtlx.data.readers import Example, SplitData, load_split, resolve_path, sample_root
 from mtlx.data.tasks import (HEAD_KINDS, Source, SplitFile, TaskSpec, TfdsSource,
                              UnknownTaskError, get_task, list_tasks, register_task,
-                             task_from_config)
+                             task_from_config, text_to_text)
 from mtlx.data.tokenize import TokenizedSplit, load_tokenizer, shard_indices, tokenize_split
 
 __all__ = [
@@ -30,6 +30,6 @@ __all__ = [
     "collate", "device_put_batch", "eval_batches", "make_iterator", "mixture_for", "prefetch",
     "Example", "SplitData", "load_split", "resolve_path", "sample_root", "HEAD_KINDS", "Source",
     "SplitFile", "TaskSpec", "TfdsSource", "UnknownTaskError", "get_task", "list_tasks",
-    "register_task", "task_from_config", "TokenizedSplit", "load_tokenizer", "shard_indices",
+    "register_task", "task_from_config", "text_to_text", "TokenizedSplit", "load_tokenizer", "shard_indices",
     "tokenize_split",
 ]

@@ -54,21 +54,22 @@ class BatchLayout:
     spans: bool = False
     groups: bool = False
     multi_label_width: int = 0
+    target_length: int = 0   # seq2seq: decoder fields [B, target_length] when > 0
 
     @staticmethod
     def for_heads(heads: Sequence[tuple]) -> "BatchLayout":
-        """From (head kind, number of labels) pairs of every task of the run."""
-        kinds = {h for h, _ in heads}
-        if "seq2seq" in kinds:
-            raise NotImplementedError("seq2seq batches (decoder fields) are not built by mtlx.data yet")
+        """From (head kind, number of labels[, max target length]) of every task of the run."""
+        kinds = {h[0] for h in heads}
         return BatchLayout(
             token_labels="token_classification" in kinds, spans="span" in kinds,
             groups="multiple_choice" in kinds,
-            multi_label_width=max([n for h, n in heads if h == "multilabel"], default=0))
+            multi_label_width=max([h[1] for h in heads if h[0] == "multilabel"], default=0),
+            target_length=max([h[2] if len(h) > 2 else 16 for h in heads if h[0] == "seq2seq"],
+                              default=0))
 
     @staticmethod
     def for_data(data: Sequence[TokenizedSplit]) -> "BatchLayout":
-        return BatchLayout.for_heads([(d.head, d.num_labels) for d in data])
+        return BatchLayout.for_heads([(d.head, d.num_labels, d.max_target_length) for d in data])
 
 
 def collate(rows: Sequence[tuple], num_rows: int, seq_len: int, layout: BatchLayout,
@@ -99,6 +100,13 @@ def collate(rows: Sequence[tuple], num_rows: int, seq_len: int, layout: BatchLay
         extra["group_ids"] = groups = np.full(b, -1, np.int32)
     if layout.multi_label_width:
         extra["multi_labels"] = multi = np.zeros((b, layout.multi_label_width), np.float32)
+    if layout.target_length:
+        lt = layout.target_length
+        # T5 teacher forcing: decoder inputs are the targets shifted right behind the decoder
+        # start token, which is the pad token for T5 (HF `_shift_right`).
+        extra["decoder_input_ids"] = dec_in = np.full((b, lt), pad_id, np.int32)
+        extra["decoder_attention_mask"] = dec_mask = np.zeros((b, lt), np.int32)
+        extra["target_ids"] = targets = np.full((b, lt), IGNORE_INDEX, np.int32)
     for i, (split, r, task_id, group) in enumerate(rows):
         a, e = split.row_starts[r], split.row_starts[r + 1]
         n = e - a
@@ -120,6 +128,16 @@ def collate(rows: Sequence[tuple], num_rows: int, seq_len: int, layout: BatchLay
             multi[i, : split.multi_labels.shape[1]] = split.multi_labels[r]
         if layout.groups and group >= 0:
             groups[i] = group
+        if split.target_ids is not None:
+            ta, te = split.target_starts[r], split.target_starts[r + 1]
+            m = te - ta
+            if m > layout.target_length:
+                raise ValueError(f"task {split.task!r} row {r} has a target of {m} tokens, more "
+                                 f"than the batch's target length {layout.target_length}")
+            targets[i, :m] = split.target_ids[ta:te]
+            k = min(m, layout.target_length - 1)  # as HF's _shift_right on the padded targets
+            dec_in[i, 1:k + 1] = split.target_ids[ta:ta + k]
+            dec_mask[i, :m] = 1
     return make_batch(input_ids=input_ids, attention_mask=attention, token_type_ids=type_ids,
                       task_ids=task_ids, example_mask=example_mask, labels=labels,
                       label_values=values, **extra)

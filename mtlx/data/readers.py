@@ -228,8 +228,21 @@ def _parse_label(spec: TaskSpec, raw: Any, num_choices: int, errors: RowErrors, 
             errors.bad("unknown_label", f"label(s) {bad} not in the label set {list(spec.raw_labels)}", **loc)
             return None
         return tuple(sorted(set(idx)))
-    if spec.head == "seq2seq":
-        return str(raw)
+    if spec.head == "seq2seq" and not spec.labels:
+        if spec.target == "score":
+            try:
+                value = float(raw)
+            except (TypeError, ValueError):
+                value = math.nan
+            if not math.isfinite(value):
+                errors.bad("bad_score", f"score {raw!r} is not a finite number", **loc)
+                return None
+            return value
+        text = str(raw).strip()
+        if not text:
+            errors.bad("empty_text", "the target text is empty", **loc)
+            return None
+        return text
     idx = label_index(spec, raw)
     if idx is None:
         errors.bad("unknown_label", f"label {_label_text(raw)!r} is not in the label set "

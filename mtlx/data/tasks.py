@@ -114,6 +114,10 @@ class TaskSpec:
     truncation:  how a pair is cut to max_length: one of TRUNCATION.
     stride:      span tasks: overlap in tokens between the windows of a long context (0: one window).
     train_split / eval_splits: the split names used for training and evaluation.
+    target:      seq2seq only, how the label becomes the target text: "" (the class name when
+                 `labels` is given, else the label column's text) or "score" (a regression
+                 score rounded to 0.2 and written "3.8", as T5 does for STS-B).
+    max_target_length: seq2seq: target tokens (EOS included) after truncation.
     """
     name: str
     head: str
@@ -126,6 +130,8 @@ class TaskSpec:
     stride: int = 0
     train_split: str = "train"
     eval_splits: tuple = ("dev",)
+    target: str = ""
+    max_target_length: int = 16
     description: str = ""
 
     def __post_init__(self):
@@ -138,7 +144,7 @@ class TaskSpec:
             raise ValueError(f"{where}: unknown source format {self.source.format!r}; known: {list(FORMATS)}")
         if self.head in LABELLED_HEADS and not self.labels:
             raise ValueError(f"{where}: head {self.head!r} needs a label list")
-        if self.head not in LABELLED_HEADS and self.labels:
+        if self.head not in LABELLED_HEADS + ("seq2seq",) and self.labels:
             raise ValueError(f"{where}: head {self.head!r} takes no label list, got {list(self.labels)}")
         if len(set(self.labels)) != len(self.labels):
             raise ValueError(f"{where}: repeated labels in {list(self.labels)}")
@@ -152,6 +158,10 @@ class TaskSpec:
             raise ValueError(f"{where}: max_length must be >= 8, got {self.max_length}")
         if self.head == "multiple_choice" and len(self.source.choices) < 2:
             raise ValueError(f"{where}: multiple choice needs >= 2 choice fields in source.choices")
+        if self.target not in ("", "score") or (self.target and self.head != "seq2seq"):
+            raise ValueError(f"{where}: target must be '' or 'score' (seq2seq only), got {self.target!r}")
+        if self.head == "seq2seq" and self.target == "score" and self.labels:
+            raise ValueError(f"{where}: a 'score' target takes no label list")
         if not 0 <= self.stride < self.max_length // 2:
             raise ValueError(f"{where}: stride must be in [0, max_length/2), got {self.stride}")
 
@@ -166,6 +176,22 @@ class TaskSpec:
     @property
     def splits(self) -> tuple:
         return self.source.splits
+
+
+def text_to_text(spec: TaskSpec) -> TaskSpec:
+    """The T5 text-to-text version of a classification or regression task (Raffel et al. 2020,
+    appendix D): same data and name, head "seq2seq"; the input is written
+    "<task> <field>: <text> ..." and the target is the class name, or for a regression task
+    the score rounded to the nearest 0.2 ("3.8"). Metrics stay the task's own: predictions are
+    mapped back to a class index (or a number) before scoring."""
+    if spec.head == "seq2seq":
+        return spec
+    if spec.head == "classification":
+        return dataclasses.replace(spec, head="seq2seq")
+    if spec.head == "regression":
+        return dataclasses.replace(spec, head="seq2seq", target="score")
+    raise ValueError(f"task {spec.name!r}: only classification and regression tasks have a "
+                     f"text-to-text form here, not {spec.head!r}")
 
 
 # ----------------------------------------------------------------------------- registry

@@ -15,6 +15,8 @@ Per head kind (labels follow Hugging Face's reference fine-tuning scripts):
       Character offsets of context tokens are kept for mapping predictions back to text.
   multiple_choice: one row per (context, choice); label 1 on the right choice's row, 0 on the
       others; the rows of one example form one sampling unit (they stay together in a batch).
+  seq2seq (T5 text-to-text, Raffel et al. 2020): input "<task> <field>: <text> ...", target the
+      class name / rounded score / target text; both end with the tokenizer's EOS.
 
 A "unit" is what the sampler draws: one row, or the k rows of a multiple-choice example.
 """
@@ -97,6 +99,9 @@ class TokenizedSplit:
     start_positions: Optional[np.ndarray] = None  # int32 [R]
     end_positions: Optional[np.ndarray] = None    # int32 [R]
     char_offsets: Optional[np.ndarray] = None     # int32 [N, 2], (-1, -1) outside the context
+    target_ids: Optional[np.ndarray] = None       # seq2seq: int32 [M] target tokens (EOS incl.)
+    target_starts: Optional[np.ndarray] = None    # seq2seq: int64 [R + 1]
+    max_target_length: int = 0                    # seq2seq: the task's target length limit
     stats: dict = dataclasses.field(default_factory=dict)
 
     @property
@@ -141,10 +146,7 @@ def tokenize_split(data: SplitData, tokenizer, *, shard: tuple = (0, 1),
                         path=data.path, task=spec.name)
     examples = [data.examples[i] for i in owned]
     fn = {"token_classification": _token_classification, "span": _span,
-          "multiple_choice": _multiple_choice}.get(spec.head, _sequence)
-    if spec.head == "seq2seq":
-        raise NotImplementedError(f"task {spec.name!r}: seq2seq (text-to-text) tokenization is not "
-                                  f"implemented in mtlx.data yet")
+          "multiple_choice": _multiple_choice, "seq2seq": _seq2seq}.get(spec.head, _sequence)
     out = fn(spec, examples, owned, tokenizer, max_length, data.labelled)
     out.update(task=spec.name, head=spec.head, split=data.split, num_examples=len(data.examples),
                pad_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0),
@@ -334,4 +336,34 @@ def _multiple_choice(spec, examples, owned, tokenizer, max_length, labelled) -> 
     out = _base(enc["input_ids"], enc["token_type_ids"], labels, np.zeros(len(labels)),
                 unit_starts, unit_example)
     out["stats"] = {"truncated": _count_truncated(tokenizer, spec, first, second, enc["input_ids"], max_length)}
+    return out
+
+
+def target_text(spec, label) -> str:
+    """The target string of a seq2seq example (see TaskSpec.target)."""
+    if spec.labels:
+        return spec.labels[label]
+    if spec.target == "score":
+        return f"{round(float(label) * 5) / 5:.1f}"  # T5: STS-B scores rounded to 0.2
+    return str(label)
+
+
+def _seq2seq(spec, examples, owned, tokenizer, max_length, labelled) -> dict:
+    inputs = [f"{spec.name} " + " ".join(f"{f}: {t}" for f, t in zip(spec.text_fields, ex.texts))
+              for ex in examples]
+    enc = tokenizer(inputs, truncation=True, max_length=max_length, return_token_type_ids=True,
+                    return_attention_mask=False)
+    n = len(examples)
+    if labelled:
+        targets = tokenizer([target_text(spec, ex.label) for ex in examples], truncation=True,
+                            max_length=spec.max_target_length, return_attention_mask=False,
+                            return_token_type_ids=False)["input_ids"]
+    else:
+        targets = [[] for _ in examples]
+    unit_starts, unit_example = _units(1, n, owned)
+    out = _base(enc["input_ids"], enc["token_type_ids"], np.full(n, IGNORE_INDEX), np.zeros(n),
+                unit_starts, unit_example)
+    out["target_ids"], out["target_starts"] = _flatten(targets, np.int32)
+    out["max_target_length"] = spec.max_target_length
+    out["stats"] = {"truncated": _count_truncated(tokenizer, spec, inputs, None, enc["input_ids"], max_length)}
     return out
