@@ -210,9 +210,9 @@ class NashMTL(GramBalancing):
     `tolerance`: LibMTL's constraints are alpha_i (M alpha)_i >= 1, and when no solution exists
     (e.g. two exactly opposite gradients) the iterates run off to infinity where LibMTL's
     absolute test ||M alpha - 1/alpha|| < 1e-3 would eventually pass; the scale-free form does
-    not. `ridge` > 0 added to M makes a solution always exist instead. Present tasks with a zero gradient cannot
-    bargain (their equation has no solution): they keep their previous alpha, which then only
-    scales their head. Recomputing every k steps saves nothing unless the engine also skips
+    not. `ridge` > 0 added to M makes a solution always exist instead. Present tasks with a
+    zero gradient cannot bargain (their equation has no solution): they keep their previous
+    alpha, which then only scales their head. Recomputing every k steps saves nothing unless the engine also skips
     computing G on the other steps (lax.cond on ``step % k``).
     """
     update_weights_every: int = 1

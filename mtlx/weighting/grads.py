@@ -42,7 +42,7 @@ def flatten_grads(tree: Any, batch_dims: int = 0) -> Array:
 
 
 def unflatten_grads(flat: Array, like: Any) -> Any:
-    """Inverse of `flatten_grads`: splits `flat` [D] into a pytree shaped (and typed) like `like`."""
+    """Inverse of `flatten_grads`: splits `flat` [D] into a pytree shaped and typed like `like`."""
     leaves, treedef = jax.tree_util.tree_flatten(like)
     sizes = [int(np.prod(jnp.shape(leaf))) for leaf in leaves]
     if jnp.shape(flat) != (sum(sizes),):

@@ -294,5 +294,3 @@ class FAMO(LossWeighting):
         return state.replace(stats=new)
 
 
-LOSS_WEIGHTING = (StaticWeights, EqualWeighting, UncertaintyWeighting, DynamicWeightAverage,
-                  RandomLossWeighting, GeometricLossStrategy, FAMO)
