@@ -212,8 +212,8 @@ class NashMTL(GramBalancing):
     absolute test ||M alpha - 1/alpha|| < 1e-3 would eventually pass; the scale-free form does
     not. `ridge` > 0 added to M makes a solution always exist instead. Present tasks with a
     zero gradient cannot bargain (their equation has no solution): they keep their previous
-    alpha, which then only scales their head. Recomputing every k steps saves nothing unless the engine also skips
-    computing G on the other steps (lax.cond on ``step % k``).
+    alpha, which then only scales their head. Recomputing every k steps saves nothing unless
+    the engine also skips computing G on the other steps (lax.cond on ``step % k``).
     """
     update_weights_every: int = 1
     max_norm: float = 1.0
