@@ -110,3 +110,32 @@ def test_bad_config_errors(setup):
     with pytest.raises(FloatingPointError, match="step 7.*'reg'"):
         finite_or_raise({"loss": np.nan, "task_loss": np.array([0, 0, np.nan, 0, 0, 0, 0.])}, 7,
                         [t.name for t in TASKS])
+
+
+@pytest.mark.parametrize("policy", ["full", "dots", "dots_no_batch"])
+def test_remat_policies_give_the_same_step(setup, policy):
+    model, params = setup
+    cfg = opt_cfg(optimizer="sgd", weight_decay=0.0, warmup_steps=0, schedule="constant")
+    tx = optim.make_optimizer(cfg, params)
+    remat_model = MultiTaskModel(tiny_bert(hidden_dropout=0.0, attention_dropout=0.0, remat=policy),
+                                 TASKS, head_dropout=0.0)
+    b = mixed_batch()
+    ref = jax.jit(make_train_step(model, tx))(create_state(params, tx, jax.random.key(1)), b)
+    got = jax.jit(make_train_step(remat_model, tx))(create_state(params, tx, jax.random.key(1)), b)
+    for x, y in zip(jax.tree_util.tree_leaves(ref[0].params), jax.tree_util.tree_leaves(got[0].params)):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="config.remat: unknown remat policy 'some'"):
+        tiny_bert(remat="some")
+
+
+def test_bf16_compute_keeps_fp32_master_weights(setup):
+    model, params = setup
+    bf16 = MultiTaskModel(tiny_bert(hidden_dropout=0.0, attention_dropout=0.0, dtype="bfloat16"),
+                          TASKS, head_dropout=0.0)
+    tx = optim.make_optimizer(opt_cfg(), params)
+    state, metrics = jax.jit(make_train_step(bf16, tx))(create_state(params, tx, jax.random.key(1)), mixed_batch())
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(state.params))
+    out = bf16.apply({"params": params}, mixed_batch())
+    assert out["pooled"].dtype == jnp.bfloat16
+    _, ref_metrics = jax.jit(make_train_step(model, tx))(create_state(params, tx, jax.random.key(1)), mixed_batch())
+    np.testing.assert_allclose(metrics["task_loss"], ref_metrics["task_loss"], rtol=0.05, atol=0.02)

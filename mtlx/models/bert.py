@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtlx.models.attention import IMPLEMENTATIONS, attend, padding_mask
+from mtlx.models.remat import check_policy as check_remat_policy, remat_layer
 from mtlx.models.layers import (Extension, Projection, Routing, Site, extend_attention_kv,
                                 extend_embeddings, extend_sublayer)
 
@@ -112,8 +113,10 @@ class BertConfig:
     param_dtype: Any = jnp.float32
     attention_impl: Optional[str] = None   # None | 'xla' | 'cudnn' (mtlx.models.attention)
     extensions: Tuple[Extension, ...] = ()
+    remat: str = "none"                    # activation checkpointing policy (mtlx.models.remat)
 
     def __post_init__(self):
+        check_remat_policy(self.remat)
         # Normalise so that equal configs hash equally ('bfloat16' == jnp.bfloat16) and a list
         # of extensions does not make the config unhashable.
         object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
@@ -316,8 +319,9 @@ class BertEncoder(nn.Module):
                 f"an embeddings extension changed the sequence length from {segment_ids.shape[1]} "
                 f"to {h.shape[1]}; it cannot be combined with packed rows (segment_ids)")
         mask = padding_mask(attention_mask, segment_ids)
+        layer_cls = remat_layer(BertLayer, cfg.remat, static_argnums=(4,))  # 4: deterministic
         for i in range(cfg.num_layers):
-            h = BertLayer(cfg, i, name=f"layer_{i}")(h, mask, routing, deterministic)
+            h = layer_cls(cfg, i, name=f"layer_{i}")(h, mask, routing, deterministic)
         pooled = BertPooler(cfg, name="pooler")(h) if cfg.add_pooler else None
         return EncoderOutput(last_hidden_state=h, pooled_output=pooled)
 

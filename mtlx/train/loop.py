@@ -248,8 +248,12 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path,
                 bar.update(1)
             if on_step is not None:
                 on_step(done)
+            stop = preempted.is_set()
+            if multi:  # every process must stop (and save) at the same step
+                from jax.experimental import multihost_utils
+                stop = bool(np.max(multihost_utils.process_allgather(np.int32(stop))))
             eval_now = done % cfg.eval_every == 0 or done == total
-            save_now = done % cfg.checkpoint.every == 0 or done == total or preempted.is_set()
+            save_now = done % cfg.checkpoint.every == 0 or done == total or stop
             if eval_now:
                 check(pending)
                 results = run_eval(state.params)
@@ -261,7 +265,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path,
                 check(pending)
                 ckpt.save(done, state, data_state=prefetched.state(),
                           metrics={"avg": E.summary_score(results)} if eval_now and np.isfinite(E.summary_score(results)) else None)
-            if preempted.is_set():
+            if stop:
                 if is_main:
                     print(f"\npreempted (signal {preempted.signum}): saved step {done}, exiting")
                 break
@@ -274,7 +278,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path,
         preempted.uninstall()
 
     final_step = int(jax.device_get(state.step))
-    if last_eval_step != final_step and not preempted.is_set():
+    if last_eval_step != final_step and final_step >= total:
         results = run_eval(state.params)
     if is_main:
         logger.write(final_step, {"compile/train_step_executables": count_compilations(train_step)}, kind="info")
