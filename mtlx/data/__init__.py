@@ -9,7 +9,7 @@
 
 Modules: tasks (TaskSpec, registry, built-in tasks), readers / conll / tfds_source (files ->
 Examples, with errors naming file and line), tokenize (Examples -> flat token arrays), mixtures
-(sampling strategies), pipeline (deterministic resumable batches, evaluation batches, prefetch),
+(sampling strategies), prepare (read + tokenize a run's tasks, cached on disk), pipeline (deterministic resumable batches, evaluation batches, prefetch),
 packing (several examples per row). The embedded real-data sample is `sample_root()`.
 """
 
@@ -18,6 +18,7 @@ from mtlx.data.mixtures import (Annealed, Mixture, Proportional, RoundRobin, Sch
                                 Temperature, Uniform, make_strategy)
 from mtlx.data.pipeline import (BatchLayout, DataIterator, EvalBatch, collate, device_put_batch,
                                 eval_batches, make_iterator, mixture_for, prefetch)
+from mtlx.data.prepare import prepare_tasks
 from mtlx.data.readers import Example, SplitData, load_split, resolve_path, sample_root
 from mtlx.data.tasks import (HEAD_KINDS, Source, SplitFile, TaskSpec, TfdsSource,
                              UnknownTaskError, get_task, list_tasks, register_task,
@@ -31,5 +32,5 @@ __all__ = [
     "Example", "SplitData", "load_split", "resolve_path", "sample_root", "HEAD_KINDS", "Source",
     "SplitFile", "TaskSpec", "TfdsSource", "UnknownTaskError", "get_task", "list_tasks",
     "register_task", "task_from_config", "text_to_text", "TokenizedSplit", "load_tokenizer", "shard_indices",
-    "tokenize_split",
+    "tokenize_split", "prepare_tasks",
 ]
