@@ -243,3 +243,27 @@ def test_iterator_errors(data, tok):
         make_iterator({t: data[t] for t in ("cola", "stsb", "ud_pos")}, mix, batch_size=8, seed=0)
     with pytest.raises(ValueError, match="do not fit the largest bucket 32"):
         make_iterator(data, mix, batch_size=8, seed=0, buckets=(16, 32))
+
+
+def test_multilabel_and_classification_share_one_layout(tmp_path, data, tok):
+    from mtlx.data import task_from_config
+    (tmp_path / "t.jsonl").write_text("\n".join(
+        f'{{"body": "text number {i}", "tags": "{tags}"}}'
+        for i, tags in enumerate(["a|c", "b", "a|b|c", "c"] * 5)) + "\n")
+    spec = task_from_config({"name": "topics", "head": "multilabel", "format": "jsonl",
+                             "files": {"train": str(tmp_path / "t.jsonl")}, "label_separator": "|",
+                             "columns": {"body": "body", "label": "tags"}, "labels": ["a", "b", "c"]})
+    topics = tokenize_split(load_split(spec, "train"), tok)
+    mixed = {"cola": data["cola"], "topics": topics}
+    it = make_iterator(mixed, mixture_for(mixed, Uniform()), batch_size=8, seed=0)
+    assert it.layout == BatchLayout(multi_label_width=3)
+    expected = {0: [1, 0, 1], 1: [0, 1, 0], 2: [1, 1, 1], 3: [0, 0, 1]}
+    for _ in range(10):
+        units = it.units_at(it.step, it.counts)
+        b = next(it)
+        for row, (t, u) in enumerate(units):
+            if t == 1:
+                assert b.multi_labels[row].tolist() == expected[int(topics.unit_example[u]) % 4]
+                assert b.labels[row] == IGNORE_INDEX
+            else:
+                assert b.multi_labels[row].tolist() == [0, 0, 0]

@@ -254,9 +254,17 @@ class Mixture:
         cdf = np.cumsum(self.probabilities(steps), axis=1)
         cdf[:, -1] = 1.0  # guard against rounding: every uniform < 1 finds a task
         ids = np.empty((num_steps, slots), np.int32)
-        # Rows sharing probabilities (every static strategy) take one vectorised searchsorted.
+        # Steps sharing probabilities (all of them for static strategies, an epoch's worth for
+        # annealed sampling) take one vectorised searchsorted per distinct distribution.
         if np.all(cdf == cdf[:1]):
             ids[:] = np.searchsorted(cdf[0], u, side="right")
+            return np.minimum(ids, t - 1)
+        distinct, which = np.unique(cdf, axis=0, return_inverse=True)
+        which = which.reshape(-1)
+        if len(distinct) <= 64:
+            for k in range(len(distinct)):
+                rows = which == k
+                ids[rows] = np.searchsorted(distinct[k], u[rows], side="right")
         else:
             for i in range(num_steps):
                 ids[i] = np.searchsorted(cdf[i], u[i], side="right")
