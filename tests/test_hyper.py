@@ -1,0 +1,509 @@
+"""Hypernetwork-generated adapters and LoRA (mtlx/peft/hyper.py).
+
+References no one here wrote: torch's linear / layer_norm and transformers' gelu_new (the ops
+hyperformer's MetaLayersAdapterController uses), Hugging Face's PyTorch BertModel, Hugging Face
+PEFT's LoRA, and the module shapes of the released HyperFormer++ code (rabeehk/hyperformer,
+adapter_modeling.AdapterLayersOneHyperNetController) for the T5-base parameter count.
+"""
+
+import dataclasses
+import math
+
+import flax.traverse_util as tu
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mtlx.batch import make_batch
+from mtlx.models import bert
+from mtlx.models.bert import BertConfig
+from mtlx.models.heads import TaskHead
+from mtlx.models.layers import Routing
+from mtlx.models.multitask import MultiTaskModel, init_params, with_backbone
+from mtlx.models.report import parameter_report
+from mtlx.peft import hyper as H
+from mtlx.train.optim import trainable_mask
+
+try:
+    from mtlx.models.t5 import T5Config
+except ImportError:  # pragma: no cover - T5 is written in parallel
+    T5Config = None
+
+ATOL = 1e-5
+BERT_TASKS = (TaskHead("cls2", "classification", 2), TaskHead("cls3", "classification", 3),
+              TaskHead("reg", "regression"))
+T5_TASKS = (TaskHead("gen", "seq2seq"), TaskHead("cls", "classification", 3),
+            TaskHead("gen2", "seq2seq"))
+B, L, LT = 7, 6, 4
+MIX = np.array([0, 1, 2, 1, 0, 2, 2])
+
+
+def tiny_bert(**kw):
+    cfg = dict(vocab_size=50, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32,
+               max_position_embeddings=32, type_vocab_size=2)
+    cfg.update(kw)
+    return BertConfig(**cfg)
+
+
+def tiny_t5(**kw):
+    if T5Config is None:
+        pytest.fail("mtlx.models.t5 is not importable")
+    cfg = dict(vocab_size=60, d_model=16, d_kv=4, d_ff=24, num_layers=2, num_decoder_layers=2,
+               num_heads=4, dropout_rate=0.1)
+    cfg.update(kw)
+    return T5Config(**cfg)
+
+
+def make_ext(kind, cfg, tasks, **kw):
+    if kind == "hyperformer++":
+        return H.hyperformer_pp(cfg, tasks, reduction_factor=4, **kw)
+    if kind == "hyperformer":
+        return H.hyperformer(cfg, tasks, reduction_factor=4, **kw)
+    return H.hyper_lora(cfg, tasks, rank=3, alpha=6.0, **kw)
+
+
+def a_batch(task_ids=MIX, seed=0, vocab=50, seq2seq=False):
+    rng = np.random.default_rng(seed)
+    b = len(task_ids)
+    lengths = rng.integers(2, L + 1, size=b)
+    mask = (np.arange(L)[None] < lengths[:, None]).astype(np.int32)
+    fields = dict(input_ids=rng.integers(2, vocab, (b, L)) * mask, attention_mask=mask,
+                  task_ids=np.asarray(task_ids))
+    if seq2seq:
+        tl = rng.integers(1, LT + 1, size=b)
+        dmask = (np.arange(LT)[None] < tl[:, None]).astype(np.int32)
+        fields.update(decoder_input_ids=rng.integers(2, vocab, (b, LT)) * dmask,
+                      decoder_attention_mask=dmask)
+    else:
+        fields["token_type_ids"] = rng.integers(0, 2, (b, L)) * mask
+    return make_batch(**fields)
+
+
+def perturbed(params, ext_name, seed=1, std=0.05):
+    """Generator params with seeded noise, so zero-initialised generators (HyperLoRA's B)
+    produce non-trivial weights."""
+    key = H.GENERATOR_PREFIX + ext_name
+    leaves, tree = jax.tree_util.tree_flatten(params[key])
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    noisy = [x + std * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]
+    return dict(params, **{key: jax.tree_util.tree_unflatten(tree, noisy)})
+
+
+def build(kind, cfg, tasks, batch, seed=0, **kw):
+    ext = make_ext(kind, cfg, tasks, **kw)
+    cfg = H.with_extension(cfg, ext)
+    model = MultiTaskModel(cfg, tasks)
+    params = perturbed(init_params(model, jax.random.key(seed), batch), ext.name)
+    return ext, cfg, model, params
+
+
+_JITTED = {}
+
+
+def generate(params, cfg):
+    return jax.jit(lambda p: H.generate(p, cfg))(params)
+
+
+def encode_bert(cfg, params, batch, generated):
+    """The BERT backbone called directly with the generated weights -> last_hidden_state."""
+    fn = jax.jit(lambda p, b, g: bert.module(cfg).apply(
+        {"params": p}, b.input_ids, b.attention_mask, b.token_type_ids,
+        routing=Routing(task_ids=b.task_ids, generated=g)).last_hidden_state)
+    return np.asarray(fn(params["backbone"], batch, generated))
+
+
+def run(model, params, batch):
+    """model.apply, jitted once per model (the models here live for the whole session)."""
+    if id(model) not in _JITTED:
+        _JITTED[id(model)] = (model, jax.jit(lambda p, b: model.apply({"params": p}, b)))
+    return _JITTED[id(model)][1](params, batch)
+
+
+# ------------------------------------------------------------------ the application math
+
+def torch_adapter(x, w, eps=1e-5):
+    """hyperformer's MetaLayersAdapterController.forward (add_layer_norm_after_adapter=True,
+    add_layer_norm_before_adapter=False) for one task, in torch. Weights in torch Linear layout."""
+    import torch
+    import torch.nn.functional as F
+    from transformers.activations import get_activation
+    t = {k: torch.as_tensor(np.array(v)) for k, v in w.items()}
+    down = F.linear(x, weight=t["down_kernel"].T, bias=t["down_bias"])
+    mid = get_activation("gelu_new")(down)
+    up = F.linear(mid, weight=t["up_kernel"].T, bias=t["up_bias"])
+    out = F.layer_norm(up, (x.shape[-1],), weight=t["ln_scale"], bias=t["ln_bias"], eps=eps)
+    return out + x
+
+
+def test_adapter_forward_matches_hyperformer_torch_math():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    b, d, m = 3, 16, 4
+    x = rng.normal(size=(b, 5, d)).astype(np.float32)
+    shapes = H.adapter_shapes(d, m)
+    w = {k: rng.normal(size=(b,) + s).astype(np.float32) for k, s in shapes.items()}
+    got = np.asarray(H.adapter_forward(jnp.asarray(x), w))
+    for i in range(b):
+        ref = torch_adapter(torch.as_tensor(x[i]), {k: v[i] for k, v in w.items()}).numpy()
+        np.testing.assert_allclose(got[i], ref, atol=ATOL, rtol=0)
+
+
+def test_generated_adapters_equal_plain_adapters_in_hf_bert(tmp_path):
+    """HyperFormer++ on a mixed batch of a converted HF BertModel equals, row by row, the HF
+    model with a plain (torch) adapter holding that row's task's generated weights, hooked
+    after each attention/FFN output dense + dropout (before the residual LayerNorm)."""
+    torch = pytest.importorskip("torch")
+    from mtlx.models import hf
+    from tests.hf_tiny import save_tiny_bert
+    path, ref_model = save_tiny_bert(tmp_path)
+    cfg, backbone = hf.load_pretrained(path)
+    batch = a_batch(vocab=cfg.vocab_size)
+    ext, cfg, model, params = build("hyperformer++", cfg, BERT_TASKS, batch)
+    params = with_backbone(params, backbone)
+    generated = generate(params, cfg)
+    ours = encode_bert(cfg, params, batch, generated)
+    gen = jax.tree_util.tree_map(np.asarray, generated[ext.name]["encoder"])
+    for t in range(len(BERT_TASKS)):
+        rows = np.flatnonzero(MIX == t)
+        handles = []
+        for i, layer in enumerate(ref_model.encoder.layer):
+            for block, module in (("attention", layer.attention.output.dropout),
+                                  ("ffn", layer.output.dropout)):
+                w = {k: v[i, t] for k, v in gen[block].items()}
+                handles.append(module.register_forward_hook(
+                    lambda mod, inp, out, w=w: torch_adapter(out, w)))
+        with torch.no_grad():
+            ref = ref_model(input_ids=torch.as_tensor(np.asarray(batch.input_ids)[rows], dtype=torch.long),
+                            attention_mask=torch.as_tensor(np.asarray(batch.attention_mask)[rows]),
+                            token_type_ids=torch.as_tensor(np.asarray(batch.token_type_ids)[rows],
+                                                           dtype=torch.long)).last_hidden_state
+        for h in handles:
+            h.remove()
+        np.testing.assert_allclose(ours[rows], ref.numpy(), atol=ATOL, rtol=0)
+
+
+def test_generated_lora_equals_peft_lora_in_hf_bert(tmp_path):
+    """HyperLoRA on a mixed batch equals, row by row, Hugging Face PEFT's LoRA (query, value)
+    on the HF BertModel with lora_A/lora_B set to that task's generated factors."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    from mtlx.models import hf
+    from tests.hf_tiny import save_tiny_bert
+    path, _ = save_tiny_bert(tmp_path)
+    cfg, backbone = hf.load_pretrained(path)
+    batch = a_batch(vocab=cfg.vocab_size)
+    ext, cfg, model, params = build("hyper_lora", cfg, BERT_TASKS, batch)
+    params = with_backbone(params, backbone)
+    generated = generate(params, cfg)
+    ours = encode_bert(cfg, params, batch, generated)
+    gen = jax.tree_util.tree_map(np.asarray, generated[ext.name]["encoder"])
+    assert np.abs(gen["attention.query"]["b"]).max() > 1e-3  # B really is non-zero here
+    for t in range(len(BERT_TASKS)):
+        import transformers
+        ref = transformers.BertModel.from_pretrained(path, attn_implementation="eager").eval()
+        lcfg = peft.LoraConfig(r=ext.rank, lora_alpha=ext.alpha, lora_dropout=0.0,
+                               target_modules=["query", "value"])
+        ref = peft.get_peft_model(ref, lcfg)
+        with torch.no_grad():
+            for i, layer in enumerate(ref.base_model.model.encoder.layer):
+                for ours_name, module in (("attention.query", layer.attention.self.query),
+                                          ("attention.value", layer.attention.self.value)):
+                    module.lora_A["default"].weight.copy_(torch.as_tensor(np.array(gen[ours_name]["a"][i, t].T)))
+                    module.lora_B["default"].weight.copy_(torch.as_tensor(np.array(gen[ours_name]["b"][i, t].T)))
+            rows = np.flatnonzero(MIX == t)
+            out = ref(input_ids=torch.as_tensor(np.asarray(batch.input_ids)[rows], dtype=torch.long),
+                      attention_mask=torch.as_tensor(np.asarray(batch.attention_mask)[rows]),
+                      token_type_ids=torch.as_tensor(np.asarray(batch.token_type_ids)[rows],
+                                                     dtype=torch.long)).last_hidden_state
+        np.testing.assert_allclose(ours[rows], out.numpy(), atol=ATOL, rtol=0)
+
+
+def test_hyperformer_pp_generator_matches_its_formula():
+    """Generated weights for (task, layer, block) = linear generators of
+    LN(W2 relu(W1 concat(task, layer, block) + b1) + b2), recomputed in numpy from the params."""
+    cfg = tiny_bert()
+    batch = a_batch()
+    ext, cfg, model, params = build("hyperformer++", cfg, BERT_TASKS, batch)
+    p = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), params[H.GENERATOR_PREFIX + ext.name])
+    gen = generate(params, cfg)[ext.name]["encoder"]
+    s = p["encoder"]
+    for t, task in enumerate(ext.tasks):
+        for layer in range(cfg.num_layers):
+            for bi, block in enumerate(H.BLOCKS):
+                z = np.concatenate([p["task_embeddings"][task]["embedding"],
+                                    s["layer_embeddings"][layer], s["block_embeddings"][bi]])
+                h = np.maximum(z @ s["mlp"]["hidden"]["kernel"] + s["mlp"]["hidden"]["bias"], 0)
+                c = h @ s["mlp"]["output"]["kernel"] + s["mlp"]["output"]["bias"]
+                c = (c - c.mean()) / np.sqrt(c.var() + ext.hyper_eps)
+                c = c * s["mlp"]["layer_norm"]["scale"] + s["mlp"]["layer_norm"]["bias"]
+                for key, shape in H.adapter_shapes(ext.d_model, ext.adapter_dim).items():
+                    g = s["generators"][key]
+                    want = (c @ g["kernel"] + g["bias"]).reshape(shape)
+                    np.testing.assert_allclose(np.asarray(gen[block][key][layer, t]), want,
+                                               atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ mixed batches
+
+def _assert_rows_match(model, params, batch, num_tasks):
+    """Each task's rows of the mixed batch give the outputs they give in a batch holding only
+    that task's rows (repeated to the same batch size, so one compiled function serves all)."""
+    out = run(model, params, batch)
+    ids = np.asarray(batch.task_ids)
+    for t in range(num_tasks):
+        rows = np.flatnonzero(ids == t)
+        alone = run(model, params, batch.select(np.resize(rows, len(ids))))
+        for key in out:
+            np.testing.assert_allclose(np.asarray(out[key])[rows], np.asarray(alone[key])[:len(rows)],
+                                       atol=ATOL, rtol=0, err_msg=f"task {t} output {key}")
+    return out
+
+
+@pytest.mark.parametrize("kind", ["hyperformer++", "hyperformer", "hyper_lora"])
+def test_mixed_batch_equals_each_task_alone_bert(kind):
+    batch = a_batch()
+    _, _, model, params = build(kind, tiny_bert(), BERT_TASKS, batch)
+    _assert_rows_match(model, params, batch, len(BERT_TASKS))
+
+
+@pytest.mark.parametrize("kind", ["hyperformer++", "hyper_lora"])
+def test_mixed_batch_equals_each_task_alone_t5_encoder_decoder(kind):
+    cfg = tiny_t5()
+    batch = a_batch(task_ids=[0, 1, 2, 1, 0, 2, 0], vocab=cfg.vocab_size, seq2seq=True)
+    kw = {} if kind == "hyperformer++" else {"targets": ("attention.query", "attention.value",
+                                                         "cross_attention.query", "ffn.output")}
+    ext, cfg, model, params = build(kind, cfg, T5_TASKS, batch, **kw)
+    assert dict(ext.stacks) == {"encoder": 2, "decoder": 2}
+    out = _assert_rows_match(model, params, batch, len(T5_TASKS))
+    # The decoder's generated weights reach the decoder: changing only the decoder's
+    # generator changes the seq2seq logits.
+    gen = H.GENERATOR_PREFIX + ext.name
+    other = jax.tree_util.tree_map(lambda x: x * 1.5 + 0.01, params[gen]["decoder"])
+    changed = run(model, dict(params, **{gen: dict(params[gen], decoder=other)}), batch)
+    assert float(jnp.abs(changed["seq2seq"] - out["seq2seq"]).max()) > 1e-3
+    np.testing.assert_array_equal(changed["pooled"], out["pooled"])  # encoder untouched
+
+
+def test_t5_classification_only_has_no_decoder_generator():
+    cfg = tiny_t5()
+    tasks = (TaskHead("a", "classification", 2), TaskHead("b", "regression"))
+    ext = H.hyperformer_pp(cfg, tasks, reduction_factor=4)
+    assert dict(ext.stacks) == {"encoder": 2}
+    model = MultiTaskModel(H.with_extension(cfg, ext), tasks)
+    batch = a_batch(task_ids=[0, 1, 1, 0], vocab=cfg.vocab_size)
+    params = init_params(model, jax.random.key(0), batch)
+    assert set(params[H.GENERATOR_PREFIX + ext.name]) == {"task_embeddings", "encoder"}
+    _assert_rows_match(model, params, batch, 2)
+
+
+def test_generate_feeds_t5_decoding_directly():
+    """`generate` gives the routing a direct backbone call needs: the seq2seq logits of the
+    multi-task model equal T5Model.decode's with Routing(generated=generate(params, cfg))."""
+    from mtlx.models.t5 import T5Model
+    cfg = tiny_t5()
+    batch = a_batch(task_ids=[0, 2, 0, 2], vocab=cfg.vocab_size, seq2seq=True)
+    ext, cfg, model, params = build("hyperformer++", cfg, T5_TASKS, batch)
+    routing = Routing(task_ids=batch.task_ids, generated=generate(params, cfg))
+    logits = T5Model(cfg).apply({"params": params["backbone"]}, batch.input_ids,
+                                batch.attention_mask, batch.decoder_input_ids,
+                                batch.decoder_attention_mask, routing=routing)
+    np.testing.assert_allclose(logits, run(model, params, batch)["seq2seq"], atol=ATOL, rtol=0)
+
+
+# ------------------------------------------------------------------ once per step
+
+class _CountingPPGenerator(H.HyperFormerPPGenerator):
+    calls = 0
+
+    def __call__(self):
+        type(self).calls += 1
+        return super().__call__()
+
+
+@dataclasses.dataclass(frozen=True)
+class _CountingPP(H.HyperFormerPP):
+    def generator(self):
+        return _CountingPPGenerator(self)
+
+
+def _dot_operand_shapes(jaxpr, out):
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            out.append(tuple(tuple(v.aval.shape) for v in eqn.invars))
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            _dot_operand_shapes(sub, out)
+    return out
+
+
+def test_weights_generated_once_per_forward_and_one_compile_for_any_mix():
+    cfg = tiny_t5()
+    ext = _CountingPP(tasks=tuple(t.name for t in T5_TASKS), d_model=cfg.d_model,
+                      stacks=(("encoder", 2), ("decoder", 2)), reduction_factor=4)
+    cfg = H.with_extension(cfg, ext)
+    model = MultiTaskModel(cfg, T5_TASKS)
+    mixes = ([0, 1, 2, 1, 0, 2, 0], [0] * 7, [2, 2, 1, 1, 1, 0, 2])
+    params = init_params(model, jax.random.key(0), a_batch(task_ids=mixes[0], vocab=60, seq2seq=True))
+    traces = []
+
+    @jax.jit
+    def step(p, b):
+        traces.append(1)
+        return jax.value_and_grad(lambda q: model.apply({"params": q}, b)["seq2seq"].sum())(p)
+
+    gen_kernel = (ext.projected_dim, ext.d_model * ext.adapter_dim)
+    for mix in mixes:
+        batch = a_batch(task_ids=mix, vocab=60, seq2seq=True)
+        _CountingPPGenerator.calls = 0
+        jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, batch)["seq2seq"])(params)
+        assert _CountingPPGenerator.calls == 1, mix
+        # The down- and up-kernel generators (both [p, d*m]) run once per stack per forward:
+        # 2 stacks x 2 products, whatever the mix of tasks in the batch.
+        gens = [s for s in _dot_operand_shapes(jaxpr.jaxpr, []) if gen_kernel in s]
+        assert len(gens) == 4, (mix, gens)
+        _, grads = jax.block_until_ready(step(params, batch))
+        # Tasks absent from the batch get no gradient on their embedding; present ones do.
+        emb = grads[H.GENERATOR_PREFIX + ext.name]["task_embeddings"]
+        for t, task in enumerate(ext.tasks):
+            assert (float(jnp.abs(emb[task]["embedding"]).max()) > 0) == (t in mix), (mix, task)
+    assert len(traces) == 1  # one trace (and compile) of the training step for all three mixes
+
+
+# ------------------------------------------------------------------ adding a task
+
+@pytest.mark.parametrize("kind", ["hyperformer++", "hyperformer", "hyper_lora"])
+def test_adding_a_task_keeps_other_tasks(kind):
+    batch = a_batch()
+    cfg = tiny_bert()
+    more = BERT_TASKS + (TaskHead("new", "classification", 2),)
+    ext, ext2 = make_ext(kind, cfg, BERT_TASKS), make_ext(kind, cfg, more)
+    c1, c2 = H.with_extension(cfg, ext), H.with_extension(cfg, ext2)
+    m1, m2 = MultiTaskModel(c1, BERT_TASKS), MultiTaskModel(c2, more)
+    p1 = init_params(m1, jax.random.key(0), batch)
+    p2 = init_params(m2, jax.random.key(0), batch)
+    f1, f2 = tu.flatten_dict(p1, sep="/"), tu.flatten_dict(p2, sep="/")
+    gen = H.GENERATOR_PREFIX + ext.name
+    assert set(f2) - set(f1) == {f"{gen}/task_embeddings/new/embedding", "heads/new/kernel",
+                                 "heads/new/bias"}
+    for k in f1:
+        np.testing.assert_array_equal(f1[k], f2[k], err_msg=k)
+    # Old tasks' generated weights and outputs do not change when a task is added.
+    g1, g2 = generate(p1, c1)[ext.name], generate(p2, c2)[ext.name]
+    for path, a in tu.flatten_dict(g1, sep="/").items():
+        b = tu.flatten_dict(g2, sep="/")[path]
+        np.testing.assert_allclose(a, b[:, :3], atol=1e-6, rtol=0, err_msg=path)  # [L, T, ...]
+    o1, o2 = run(m1, p1, batch), run(m2, p2, batch)
+    np.testing.assert_allclose(o1["regression"], o2["regression"], atol=1e-6)
+    np.testing.assert_allclose(o1["classification"], o2["classification"][:, :3], atol=1e-6)
+    np.testing.assert_allclose(o1["pooled"], o2["pooled"], atol=1e-6)
+
+
+# ------------------------------------------------------------------ what trains
+
+def test_trainable_patterns_select_hypernetworks_layer_norms_and_heads():
+    batch = a_batch()
+    ext, cfg, model, params = build("hyperformer++", tiny_bert(), BERT_TASKS, batch)
+    mask = tu.flatten_dict(trainable_mask(params, H.trainable_patterns(cfg)), sep="/")
+    on = {k for k, v in mask.items() if v}
+    gen = H.GENERATOR_PREFIX + ext.name
+    assert {k for k in mask if k.startswith(gen + "/") or k.startswith("heads/")} <= on
+    backbone_on = sorted(k for k in on if k.startswith("backbone/"))
+    assert backbone_on and all("/layer_norm/" in k for k in backbone_on)
+    # 2 layers x 2 sublayer norms + the embedding norm, scale and bias each.
+    assert len(backbone_on) == (2 * 2 + 1) * 2
+    assert not mask["backbone/layer_0/attention/query/kernel"]
+
+
+# ------------------------------------------------------------------ T5-base parameter count
+
+def t5_base():
+    return tiny_t5(vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12,
+                   num_decoder_layers=12, num_heads=12, feed_forward_proj="relu",
+                   tie_word_embeddings=True)
+
+
+GLUE8 = ("rte", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "cola")
+
+
+def released_hyperformer_pp_count(d=768, r=32, layers=(12, 12), t=64, hidden=128, p=64, tasks=8):
+    """Trainable parameters of the released HyperFormer++ (configs/hyperformer++.json on T5-base)
+    from its module definitions: per stack an AdapterLayersOneHyperNetController (layer-id and
+    block-type nn.Embeddings, TaskHyperNet 3t->hidden->p, LayerNorm(p), up/down
+    AdapterLayersHyperNet, post LayerNormHyperNet); one t-dim embedding per task."""
+    m = d // r
+    lin = lambda i, o: i * o + o  # noqa: E731  nn.Linear(i, o)
+    per_stack = lambda n: (n * t + 2 * t + lin(3 * t, hidden) + lin(hidden, p) + 2 * p  # noqa: E731
+                           + lin(p, d * m) + lin(p, d)        # up sampler: weight, bias
+                           + lin(p, m * d) + lin(p, m)        # down sampler
+                           + 2 * lin(p, d))                   # post layer norm gamma, beta
+    return sum(per_stack(n) for n in layers) + tasks * t
+
+
+def test_t5_base_hyperformer_pp_trains_0_29_percent_per_task():
+    """Karimi Mahabadi et al. 2021, Table 1: HyperFormer++ on T5-base trains 0.29% of the
+    parameters per task (hypernetworks + task embeddings + layer norms, amortised over the 8
+    GLUE tasks). Shapes only (jax.eval_shape), no weights."""
+    cfg = t5_base()
+    tasks = tuple(TaskHead(n, "seq2seq") for n in GLUE8)
+    ext = H.hyperformer_pp(cfg, tasks)
+    cfg = H.with_extension(cfg, ext)
+    model = MultiTaskModel(cfg, tasks)
+    batch = a_batch(task_ids=[0, 1], vocab=cfg.vocab_size, seq2seq=True)
+    shapes = jax.eval_shape(lambda: init_params(model, jax.random.key(0), batch))
+    trainable = trainable_mask(shapes, H.trainable_patterns(cfg, heads=False))
+    rep = parameter_report(shapes, GLUE8, trainable)
+    assert rep["backbone"] == 222_903_552  # HF t5-base (tied LM head)
+    layer_norms = (2 * 12 + 1) * 768 + (3 * 12 + 1) * 768
+    gen = tu.flatten_dict(shapes[H.GENERATOR_PREFIX + ext.name])
+    assert sum(math.prod(v.shape) for v in gen.values()) == released_hyperformer_pp_count()
+    assert rep["trainable"] == released_hyperformer_pp_count() + layer_norms
+    pct = rep["per_task"]["rte"]["trainable_pct_of_backbone"]
+    assert abs(pct - 0.29) <= 0.03, pct
+    assert all(abs(r["trainable_pct_of_backbone"] - pct) < 1e-9 for r in rep["per_task"].values())
+
+
+# ------------------------------------------------------------------ errors
+
+def test_errors_name_what_is_wrong():
+    cfg = tiny_bert()
+    with pytest.raises(ValueError, match="reduction_factor \\(32\\) must divide d_model \\(16\\)"):
+        H.hyperformer_pp(cfg, BERT_TASKS)
+    with pytest.raises(ValueError, match="repeated: \\['a'\\]"):
+        H.hyperformer(cfg, ["a", "a"], reduction_factor=4)
+    with pytest.raises(ValueError, match="tasks is empty"):
+        H.hyperformer(cfg, [], reduction_factor=4)
+    with pytest.raises(ValueError, match="activation 'tanhh'"):
+        H.hyperformer_pp(cfg, BERT_TASKS, reduction_factor=4, activation="tanhh")
+    with pytest.raises(ValueError, match="targets \\['attention.q'\\] do not exist in BertConfig"):
+        H.hyper_lora(cfg, BERT_TASKS, targets=("attention.q",))
+    with pytest.raises(ValueError, match="cross_attention.query.*do not exist"):
+        H.hyper_lora(cfg, BERT_TASKS, targets=("cross_attention.query",))
+    with pytest.raises(ValueError, match="rank must be >= 1"):
+        H.hyper_lora(cfg, BERT_TASKS, rank=0)
+    with pytest.raises(ValueError, match="has no decoder"):
+        H.hyperformer_pp(cfg, BERT_TASKS, reduction_factor=4, decoder=True)
+    ext = H.hyperformer_pp(cfg, BERT_TASKS, reduction_factor=4)
+    with_ext = H.with_extension(cfg, ext)
+    with pytest.raises(ValueError, match="already has an extension named 'hyperformer_pp'"):
+        H.with_extension(with_ext, ext)
+    with pytest.raises(ValueError, match="built for tasks \\['cls2', 'cls3', 'reg'\\] but the "
+                                         "model's tasks are \\['cls3', 'cls2', 'reg'\\]"):
+        H.check_tasks(with_ext, ["cls3", "cls2", "reg"])
+    H.check_tasks(with_ext, BERT_TASKS)
+    with pytest.raises(ValueError, match="has no hypernetwork extension"):
+        H.trainable_patterns(cfg)
+    with pytest.raises(KeyError, match="no 'generators_hyperformer_pp'"):
+        H.generate({"backbone": {}}, with_ext)
+    batch = a_batch()
+    # The backbone alone, without MultiTaskModel's generator pass.
+    with pytest.raises(ValueError, match="hyper.py: extension 'hyperformer_pp' at "
+                                         "encoder.layer0.attention found no generated weights"):
+        bert.module(with_ext).init(jax.random.key(0), batch.input_ids, batch.attention_mask,
+                                   routing=Routing(task_ids=batch.task_ids))
+    # An extension sized for fewer layers than the backbone it runs in.
+    short = H.with_extension(tiny_bert(num_layers=3),
+                             H.hyperformer_pp(cfg, BERT_TASKS, reduction_factor=4))
+    with pytest.raises(ValueError, match="generated weights for 2 layers but "
+                                         "encoder.layer2.attention is layer 2"):
+        init_params(MultiTaskModel(short, BERT_TASKS), jax.random.key(0), batch)
