@@ -20,8 +20,9 @@ def data():
 
 
 def test_first_fit():
+    # The 4th segment (4 tokens) fits in no row (8 and 5 tokens used of 8): placement stops.
     assert first_fit([5, 5, 3, 4], [0, 0, 0, 0], num_rows=2, row_len=8, max_segments=4) == \
-        [(0, 0), (1, 0), (0, 5), (1, 5)][:3] + []  # the 4th (4 tokens) fits nowhere: stop
+        [(0, 0), (1, 0), (0, 5)]
     assert first_fit([3, 3, 3], [0, 1, 0], 2, 10, 4) == [(0, 0), (1, 0), (0, 3)]  # one task a row
     assert first_fit([1, 1, 1], [0, 0, 0], 1, 10, 2) == [(0, 0), (0, 1)]          # max segments
 

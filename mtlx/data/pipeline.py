@@ -170,7 +170,7 @@ class UnitOrder:
             p, count = d.shard
             bitgen = philox(self.seed, 2, stable_hash(d.task), epoch, (count << 32) | p)
             perm = np.argsort(bitgen.random_raw(d.num_units), kind="stable").astype(np.int64)
-            # Keep the current and next epoch of each task: enough for sequential reading.
+            # Keep this epoch and the one before per task: enough for reading in step order.
             for old in [k for k in self._cache if k[0] == t and k[1] < epoch - 1]:
                 del self._cache[old]
             self._cache[key] = perm
