@@ -159,3 +159,6 @@ class AdapterSublayer(nn.Module):
         if not ext.all_active:
             out = R.keep_members(member, out, sub_out)
         return out
+
+
+METHODS = {"adapter": Adapter}

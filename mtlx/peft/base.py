@@ -150,9 +150,10 @@ class TaskExtension(Extension):
         """This method adapted to a backbone (settings that depend on the model family)."""
         return self
 
-    def task_param_scopes(self) -> Tuple[Tuple[str, ...], ...]:
-        """Paths below a node named `name` whose children are task names (checkpoint checks)."""
-        return ((),)
+    def task_param_scopes(self) -> Tuple[Tuple[Tuple[str, ...], Tuple[str, ...]], ...]:
+        """((path below a node named `name`, the names its children must include), ...): where
+        a checkpoint must hold per-task weights (registry.check_task_weights)."""
+        return (((), self.active),)
 
     def trainable_patterns(self) -> Tuple[str, ...]:
         """Regular expressions (optim.trainable_mask) over this method's trainable params."""

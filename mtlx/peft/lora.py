@@ -174,3 +174,6 @@ def unmerge_lora(merged, lora: Mapping[Tuple[str, ...], Any], ext: LoRA, task: s
 
         out = _rebuild(out, path, unmerge)
     return out
+
+
+METHODS = {"lora": LoRA}

@@ -1,0 +1,215 @@
+"""Every PEFT method, routed per example: a mixed-task batch gives each example exactly what it
+gets in a single-task batch (<= 1e-5, float32), on a tiny BERT and a tiny T5 (encoder and
+decoder), and tasks without weights get the plain model's outputs."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from mtlx.models.multitask import MultiTaskModel
+from mtlx.peft import registry
+from mtlx.peft import routing as R
+
+from tests.peft_common import (NAMES, T5_NAMES, T5_TASKS, TASKS, abstract, apply_jit, batch_for,
+                               init, outputs_of, random_params, tiny_bert, tiny_t5)
+
+# Two rows per task plus one padding row (-1); same rows, one task at a time, for comparison.
+MIXED = [0, 1, 2, 3, 2, 0, 3, 1, -1]
+T5_MIXED = [0, 4, 1, 2, 4, 3, 2, 0, 3, 1, -1]
+
+METHODS = {
+    "lora": [{"method": "lora", "rank": 2, "alpha": 4.0,
+              "targets": ["attention.query", "attention.value", "ffn.input"]}],
+    "lora_ragged": [{"method": "lora", "rank": 2, "alpha": 4.0, "impl": "ragged"}],
+    "houlsby": [{"method": "adapter", "variant": "houlsby", "reduction_factor": 4}],
+    "pfeiffer": [{"method": "adapter", "variant": "pfeiffer", "reduction_factor": 4,
+                  "impl": "ragged"}],
+    "parallel": [{"method": "adapter", "variant": "parallel", "reduction_factor": 4,
+                  "scaling": 4.0}],
+    "task_layer_norm": [{"method": "adapter", "variant": "houlsby", "reduction_factor": 4,
+                         "layer_norm": "post"}],
+    "prefix": [{"method": "prefix", "length": 3}],
+    "prompt": [{"method": "prompt", "length": 3}],
+    "compacter": [{"method": "compacter", "reduction_factor": 4, "phm_dim": 2}],
+    "compacter_per_layer": [{"method": "compacter", "reduction_factor": 2, "phm_dim": 4,
+                             "phm_rank": 2, "shared_rules": False, "layer_norm": "pre"}],
+    "ia3": [{"method": "ia3"}],
+    "fusion": [{"method": "fusion", "reduction_factor": 4, "sources": ["a", "b", "src_x"]}],
+    "combined": [{"method": "lora", "rank": 2, "tasks": ["b", "c"]},
+                 {"method": "adapter", "variant": "pfeiffer", "reduction_factor": 4},
+                 {"method": "prefix", "length": 2, "tasks": ["a"]},
+                 {"method": "ia3", "tasks": ["a", "d"]}],
+}
+# T5 also has decoder cross-attention sites.
+T5_METHODS = dict(METHODS, **{
+    "lora": [dict(METHODS["lora"][0], targets=METHODS["lora"][0]["targets"]
+                  + ["cross_attention.key", "decoder.*.cross_attention.output"])],
+    "parallel": [dict(METHODS["parallel"][0], sites=["ffn", "cross_attention"])],
+})
+# A subset of tasks own weights: the others must see the plain model.
+SUBSET = ("b", "c")
+
+
+def build(backbone, tasks, names, method_cfgs):
+    cfg = registry.attach(backbone, method_cfgs, names)
+    model = MultiTaskModel(cfg, tasks, head_dropout=0.0)
+    return model
+
+
+def compare_mixed_vs_single(model, params, mixed_ids, t5):
+    apply = jax.jit(lambda p, b: model.apply({"params": p}, b))
+    mixed = batch_for(mixed_ids, seed=1, t5=t5)
+    out = outputs_of(apply(params, mixed))
+    ids = np.asarray(mixed_ids)
+    for t in sorted(set(ids[ids >= 0].tolist())):
+        rows = np.flatnonzero(ids == t)
+        # The task's rows repeated to the mixed batch's size: same shapes, one compilation.
+        take = np.resize(rows, len(ids))
+        alone = outputs_of(apply(params, mixed.select(take)))
+        for key in out:
+            if key == "seq2seq" and t != 4:
+                continue
+            np.testing.assert_allclose(out[key][rows], alone[key][: len(rows)], atol=1e-5, rtol=0,
+                                       err_msg=f"task {t} output {key!r}")
+    return out
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_bert_mixed_batch_equals_single_task_batches(method):
+    model = build(tiny_bert(), TASKS, NAMES, METHODS[method])
+    params = random_params(model, batch_for(MIXED))
+    out = compare_mixed_vs_single(model, params, MIXED, t5=False)
+    # The method really changes the outputs (random non-zero weights).
+    plain = MultiTaskModel(tiny_bert(), TASKS, head_dropout=0.0)
+    ref = apply_jit(plain, _strip(params, plain), batch_for(MIXED, seed=1))
+    assert np.abs(out["pooled"] - ref["pooled"]).max() > 1e-3, "the method changed nothing"
+
+
+@pytest.mark.parametrize("method", ["lora", "houlsby", "prefix", "prompt", "compacter", "ia3",
+                                    "parallel", "fusion"])
+def test_t5_mixed_batch_equals_single_task_batches(method):
+    model = build(tiny_t5(), T5_TASKS, T5_NAMES, T5_METHODS[method])
+    params = random_params(model, batch_for(T5_MIXED, t5=True))
+    compare_mixed_vs_single(model, params, T5_MIXED, t5=True)
+
+
+def _strip(params, plain_model, t5=False):
+    """The params of the model without extensions (same backbone weights and heads)."""
+    import flax.traverse_util as tu
+    want = tu.flatten_dict(abstract(plain_model, batch_for(T5_MIXED if t5 else MIXED, t5=t5)), sep="/")
+    have = tu.flatten_dict(params, sep="/")
+    return tu.unflatten_dict({k: have[k] for k in want}, sep="/")
+
+
+@pytest.mark.parametrize("method", ["lora", "houlsby", "parallel", "prefix", "prompt",
+                                    "compacter", "ia3", "fusion"])
+def test_tasks_without_weights_get_the_plain_model(method):
+    cfgs = [dict(c, tasks=list(SUBSET)) for c in METHODS[method]]
+    model = build(tiny_bert(), TASKS, NAMES, cfgs)
+    params = random_params(model, batch_for(MIXED))
+    plain = MultiTaskModel(tiny_bert(), TASKS, head_dropout=0.0)
+    batch = batch_for(MIXED, seed=2)
+    out = apply_jit(model, params, batch)
+    ref = apply_jit(plain, _strip(params, plain), batch)
+    ids = np.asarray(MIXED)
+    without = np.isin(ids, [NAMES.index(t) for t in NAMES if t not in SUBSET])
+    with_w = np.isin(ids, [NAMES.index(t) for t in SUBSET])
+    np.testing.assert_allclose(out["pooled"][without], ref["pooled"][without], atol=1e-5, rtol=0)
+    assert np.abs(out["pooled"][with_w] - ref["pooled"][with_w]).max() > 1e-3
+
+
+def test_t5_encoder_tasks_without_weights_get_the_plain_model():
+    cfgs = [{"method": "lora", "rank": 2, "tasks": ["b", "gen"]},
+            {"method": "prefix", "length": 2, "tasks": ["b"]}]
+    model = build(tiny_t5(), T5_TASKS, T5_NAMES, cfgs)
+    batch = batch_for(T5_MIXED, seed=3, t5=True)
+    params = random_params(model, batch)
+    plain = MultiTaskModel(tiny_t5(), T5_TASKS, head_dropout=0.0)
+    out = apply_jit(model, params, batch)
+    ref = apply_jit(plain, _strip(params, plain, t5=True), batch)
+    rows = np.isin(np.asarray(T5_MIXED), [0, 2, 3])
+    np.testing.assert_allclose(out["pooled"][rows], ref["pooled"][rows], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(out["seq2seq"][rows], ref["seq2seq"][rows], atol=1e-5, rtol=0)
+
+
+def test_parameters_are_keyed_by_task_name():
+    model = build(tiny_bert(), TASKS, NAMES, METHODS["combined"])
+    params = abstract(model, batch_for(MIXED))
+    bb = params["backbone"]
+    assert set(bb["layer_0"]["attention"]["query"]["lora"]) == {"b", "c"}
+    assert bb["layer_0"]["attention"]["query"]["lora"]["b"]["A"].shape == (16, 2)
+    assert set(bb["layer_1"]["ffn"]["adapter"]) == set(NAMES)
+    assert bb["layer_1"]["ffn"]["adapter"]["a"]["down"]["kernel"].shape == (16, 4)
+    assert set(bb["layer_0"]["attention"]["prefix"]) == {"a"}
+    assert set(bb["layer_0"]["ffn"]["output"]["ia3"]) == {"a", "d"}
+    assert bb["layer_0"]["ffn"]["output"]["ia3"]["a"]["scale"].shape == (32,)  # FFN activations
+    assert bb["layer_0"]["attention"]["key"]["ia3"]["d"]["scale"].shape == (16,)
+
+
+def test_adding_a_task_keeps_every_other_weight():
+    import flax.traverse_util as tu
+    from mtlx.models.heads import TaskHead
+    cfgs = METHODS["combined"][:2]
+    p1 = init(build(tiny_bert(), TASKS, NAMES, cfgs), batch_for(MIXED))
+    more = TASKS + (TaskHead("e", "classification", 2),)
+    p2 = init(build(tiny_bert(), more, NAMES + ("e",), cfgs), batch_for(MIXED))
+    f1, f2 = tu.flatten_dict(p1, sep="/"), tu.flatten_dict(p2, sep="/")
+    assert set(f1) < set(f2)
+    assert all("/e/" in k or k.startswith("heads/e/") for k in set(f2) - set(f1))
+    for k in f1:
+        np.testing.assert_array_equal(f1[k], f2[k])
+
+
+# ------------------------------------------------------------------ routing functions alone
+
+@pytest.mark.parametrize("impl", R.IMPLEMENTATIONS)
+def test_routed_matmul_equals_per_example_loop(impl):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 5, 4)).astype(np.float32)
+    w = rng.normal(size=(3, 4, 7)).astype(np.float32)
+    group = np.array([2, 0, 2, 1, 0, 2])
+    got = np.asarray(R.routed_matmul(x, w, group, impl))
+    want = np.stack([x[i] @ w[g] for i, g in enumerate(group)])
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    # gradients too (the ragged path sorts and unsorts)
+    gx, gw = jax.grad(lambda a, b: (R.routed_matmul(a, b, group, impl) ** 2).sum(), (0, 1))(x, w)
+    rx, rw = jax.grad(lambda a, b: (jax.numpy.einsum("bik,bkn->bin", a, b[group]) ** 2).sum(),
+                      (0, 1))(x, w)
+    np.testing.assert_allclose(gx, rx, atol=1e-4)
+    np.testing.assert_allclose(gw, rw, atol=1e-4)
+
+
+def test_task_layer_norm_matches_numpy():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(3, 2, 8)).astype(np.float32)
+    scale, bias = rng.normal(size=(2, 8)), rng.normal(size=(2, 8))
+    group = np.array([1, 0, 1])
+    got = np.asarray(R.task_layer_norm(x, scale, bias, group, eps=1e-5))
+    mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+    want = (x - mu) / np.sqrt(var + 1e-5) * scale[group][:, None] + bias[group][:, None]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_unknown_routing_impl_is_an_error():
+    with pytest.raises(ValueError, match=r"peft\[0\]: lora.impl: unknown routing implementation"):
+        registry.build_extensions([{"method": "lora", "impl": "loop"}], NAMES)
+
+
+def test_bare_backbone_without_task_ids_is_an_error_naming_the_site():
+    from mtlx.models.bert import BertEncoder
+    cfg = registry.attach(tiny_bert(), [{"method": "lora"}], NAMES)
+    ids = np.ones((2, 5), np.int32)
+    with pytest.raises(ValueError, match=r"encoder.layer0.attention.query: no routing.task_ids"):
+        jax.eval_shape(lambda: BertEncoder(cfg).init(jax.random.key(0), ids, ids))
+    # a one-task method needs no routing
+    one = registry.attach(tiny_bert(), [{"method": "lora"}], ("only",))
+    jax.eval_shape(lambda: BertEncoder(one).init(jax.random.key(0), ids, ids))
+
+
+def test_extension_is_hashable_and_equal_by_value():
+    a = registry.build_extensions([{"method": "lora", "targets": ["attention.query"]}], NAMES)
+    b = registry.build_extensions([{"method": "lora", "targets": ("attention.query",)}], NAMES)
+    assert a == b and hash(a) == hash(b)
+    assert dataclasses.replace(a[0], rank=4) != a[0]
