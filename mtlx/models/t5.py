@@ -44,7 +44,11 @@ PREPENDED: they get zero position bias); `extend_sublayer` runs on each sublayer
 its output projection + dropout, before the residual add, with sub_in = the sublayer's input
 before its RMS norm; `extend_embeddings` runs on the encoder's token embeddings at
 ``Site('encoder', 0, 'embeddings')`` (positions it adds must also be prepended, so that the
-decoder can widen its encoder mask to match).
+decoder can widen its encoder mask to match). Extension modules are created inside the sublayer
+that calls them, so their parameters live at ``S/layer_i/{attention,cross_attention,ffn}/...``
+(projection extensions one level deeper, under the projection) and ``encoder/...`` for the
+embeddings hook. In cached decoding the attention_kv hook runs every step on the whole
+[B, max_length, H, Dh] cache buffer with the mask [B, 1, 1, max_length] of filled positions.
 
 This module implements the family contract that `mtlx.models.hf` dispatches to:
 `MODEL_TYPES`, `config_from_hf`, `config_to_hf`, `params_from_hf`, `params_to_hf`,
