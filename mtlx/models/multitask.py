@@ -12,7 +12,7 @@ task appends a name and leaves every other parameter's name and value alone.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp

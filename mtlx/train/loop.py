@@ -109,7 +109,7 @@ class RunData:
     layout: Any
 
 
-def load_data(cfg, backbone_cfg=None) -> RunData:
+def load_data(cfg, backbone_cfg=None, train: bool = True) -> RunData:
     dc = cfg.data
     specs = build_specs(cfg)
     tok_path = dc.get("tokenizer", None) or (D.sample_root() / "vocab" / "bert-base-uncased" / "vocab.txt")
@@ -119,15 +119,95 @@ def load_data(cfg, backbone_cfg=None) -> RunData:
     shard = (jax.process_index(), jax.process_count())
     root = dc.get("data_root", None)
     on_error = dc.get("on_error", "raise")
-    train, evals = {}, {}
+    train_data, evals = {}, {}
     for spec in specs:
-        split = D.load_split(spec, spec.train_split, data_root=root, on_error=on_error)
-        train[spec.name] = D.tokenize_split(split, tokenizer, shard=shard, max_length=dc.max_length)
+        if train:
+            split = D.load_split(spec, spec.train_split, data_root=root, on_error=on_error)
+            train_data[spec.name] = D.tokenize_split(split, tokenizer, shard=shard, max_length=dc.max_length)
         if spec.eval_splits:
             ev = D.load_split(spec, spec.eval_splits[0], data_root=root, on_error=on_error)
             evals[spec.name] = D.tokenize_split(ev, tokenizer, max_length=dc.max_length)
     layout = D.BatchLayout.for_heads([(s.head, s.num_labels) for s in specs])
-    return RunData(specs, train, evals, tokenizer, layout)
+    return RunData(specs, train_data, evals, tokenizer, layout)
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything a run builds from its config before the first step."""
+    cfg: Any
+    model: MultiTaskModel
+    names: list
+    run: RunData
+    iterator: Any            # the training DataIterator (None when built for evaluation only)
+    init_batch: Any
+    tx: Any
+    schedule: Any
+    state: Any               # the freshly initialised TrainState
+    backbone_cfg: Any
+    buckets: Optional[tuple]
+
+    def checkpointer(self, workdir: Path, **kwargs) -> Checkpointer:
+        return Checkpointer(Path(workdir) / "checkpoints", tasks=self.model.tasks,
+                            model_signature=signature_of(self.backbone_cfg),
+                            run_config=self.cfg.to_dict(), keep_last=self.cfg.checkpoint.keep_last,
+                            best_metric="avg", best_mode="max", **kwargs)
+
+    def eval_batches(self, task: str, task_id: int):
+        return D.eval_batches(self.run.eval[task], task_id,
+                              batch_size=self.cfg.get("eval_batch_size", self.cfg.batch_size),
+                              layout=self.run.layout, buckets=self.buckets)
+
+
+def setup(cfg, train: bool = True) -> Setup:
+    """Data, model, optimizer and initial state from a config (no device placement yet)."""
+    backbone_cfg, pretrained = build_backbone(cfg)
+    run = load_data(cfg, backbone_cfg, train=train)
+    heads = task_heads(run.specs)
+    names = [h.name for h in heads]
+    backbone_cfg = with_extensions(backbone_cfg, cfg, names)
+    model = MultiTaskModel(backbone_cfg, heads, head_dropout=cfg.model.get("head_dropout", 0.1))
+    buckets = tuple(cfg.data.buckets) if cfg.data.get("buckets", None) else None
+    it = None
+    if train:
+        mc = cfg.mixture
+        kwargs = mc.get("kwargs", None)
+        kwargs = kwargs.to_dict() if isinstance(kwargs, ml_collections.ConfigDict) else dict(kwargs or {})
+        mixture = D.mixture_for(run.train, D.make_strategy(mc.strategy, **kwargs),
+                                mixed=mc.get("mixed", True), tasks=names)
+        it = D.make_iterator(run.train, mixture, batch_size=cfg.batch_size, seed=cfg.seed, buckets=buckets)
+        init_batch = it.batch_at(0)
+    else:
+        first = next(iter(run.eval))
+        init_batch = next(iter(D.eval_batches(run.eval[first], names.index(first), batch_size=cfg.batch_size,
+                                              layout=run.layout, buckets=buckets))).batch
+    params = init_params(model, jax.random.key(cfg.seed), init_batch)
+    if pretrained is not None:
+        params = with_backbone(params, pretrained)
+    trainable = optim.trainable_mask(params, tuple(cfg.get("trainable", ()) or ()))
+    schedule = optim.make_schedule(cfg.optim)
+    tx = optim.make_optimizer(cfg.optim, params, trainable)
+    state = create_state(params, tx, jax.random.key(cfg.seed + 1))
+    return Setup(cfg, model, names, run, it, init_batch, tx, schedule, state, backbone_cfg, buckets)
+
+
+def restore_state(s: Setup, workdir: Path, which: str = "latest"):
+    """The train state saved in `workdir` ('latest', 'best' or a step number)."""
+    with s.checkpointer(workdir, read_only=True) as ckpt:
+        if which == "latest":
+            restored = ckpt.restore_latest(s.state)
+        elif which == "best":
+            restored = ckpt.restore_best(s.state)
+        else:
+            restored = ckpt.restore(int(which), s.state)
+    if restored is None:
+        raise FileNotFoundError(f"no checkpoint in {Path(workdir) / 'checkpoints'}")
+    return restored
+
+
+def print_results(results: dict, step: int) -> None:
+    if results:
+        print(M.format_metrics_table(results, title=f"per-task evaluation at step {step}"))
+        print(f"average of task scores: {E.summary_score(results):.4f}")
 
 
 # ----------------------------------------------------------------------------- the run
@@ -141,32 +221,10 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path,
     is_main = jax.process_index() == 0
     workdir.mkdir(parents=True, exist_ok=True)
 
-    backbone_cfg, pretrained = build_backbone(cfg)
-    run = load_data(cfg, backbone_cfg)
-    heads = task_heads(run.specs)
-    names = [h.name for h in heads]
-    backbone_cfg = with_extensions(backbone_cfg, cfg, names)
-    model = MultiTaskModel(backbone_cfg, heads, head_dropout=cfg.model.get("head_dropout", 0.1))
-
-    mc = cfg.mixture
-    strategy = D.make_strategy(mc.strategy, **(mc.get("kwargs", None) or ml_collections.ConfigDict()).to_dict())
-    mixture = D.mixture_for(run.train, strategy, mixed=mc.get("mixed", True), tasks=names)
-    buckets = tuple(cfg.data.buckets) if cfg.data.get("buckets", None) else None
-    it = D.make_iterator(run.train, mixture, batch_size=cfg.batch_size, seed=cfg.seed, buckets=buckets)
-
-    init_batch = it.batch_at(0)
-    params = init_params(model, jax.random.key(cfg.seed), init_batch)
-    if pretrained is not None:
-        params = with_backbone(params, pretrained)
-    trainable = optim.trainable_mask(params, tuple(cfg.get("trainable", ()) or ()))
-    schedule = optim.make_schedule(cfg.optim)
-    tx = optim.make_optimizer(cfg.optim, params, trainable)
-    state = create_state(params, tx, jax.random.key(cfg.seed + 1))
-    del params
-
-    ckpt = Checkpointer(workdir / "checkpoints", tasks=heads, model_signature=signature_of(backbone_cfg),
-                        run_config=cfg.to_dict(), keep_last=cfg.checkpoint.keep_last,
-                        best_metric="avg", best_mode="max")
+    s = setup(cfg)
+    model, names, run, it, tx, state = s.model, s.names, s.run, s.iterator, s.tx, s.state
+    init_batch = s.init_batch
+    ckpt = s.checkpointer(workdir)
     restored = ckpt.restore_latest(state, allow_new_tasks=cfg.get("allow_new_tasks", False))
     if restored is not None:
         state = restored.state
@@ -177,7 +235,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path,
     mesh = sharding.make_mesh(cfg.get("mesh", None) and cfg.mesh.to_dict())
     abstract_state = jax.eval_shape(lambda s: s, state)
     step_fn = make_train_step(model, tx, task_weights=cfg.get("task_weights", None),
-                              accum_steps=cfg.optim.get("accum_steps", 1), schedule=schedule)
+                              accum_steps=cfg.optim.get("accum_steps", 1), schedule=s.schedule)
     train_step, state_sh = sharding.jit_train_step(step_fn, mesh, abstract_state, init_batch,
                                                    donate=True)
     state = jax.device_put(state, state_sh)
@@ -195,14 +253,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path,
             return distributed.global_batch(mesh, batch.select(rows), batch.batch_size)
         return jax.device_put(batch, sharding.batch_sharding(mesh, batch))
 
-    eval_bs = cfg.get("eval_batch_size", cfg.batch_size)
-
-    def make_batches(task, task_id):
-        return D.eval_batches(run.eval[task], task_id, batch_size=eval_bs, layout=run.layout,
-                              buckets=buckets)
-
     def run_eval(params):
-        return E.evaluate_tasks(eval_step, params, run.specs, run.eval, make_batches, place_eval,
+        return E.evaluate_tasks(eval_step, params, run.specs, run.eval, s.eval_batches, place_eval,
                                 max_batches=cfg.get("eval_max_batches", None))
 
     logger = RunLogger(workdir, enabled=is_main)
@@ -285,8 +337,6 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path,
         logger.plot()
         logger.close()
         atomic_write_text(workdir / "eval_results.json", json.dumps(results, indent=2, sort_keys=True))
-        if results:
-            print(M.format_metrics_table(results, title=f"per-task evaluation at step {final_step}"))
-            print(f"average of task scores: {E.summary_score(results):.4f}   "
-                  f"(train step compiled {count_compilations(train_step)} time(s))")
+        print_results(results, final_step)
+        print(f"train step compiled {count_compilations(train_step)} time(s)")
     return (results, state) if return_state else results

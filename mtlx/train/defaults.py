@@ -1,0 +1,88 @@
+"""The base ConfigDict every config in configs/ starts from; every field is commented.
+
+Configs override what differs (`c = base_config(); c.tasks = (...)`), so a field exists in one
+place and the override checker (mtlx.train.config) knows every key.
+"""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0                       # everything random derives from it (init, dropout, data order)
+    # Registered task names (mtlx.data.list_tasks()) or dicts declaring a task from a file.
+    c.tasks = ("cola", "sst2")
+
+    c.data = ml_collections.ConfigDict()
+    c.data.data_root = None          # None: the sample shipped in mtlx/data/sample; else a folder
+                                     # with glue/<Task>/*.tsv and ud_english_ewt/*.conllu
+    c.data.tokenizer = None          # None: the bert-base-uncased vocab in the sample; else a
+                                     # vocab file or a tokenizer directory
+    c.data.max_length = 128          # truncation length (tokens)
+    c.data.buckets = (64, 128)       # static padded lengths: one compilation per bucket
+    c.data.on_error = "raise"        # or 'skip': skip malformed rows and report counts
+
+    c.mixture = ml_collections.ConfigDict()
+    c.mixture.strategy = "temperature"   # proportional|uniform|temperature|annealed|round_robin
+    c.mixture.kwargs = ml_collections.ConfigDict({"temperature": 2.0})
+    c.mixture.mixed = True           # mixed-task batches (False: one task per batch)
+
+    c.model = ml_collections.ConfigDict()
+    c.model.family = "bert"          # bert | t5 (used when no checkpoint is given)
+    c.model.checkpoint = None        # a local Hugging Face model directory (config.json + weights)
+    c.model.config = ml_collections.ConfigDict(dict(   # architecture when training from scratch
+        vocab_size=30522, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
+        max_position_embeddings=512, type_vocab_size=2))
+    c.model.dtype = "float32"        # compute dtype; 'bfloat16' keeps fp32 master weights
+    c.model.attention_impl = None    # None|'xla'|'cudnn'
+    c.model.head_dropout = 0.1
+    c.model.hidden_dropout = None    # override the backbone's dropout (None: keep)
+
+    c.peft = ml_collections.ConfigDict()
+    c.peft.methods = ()              # e.g. ({'method': 'adapter', 'variant': 'houlsby'},)
+    c.trainable = ()                 # regexes over parameter paths; () = everything trains
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.optimizer = "adamw"      # adamw | adafactor | sgd
+    c.optim.learning_rate = 2e-5
+    c.optim.warmup_steps = 500
+    c.optim.num_train_steps = 20000
+    c.optim.schedule = "linear"      # constant | linear | cosine (after warmup)
+    c.optim.weight_decay = 0.01
+    c.optim.grad_clip_norm = 1.0
+    c.optim.accum_steps = 1          # gradient accumulation microbatches per step
+
+    c.batch_size = 32                # global batch (all processes together)
+    c.task_weights = None            # static per-task loss weights (None = 1 each)
+    c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+
+    c.log_every = 50                 # steps between train-metric logs
+    c.eval_every = 1000              # steps between evaluations (and the end)
+    c.eval_batch_size = 64
+    c.eval_max_batches = None        # cap evaluation batches per task (None = whole split)
+    c.checkpoint = ml_collections.ConfigDict({"every": 1000, "keep_last": 2})
+    c.allow_new_tasks = False        # resume a workdir whose checkpoint lacks some tasks
+
+    # Multi-host (see README): explicit coordinator, or distributed='auto' on TPU/SLURM.
+    c.distributed = "none"
+    c.coordinator_address = None
+    c.num_processes = None
+    c.process_id = None
+    return c
+
+
+def tiny_local(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The ':local' variant of any config: same experiment, tiny model, a few steps, CPU."""
+    c.optim.num_train_steps = 6
+    c.optim.warmup_steps = 2
+    c.optim.learning_rate = 1e-3
+    c.log_every = 2
+    c.eval_every = 6
+    c.eval_max_batches = 1
+    c.checkpoint.every = 3
+    c.batch_size = 16
+    c.data.data_root = None
+    c.data.max_length = 64
+    c.data.buckets = (32, 64)
+    c.model.checkpoint = None
+    return c

@@ -1,0 +1,108 @@
+#!/usr/bin/env python
+"""Predict with a trained multi-task model: one JSONL file, any mix of tasks.
+
+    python scripts/predict.py --config configs/demo.py --workdir DIR --input in.jsonl --output out.jsonl
+
+Each input line names its task and gives the task's text fields, e.g.
+    {"task": "sst2", "sentence": "a gorgeous film"}
+    {"task": "mrpc", "sentence1": "...", "sentence2": "..."}
+    {"task": "ud_pos", "tokens": ["The", "cat", "sat"]}
+Each output line repeats the input with "prediction" added: the label name (classification),
+the value (regression), or one tag per word (token classification).
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from mtlx.train.config import ConfigError, apply_overrides, load_config  # noqa: E402
+
+
+def read_requests(path: Path, specs: dict) -> dict:
+    """{task: [(line number, record)]}; errors name the file and line."""
+    by_task = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"{path}:{n}: not valid JSON ({e.msg})")
+        task = rec.get("task")
+        if task not in specs:
+            raise SystemExit(f"{path}:{n}: unknown task {task!r}; this model's tasks: {sorted(specs)}")
+        by_task.setdefault(task, []).append((n, rec))
+    return by_task
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--input", required=True)
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--checkpoint", default="latest")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        cfg = apply_overrides(load_config(args.config), overrides)
+    except ConfigError as e:
+        parser.error(str(e))
+    import jax
+    import numpy as np
+    from mtlx import data as D
+    from mtlx.data.errors import ReadReport
+    from mtlx.train.loop import restore_state, setup
+    from mtlx.train.step import make_eval_step
+
+    s = setup(cfg, train=False)
+    params = restore_state(s, Path(args.workdir), args.checkpoint).state.params
+    eval_step = jax.jit(make_eval_step(s.model))
+    specs = {sp.name: sp for sp in s.run.specs}
+    requests = read_requests(Path(args.input), specs)
+    outputs = {}
+    for task, recs in requests.items():
+        spec = specs[task]
+        if spec.head not in ("classification", "regression", "token_classification"):
+            raise SystemExit(f"task {task!r}: prediction for head {spec.head!r} is not supported yet")
+        examples = []
+        for n, rec in recs:
+            if spec.head == "token_classification":
+                texts = tuple(rec.get("tokens") or ())
+            else:
+                texts = tuple(rec.get(f) for f in spec.text_fields)
+            if not texts or any(t is None or not str(t).strip() for t in texts):
+                raise SystemExit(f"{args.input}:{n}: task {task!r} needs fields {list(spec.text_fields)}")
+            kwargs = dict(texts=texts, line=n)
+            if spec.head == "token_classification":
+                kwargs["tags"] = (0,) * len(texts)  # placeholder labels, never read
+            examples.append(D.Example(**kwargs))
+        split = D.SplitData(task=spec, split="predict", examples=examples,
+                            report=ReadReport(path=args.input, task=task, rows_read=len(examples)),
+                            path=args.input, labelled=spec.head == "token_classification")
+        tok = D.tokenize_split(split, s.run.tokenizer, max_length=cfg.data.max_length)
+        task_id = s.names.index(task)
+        for eb in D.eval_batches(tok, task_id, batch_size=cfg.get("eval_batch_size", 32),
+                                 layout=s.run.layout, buckets=s.buckets):
+            preds, _, _ = jax.device_get(eval_step(params, eb.batch))
+            for row, ex in zip(np.asarray(eb.row_index), np.asarray(eb.example_index)):
+                if ex < 0:
+                    continue
+                n, rec = recs[ex]
+                if spec.head == "classification":
+                    value = spec.labels[int(preds["classification"][row])]
+                elif spec.head == "regression":
+                    value = float(preds["regression"][row])
+                else:
+                    first = np.asarray(eb.batch.token_labels)[row] >= 0  # first subword of each word
+                    value = [spec.labels[int(t)] for t in preds["token_classification"][row][first]]
+                outputs[n] = dict(rec, prediction=value)
+    with open(args.output, "w", encoding="utf-8") as f:
+        for n in sorted(outputs):
+            f.write(json.dumps(outputs[n]) + "\n")
+    print(f"wrote {len(outputs)} predictions to {args.output}")
+
+
+if __name__ == "__main__":
+    main()
