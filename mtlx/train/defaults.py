@@ -40,7 +40,9 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.peft = ml_collections.ConfigDict()
     c.peft.methods = ()              # e.g. ({'method': 'adapter', 'variant': 'houlsby'},)
-    c.trainable = ()                 # regexes over parameter paths; () = everything trains
+    c.trainable = ()                 # regexes over parameter paths that train; () = the default:
+                                     # everything, or with PEFT methods their own parameters +
+                                     # heads + layer norms; ('.*',) trains everything always
 
     c.optim = ml_collections.ConfigDict()
     c.optim.optimizer = "adamw"      # adamw | adafactor | sgd

@@ -77,14 +77,23 @@ def build_backbone(cfg):
 
 
 def with_extensions(backbone_cfg, cfg, task_names):
-    """Attaches PEFT extensions from config.peft (mtlx.peft), if any."""
+    """Attaches PEFT extensions from config.peft.methods (mtlx.peft registry), if any."""
     peft = cfg.get("peft", None)
-    methods = [] if peft is None else list(peft.get("methods", ()))
+    methods = [] if peft is None else list(peft.get("methods", ()) or ())
     if not methods:
         return backbone_cfg
     from mtlx.peft import registry
-    exts = registry.build_extensions(methods, task_names)
-    return dataclasses.replace(backbone_cfg, extensions=tuple(exts))
+    return registry.attach(backbone_cfg, methods, task_names, key="config.peft.methods")
+
+
+def trainable_patterns(cfg, backbone_cfg) -> tuple:
+    """config.trainable, or by default: everything (no PEFT) / the PEFT methods' own parameters
+    + task heads + the backbone's layer norms (mtlx.peft.registry.trainable_patterns)."""
+    explicit = tuple(cfg.get("trainable", ()) or ())
+    if explicit or not getattr(backbone_cfg, "extensions", ()):
+        return explicit
+    from mtlx.peft import registry
+    return tuple(registry.trainable_patterns(backbone_cfg))
 
 
 def signature_of(backbone_cfg) -> dict:
@@ -183,7 +192,7 @@ def setup(cfg, train: bool = True) -> Setup:
     params = init_params(model, jax.random.key(cfg.seed), init_batch)
     if pretrained is not None:
         params = with_backbone(params, pretrained)
-    trainable = optim.trainable_mask(params, tuple(cfg.get("trainable", ()) or ()))
+    trainable = optim.trainable_mask(params, trainable_patterns(cfg, backbone_cfg))
     schedule = optim.make_schedule(cfg.optim)
     tx = optim.make_optimizer(cfg.optim, params, trainable)
     state = create_state(params, tx, jax.random.key(cfg.seed + 1))
