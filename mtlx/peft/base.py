@@ -7,9 +7,10 @@ other tasks pass through unchanged (zero delta). Parameters are keyed by task na
 method's name at the site, e.g. ``layer_0/attention/query/lora/{task}/A``.
 
 Target patterns name sites (mtlx.models.layers): a pattern matches a site when it matches
-the site's full name ``{stack}.layer{i}.{name}`` or its tail, with shell wildcards
-(fnmatch): 'attention.query' is every self-attention query projection, 'encoder.*.ffn' the
-encoder's feed-forward sublayers, 'decoder.layer[0-3].attention.value' four decoder layers.
+the site's full name ``{stack}.layer{i}.{name}`` or a dot-separated tail of it (as PEFT's
+target_modules match module names), with shell wildcards (fnmatch): 'attention.query' is
+every self-attention query projection, 'query' also the cross-attention ones, 'encoder.*.ffn'
+the encoder's feed-forward sublayers, 'decoder.layer[0-3].attention.value' four decoder layers.
 """
 
 from __future__ import annotations
