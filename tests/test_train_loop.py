@@ -146,3 +146,13 @@ def test_evaluate_and_predict_scripts(uninterrupted, tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "predict.py"), *common, "--input", str(bad),
                         "--output", str(pred)], capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert r.returncode != 0 and "bad.jsonl:1: unknown task 'nope'" in r.stderr
+
+
+@pytest.mark.parametrize("name", ["glue_shared_encoder", "glue_adapters", "glue_hyperformerpp"])
+def test_config_local_variants_train(name, tmp_path):
+    cfg = load_config(str(ROOT / "configs" / f"{name}.py") + ":local")
+    full = load_config(str(ROOT / "configs" / f"{name}.py"))
+    assert len(full.tasks) == 8 and full.optim.num_train_steps > 1000  # the real experiment
+    results = train_and_evaluate(cfg, tmp_path, progress=False)
+    assert set(results) == set(cfg.tasks)
+    assert all(np.isfinite(r["loss"]) for r in results.values())
