@@ -24,6 +24,8 @@ from mtlx.models.layers import Routing
 from mtlx.models.multitask import MultiTaskModel, init_params, with_backbone
 from mtlx.models.report import parameter_report
 from mtlx.peft import hyper as H
+from mtlx.peft import registry
+from mtlx.peft.adapters import bottleneck_delta
 from mtlx.train.optim import trainable_mask
 
 try:
@@ -56,12 +58,18 @@ def tiny_t5(**kw):
     return T5Config(**cfg)
 
 
-def make_ext(kind, cfg, tasks, **kw):
-    if kind == "hyperformer++":
-        return H.hyperformer_pp(cfg, tasks, reduction_factor=4, **kw)
-    if kind == "hyperformer":
-        return H.hyperformer(cfg, tasks, reduction_factor=4, **kw)
-    return H.hyper_lora(cfg, tasks, rank=3, alpha=6.0, **kw)
+def names(tasks):
+    return tuple(t.name for t in tasks)
+
+
+def make_ext(kind, cfg, task_heads, **kw):
+    """The method built directly and bound to the backbone (registry.attach is tested too)."""
+    kw = dict({"rank": 3, "alpha": 6.0} if kind == "hyper_lora" else {"reduction_factor": 4}, **kw)
+    return H.METHODS[kind](task_names=names(task_heads), **kw).bind(cfg)
+
+
+def attach(cfg, ext):
+    return dataclasses.replace(cfg, extensions=tuple(cfg.extensions) + (ext,))
 
 
 def a_batch(task_ids=MIX, seed=0, vocab=50, seq2seq=False):
@@ -91,10 +99,10 @@ def perturbed(params, ext_name, seed=1, std=0.05):
     return dict(params, **{key: jax.tree_util.tree_unflatten(tree, noisy)})
 
 
-def build(kind, cfg, tasks, batch, seed=0, **kw):
-    ext = make_ext(kind, cfg, tasks, **kw)
-    cfg = H.with_extension(cfg, ext)
-    model = MultiTaskModel(cfg, tasks)
+def build(kind, cfg, task_heads, batch, seed=0, **kw):
+    ext = make_ext(kind, cfg, task_heads, **kw)
+    cfg = attach(cfg, ext)
+    model = MultiTaskModel(cfg, task_heads)
     params = perturbed(init_params(model, jax.random.key(seed), batch), ext.name)
     return ext, cfg, model, params
 
@@ -129,25 +137,30 @@ def torch_adapter(x, w, eps=1e-5):
     import torch
     import torch.nn.functional as F
     from transformers.activations import get_activation
-    t = {k: torch.as_tensor(np.array(v)) for k, v in w.items()}
-    down = F.linear(x, weight=t["down_kernel"].T, bias=t["down_bias"])
+    t = jax.tree_util.tree_map(lambda v: torch.as_tensor(np.array(v)), w)
+    down = F.linear(x, weight=t["down"]["kernel"].T, bias=t["down"]["bias"])
     mid = get_activation("gelu_new")(down)
-    up = F.linear(mid, weight=t["up_kernel"].T, bias=t["up_bias"])
-    out = F.layer_norm(up, (x.shape[-1],), weight=t["ln_scale"], bias=t["ln_bias"], eps=eps)
+    up = F.linear(mid, weight=t["up"]["kernel"].T, bias=t["up"]["bias"])
+    out = F.layer_norm(up, (x.shape[-1],), weight=t["norm"]["scale"], bias=t["norm"]["bias"], eps=eps)
     return out + x
 
 
-def test_adapter_forward_matches_hyperformer_torch_math():
+def test_adapter_math_matches_hyperformer_torch_math():
+    """x + bottleneck_delta(x, generated, layer_norm='post', gelu_new) is hyperformer's adapter."""
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(0)
-    b, d, m = 3, 16, 4
-    x = rng.normal(size=(b, 5, d)).astype(np.float32)
-    shapes = H.adapter_shapes(d, m)
-    w = {k: rng.normal(size=(b,) + s).astype(np.float32) for k, s in shapes.items()}
-    got = np.asarray(H.adapter_forward(jnp.asarray(x), w))
-    for i in range(b):
-        ref = torch_adapter(torch.as_tensor(x[i]), {k: v[i] for k, v in w.items()}).numpy()
-        np.testing.assert_allclose(got[i], ref, atol=ATOL, rtol=0)
+    g, d, m = 3, 16, 4
+    x = rng.normal(size=(5, 6, d)).astype(np.float32)
+    group = np.array([2, 0, 1, 2, 2])
+    w = {}
+    for (k, leaf), shape in H.adapter_shapes(d, m).items():
+        w.setdefault(k, {})[leaf] = rng.normal(size=(g,) + shape).astype(np.float32)
+    got = np.asarray(x + bottleneck_delta(jnp.asarray(x), w, jnp.asarray(group),
+                                          activation="gelu_new", layer_norm="post"))
+    for i, t in enumerate(group):
+        one = jax.tree_util.tree_map(lambda v: v[t], w)
+        np.testing.assert_allclose(got[i], torch_adapter(torch.as_tensor(x[i]), one).numpy(),
+                                   atol=ATOL, rtol=0)
 
 
 def test_generated_adapters_equal_plain_adapters_in_hf_bert(tmp_path):
@@ -171,7 +184,7 @@ def test_generated_adapters_equal_plain_adapters_in_hf_bert(tmp_path):
         for i, layer in enumerate(ref_model.encoder.layer):
             for block, module in (("attention", layer.attention.output.dropout),
                                   ("ffn", layer.output.dropout)):
-                w = {k: v[i, t] for k, v in gen[block].items()}
+                w = jax.tree_util.tree_map(lambda v, i=i: v[i, t], gen[block])
                 handles.append(module.register_forward_hook(
                     lambda mod, inp, out, w=w: torch_adapter(out, w)))
         with torch.no_grad():
@@ -199,7 +212,7 @@ def test_generated_lora_equals_peft_lora_in_hf_bert(tmp_path):
     generated = generate(params, cfg)
     ours = encode_bert(cfg, params, batch, generated)
     gen = jax.tree_util.tree_map(np.asarray, generated[ext.name]["encoder"])
-    assert np.abs(gen["attention.query"]["b"]).max() > 1e-3  # B really is non-zero here
+    assert np.abs(gen["attention.query"]["B"]).max() > 1e-3  # B really is non-zero here
     for t in range(len(BERT_TASKS)):
         import transformers
         ref = transformers.BertModel.from_pretrained(path, attn_implementation="eager").eval()
@@ -210,8 +223,8 @@ def test_generated_lora_equals_peft_lora_in_hf_bert(tmp_path):
             for i, layer in enumerate(ref.base_model.model.encoder.layer):
                 for ours_name, module in (("attention.query", layer.attention.self.query),
                                           ("attention.value", layer.attention.self.value)):
-                    module.lora_A["default"].weight.copy_(torch.as_tensor(np.array(gen[ours_name]["a"][i, t].T)))
-                    module.lora_B["default"].weight.copy_(torch.as_tensor(np.array(gen[ours_name]["b"][i, t].T)))
+                    module.lora_A["default"].weight.copy_(torch.as_tensor(np.array(gen[ours_name]["A"][i, t].T)))
+                    module.lora_B["default"].weight.copy_(torch.as_tensor(np.array(gen[ours_name]["B"][i, t].T)))
             rows = np.flatnonzero(MIX == t)
             out = ref(input_ids=torch.as_tensor(np.asarray(batch.input_ids)[rows], dtype=torch.long),
                       attention_mask=torch.as_tensor(np.asarray(batch.attention_mask)[rows]),
@@ -229,7 +242,7 @@ def test_hyperformer_pp_generator_matches_its_formula():
     p = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), params[H.GENERATOR_PREFIX + ext.name])
     gen = generate(params, cfg)[ext.name]["encoder"]
     s = p["encoder"]
-    for t, task in enumerate(ext.tasks):
+    for t, task in enumerate(ext.active):
         for layer in range(cfg.num_layers):
             for bi, block in enumerate(H.BLOCKS):
                 z = np.concatenate([p["task_embeddings"][task]["embedding"],
@@ -238,10 +251,10 @@ def test_hyperformer_pp_generator_matches_its_formula():
                 c = h @ s["mlp"]["output"]["kernel"] + s["mlp"]["output"]["bias"]
                 c = (c - c.mean()) / np.sqrt(c.var() + ext.hyper_eps)
                 c = c * s["mlp"]["layer_norm"]["scale"] + s["mlp"]["layer_norm"]["bias"]
-                for key, shape in H.adapter_shapes(ext.d_model, ext.adapter_dim).items():
-                    g = s["generators"][key]
+                for (k, leaf), shape in H.adapter_shapes(ext.d_model, ext.adapter_dim).items():
+                    g = s["generators"][f"{k}_{leaf}"]
                     want = (c @ g["kernel"] + g["bias"]).reshape(shape)
-                    np.testing.assert_allclose(np.asarray(gen[block][key][layer, t]), want,
+                    np.testing.assert_allclose(np.asarray(gen[block][k][leaf][layer, t]), want,
                                                atol=1e-5, rtol=1e-5)
 
 
@@ -289,9 +302,9 @@ def test_mixed_batch_equals_each_task_alone_t5_encoder_decoder(kind):
 def test_t5_classification_only_has_no_decoder_generator():
     cfg = tiny_t5()
     tasks = (TaskHead("a", "classification", 2), TaskHead("b", "regression"))
-    ext = H.hyperformer_pp(cfg, tasks, reduction_factor=4)
+    ext = make_ext("hyperformer++", cfg, tasks, decoder=False)
     assert dict(ext.stacks) == {"encoder": 2}
-    model = MultiTaskModel(H.with_extension(cfg, ext), tasks)
+    model = MultiTaskModel(attach(cfg, ext), tasks)
     batch = a_batch(task_ids=[0, 1, 1, 0], vocab=cfg.vocab_size)
     params = init_params(model, jax.random.key(0), batch)
     assert set(params[H.GENERATOR_PREFIX + ext.name]) == {"task_embeddings", "encoder"}
@@ -322,7 +335,7 @@ class _CountingPPGenerator(H.HyperFormerPPGenerator):
         return super().__call__()
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class _CountingPP(H.HyperFormerPP):
     def generator(self):
         return _CountingPPGenerator(self)
@@ -339,9 +352,9 @@ def _dot_operand_shapes(jaxpr, out):
 
 def test_weights_generated_once_per_forward_and_one_compile_for_any_mix():
     cfg = tiny_t5()
-    ext = _CountingPP(tasks=tuple(t.name for t in T5_TASKS), d_model=cfg.d_model,
-                      stacks=(("encoder", 2), ("decoder", 2)), reduction_factor=4)
-    cfg = H.with_extension(cfg, ext)
+    ext = _CountingPP(task_names=names(T5_TASKS), reduction_factor=4).bind(cfg)
+    assert ext.stacks == (("encoder", 2), ("decoder", 2))
+    cfg = attach(cfg, ext)
     model = MultiTaskModel(cfg, T5_TASKS)
     mixes = ([0, 1, 2, 1, 0, 2, 0], [0] * 7, [2, 2, 1, 1, 1, 0, 2])
     params = init_params(model, jax.random.key(0), a_batch(task_ids=mixes[0], vocab=60, seq2seq=True))
@@ -365,7 +378,7 @@ def test_weights_generated_once_per_forward_and_one_compile_for_any_mix():
         _, grads = jax.block_until_ready(step(params, batch))
         # Tasks absent from the batch get no gradient on their embedding; present ones do.
         emb = grads[H.GENERATOR_PREFIX + ext.name]["task_embeddings"]
-        for t, task in enumerate(ext.tasks):
+        for t, task in enumerate(ext.active):
             assert (float(jnp.abs(emb[task]["embedding"]).max()) > 0) == (t in mix), (mix, task)
     assert len(traces) == 1  # one trace (and compile) of the training step for all three mixes
 
@@ -378,7 +391,7 @@ def test_adding_a_task_keeps_other_tasks(kind):
     cfg = tiny_bert()
     more = BERT_TASKS + (TaskHead("new", "classification", 2),)
     ext, ext2 = make_ext(kind, cfg, BERT_TASKS), make_ext(kind, cfg, more)
-    c1, c2 = H.with_extension(cfg, ext), H.with_extension(cfg, ext2)
+    c1, c2 = attach(cfg, ext), attach(cfg, ext2)
     m1, m2 = MultiTaskModel(c1, BERT_TASKS), MultiTaskModel(c2, more)
     p1 = init_params(m1, jax.random.key(0), batch)
     p2 = init_params(m2, jax.random.key(0), batch)
@@ -401,10 +414,16 @@ def test_adding_a_task_keeps_other_tasks(kind):
 
 # ------------------------------------------------------------------ what trains
 
-def test_trainable_patterns_select_hypernetworks_layer_norms_and_heads():
+def test_registry_builds_it_and_trains_hypernetworks_layer_norms_and_heads():
     batch = a_batch()
-    ext, cfg, model, params = build("hyperformer++", tiny_bert(), BERT_TASKS, batch)
-    mask = tu.flatten_dict(trainable_mask(params, H.trainable_patterns(cfg)), sep="/")
+    cfg = registry.attach(tiny_bert(), [{"method": "hyperformer++", "reduction_factor": 4}],
+                          names(BERT_TASKS))
+    (ext,) = cfg.extensions
+    assert isinstance(ext, H.HyperFormerPP) and ext.stacks == (("encoder", 2),) and ext.d_model == 16
+    registry.check_task_order(cfg, names(BERT_TASKS))
+    model = MultiTaskModel(cfg, BERT_TASKS)
+    params = init_params(model, jax.random.key(0), batch)
+    mask = tu.flatten_dict(trainable_mask(params, registry.trainable_patterns(cfg)), sep="/")
     on = {k for k, v in mask.items() if v}
     gen = H.GENERATOR_PREFIX + ext.name
     assert {k for k in mask if k.startswith(gen + "/") or k.startswith("heads/")} <= on
@@ -446,12 +465,14 @@ def test_t5_base_hyperformer_pp_trains_0_29_percent_per_task():
     GLUE tasks). Shapes only (jax.eval_shape), no weights."""
     cfg = t5_base()
     tasks = tuple(TaskHead(n, "seq2seq") for n in GLUE8)
-    ext = H.hyperformer_pp(cfg, tasks)
-    cfg = H.with_extension(cfg, ext)
+    cfg = registry.attach(cfg, [{"method": "hyperformer++"}], GLUE8)  # the paper's defaults
+    (ext,) = cfg.extensions
+    assert (ext.reduction_factor, ext.task_embedding_dim, ext.layer_embedding_dim,
+            ext.block_embedding_dim, ext.hidden_dim, ext.projected_dim) == (32, 64, 64, 64, 128, 64)
     model = MultiTaskModel(cfg, tasks)
     batch = a_batch(task_ids=[0, 1], vocab=cfg.vocab_size, seq2seq=True)
     shapes = jax.eval_shape(lambda: init_params(model, jax.random.key(0), batch))
-    trainable = trainable_mask(shapes, H.trainable_patterns(cfg, heads=False))
+    trainable = trainable_mask(shapes, registry.trainable_patterns(cfg, heads=False))
     rep = parameter_report(shapes, GLUE8, trainable)
     assert rep["backbone"] == 222_903_552  # HF t5-base (tied LM head)
     layer_norms = (2 * 12 + 1) * 768 + (3 * 12 + 1) * 768
@@ -467,43 +488,63 @@ def test_t5_base_hyperformer_pp_trains_0_29_percent_per_task():
 
 def test_errors_name_what_is_wrong():
     cfg = tiny_bert()
-    with pytest.raises(ValueError, match="reduction_factor \\(32\\) must divide d_model \\(16\\)"):
-        H.hyperformer_pp(cfg, BERT_TASKS)
-    with pytest.raises(ValueError, match="repeated: \\['a'\\]"):
-        H.hyperformer(cfg, ["a", "a"], reduction_factor=4)
-    with pytest.raises(ValueError, match="tasks is empty"):
-        H.hyperformer(cfg, [], reduction_factor=4)
-    with pytest.raises(ValueError, match="activation 'tanhh'"):
-        H.hyperformer_pp(cfg, BERT_TASKS, reduction_factor=4, activation="tanhh")
-    with pytest.raises(ValueError, match="targets \\['attention.q'\\] do not exist in BertConfig"):
-        H.hyper_lora(cfg, BERT_TASKS, targets=("attention.q",))
-    with pytest.raises(ValueError, match="cross_attention.query.*do not exist"):
-        H.hyper_lora(cfg, BERT_TASKS, targets=("cross_attention.query",))
-    with pytest.raises(ValueError, match="rank must be >= 1"):
-        H.hyper_lora(cfg, BERT_TASKS, rank=0)
-    with pytest.raises(ValueError, match="has no decoder"):
-        H.hyperformer_pp(cfg, BERT_TASKS, reduction_factor=4, decoder=True)
-    ext = H.hyperformer_pp(cfg, BERT_TASKS, reduction_factor=4)
-    with_ext = H.with_extension(cfg, ext)
-    with pytest.raises(ValueError, match="already has an extension named 'hyperformer_pp'"):
-        H.with_extension(with_ext, ext)
+    pp = H.HyperFormerPP
+    with pytest.raises(ValueError, match="hyperformer\\+\\+.reduction_factor \\(32\\) must divide "
+                                         "d_model \\(16\\)"):
+        pp(task_names=("a",)).bind(cfg)
+    with pytest.raises(ValueError, match="task_names repeats \\['a'\\]"):
+        H.HyperFormer(task_names=("a", "a"))
+    with pytest.raises(ValueError, match="hyperformer\\+\\+.activation: unknown activation 'tanhh'"):
+        pp(task_names=("a",), activation="tanhh")
+    with pytest.raises(ValueError, match="hyperformer\\+\\+.hidden_dim must be a positive integer"):
+        pp(task_names=("a",), hidden_dim=0)
+    with pytest.raises(ValueError, match="hyper_lora.targets \\['attention.q'\\] are not projection"):
+        H.HyperLoRA(task_names=("a",), targets=("attention.q",))
+    with pytest.raises(ValueError, match="hyper_lora.targets \\['cross_attention.query'\\] do not "
+                                         "exist in BertConfig"):
+        H.HyperLoRA(task_names=("a",), targets=("cross_attention.query",)).bind(cfg)
+    with pytest.raises(ValueError, match="hyper_lora.rank must be a positive integer"):
+        H.HyperLoRA(task_names=("a",), rank=0)
+    with pytest.raises(ValueError, match="hyperformer.decoder=True but BertConfig has no decoder"):
+        H.HyperFormer(task_names=("a",), reduction_factor=4, decoder=True).bind(cfg)
+    with pytest.raises(ValueError, match="hyperformer\\+\\+.d_model=8 disagrees with the backbone"):
+        pp(task_names=("a",), reduction_factor=4, d_model=8).bind(cfg)
+    with pytest.raises(ValueError, match="is not bound to a backbone: call .bind"):
+        pp(task_names=("a",)).generator()
+    with pytest.raises(ValueError, match="peft\\[0\\]: unknown key\\(s\\) \\['reduction'\\]"):
+        registry.attach(cfg, [{"method": "hyperformer", "reduction": 4}], ("a",))
+    ext = make_ext("hyperformer++", cfg, BERT_TASKS)
+    with_ext = attach(cfg, ext)
     with pytest.raises(ValueError, match="built for tasks \\['cls2', 'cls3', 'reg'\\] but the "
                                          "model's tasks are \\['cls3', 'cls2', 'reg'\\]"):
-        H.check_tasks(with_ext, ["cls3", "cls2", "reg"])
-    H.check_tasks(with_ext, BERT_TASKS)
-    with pytest.raises(ValueError, match="has no hypernetwork extension"):
-        H.trainable_patterns(cfg)
+        registry.check_task_order(with_ext, ["cls3", "cls2", "reg"])
     with pytest.raises(KeyError, match="no 'generators_hyperformer_pp'"):
         H.generate({"backbone": {}}, with_ext)
     batch = a_batch()
     # The backbone alone, without MultiTaskModel's generator pass.
-    with pytest.raises(ValueError, match="hyper.py: extension 'hyperformer_pp' at "
+    with pytest.raises(ValueError, match="hyper.py: hyperformer\\+\\+ 'hyperformer_pp' at "
                                          "encoder.layer0.attention found no generated weights"):
         bert.module(with_ext).init(jax.random.key(0), batch.input_ids, batch.attention_mask,
                                    routing=Routing(task_ids=batch.task_ids))
-    # An extension sized for fewer layers than the backbone it runs in.
-    short = H.with_extension(tiny_bert(num_layers=3),
-                             H.hyperformer_pp(cfg, BERT_TASKS, reduction_factor=4))
-    with pytest.raises(ValueError, match="generated weights for 2 layers but "
+    # An extension bound to a shallower backbone than the one it runs in.
+    short = attach(tiny_bert(num_layers=3), ext)
+    with pytest.raises(ValueError, match="generated weights for 2 encoder layers but "
                                          "encoder.layer2.attention is layer 2"):
         init_params(MultiTaskModel(short, BERT_TASKS), jax.random.key(0), batch)
+
+
+@pytest.mark.parametrize("kind", ["hyperformer++", "hyper_lora"])
+def test_tasks_without_weights_run_the_plain_backbone(kind):
+    """`tasks` (the TaskExtension subset owning weights): only those tasks get an embedding and
+    generated weights; the other tasks' rows equal the model without the extension."""
+    batch = a_batch()
+    ext, cfg, model, params = build(kind, tiny_bert(), BERT_TASKS, batch, tasks=("cls3",))
+    gen = params[H.GENERATOR_PREFIX + ext.name]
+    assert set(gen["task_embeddings"]) == {"cls3"}
+    out = run(model, params, batch)
+    plain = MultiTaskModel(dataclasses.replace(cfg, extensions=()), BERT_TASKS)
+    base = run(plain, {k: v for k, v in params.items() if k != H.GENERATOR_PREFIX + ext.name}, batch)
+    others, own = np.flatnonzero(MIX != 1), np.flatnonzero(MIX == 1)
+    np.testing.assert_allclose(np.asarray(out["pooled"])[others], np.asarray(base["pooled"])[others],
+                               atol=ATOL, rtol=0)
+    assert np.abs(np.asarray(out["pooled"])[own] - np.asarray(base["pooled"])[own]).max() > 1e-3
