@@ -92,11 +92,14 @@ class MultiTaskModel(nn.Module):
         """Host-side validation (run before jit): task ids in range."""
         check_task_ids(batch.task_ids, len(self.tasks), self.task_names)
 
+    def generated_weights(self):
+        """Every task's hypernetwork-generated weights ({extension name: pytree}) or None."""
+        return {name: gen() for name, gen in self.generators.items()} or None
+
     def __call__(self, batch: Batch, deterministic: bool = True) -> dict:
         cfg = self.backbone_config
         # Hypernetworks generate every task's weights once per forward pass (not per example).
-        generated = {name: gen() for name, gen in self.generators.items()} or None
-        routing = Routing(task_ids=batch.task_ids, generated=generated)
+        routing = Routing(task_ids=batch.task_ids, generated=self.generated_weights())
         is_t5 = type(cfg).__name__ == "T5Config"
         if is_t5:
             enc = self.backbone.encode(batch.input_ids, batch.attention_mask, routing=routing,
@@ -134,6 +137,19 @@ class MultiTaskModel(nn.Module):
                 decoder_attention_mask=batch.decoder_attention_mask, routing=routing,
                 deterministic=deterministic)
         return outputs
+
+
+def greedy_generate(model: MultiTaskModel, params: dict, batch: Batch, max_length: int):
+    """Text-to-text (seq2seq) tasks: greedy decoding with the T5 backbone -> ids [B, max_length].
+
+    Every row is decoded (rows of other tasks give text too; ignore them); task-specific
+    extensions route by `batch.task_ids`, hypernetwork weights are generated once.
+    """
+    from mtlx.models.t5 import greedy_decode
+    generated = model.apply({"params": params}, method=MultiTaskModel.generated_weights)
+    routing = Routing(task_ids=batch.task_ids, generated=generated)
+    return greedy_decode(params["backbone"], model.backbone_config, batch.input_ids,
+                         batch.attention_mask, max_length, routing=routing)
 
 
 def init_params(model: MultiTaskModel, rng, batch: Batch) -> dict:
