@@ -548,3 +548,27 @@ def test_tasks_without_weights_run_the_plain_backbone(kind):
     np.testing.assert_allclose(np.asarray(out["pooled"])[others], np.asarray(base["pooled"])[others],
                                atol=ATOL, rtol=0)
     assert np.abs(np.asarray(out["pooled"])[own] - np.asarray(base["pooled"])[own]).max() > 1e-3
+
+
+def _param_counts_script():
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "param_counts.py"
+    spec = importlib.util.spec_from_file_location("param_counts", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_param_counts_script_lora_row_equals_hf_peft_count():
+    """scripts/param_counts.py counts LoRA r=8 on q,v of T5-base exactly as Hugging Face PEFT
+    does (target_modules=['q', 'v'] on transformers' T5ForConditionalGeneration, meta device),
+    (the T5-base backbone count is checked against transformers' too)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    pc = _param_counts_script()
+    ((_, methods, norms, _),) = [r for r in pc.ROWS if r[0].startswith("LoRA")]
+    rep = pc.count(pc.t5_base(), methods, pc.GLUE8, norms)
+    ref = pc.peft_lora_count(rank=8)
+    assert ref["backbone"] == 222_903_552
+    assert rep["per_task"]["rte"]["trainable_amortised"] == ref["trainable"]
