@@ -283,11 +283,15 @@ class BertPooler(nn.Module):
     config: BertConfig
 
     @nn.compact
-    def __call__(self, hidden):
+    def __call__(self, hidden, positions=None):
+        """tanh(Dense(h[:, 0])) -> [B, d]; with `positions` [B, S] (packed rows: each
+        segment's first token) the same at every position -> [B, S, d]."""
         cfg = self.config
         dense = nn.Dense(cfg.hidden_size, dtype=cfg.dtype, param_dtype=cfg.param_dtype,
                          kernel_init=nn.initializers.normal(cfg.initializer_range), name="dense")
-        return jnp.tanh(dense(hidden[:, 0]))
+        first = hidden[:, 0] if positions is None else jnp.take_along_axis(
+            hidden, positions[..., None], axis=1)
+        return jnp.tanh(dense(first))
 
 
 class BertEncoder(nn.Module):
@@ -298,13 +302,15 @@ class BertEncoder(nn.Module):
     positions that restart per segment. segment_ids: [B, L] or None; when given, attention is
     block diagonal (a token sees only its own segment). routing: per-example task information
     for PEFT extensions. Dropout is active when ``deterministic=False`` (rng 'dropout').
+    pool_positions: [B, S] or None; packed rows pool each segment's first token -> pooled
+    [B, S, d] (None: the first token of the row -> [B, d]).
     """
     config: BertConfig
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, token_type_ids=None, position_ids=None,
                  segment_ids=None, routing: Optional[Routing] = None,
-                 deterministic: bool = True) -> EncoderOutput:
+                 deterministic: bool = True, pool_positions=None) -> EncoderOutput:
         cfg = self.config
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
@@ -322,7 +328,7 @@ class BertEncoder(nn.Module):
         layer_cls = remat_layer(BertLayer, cfg.remat, static_argnums=(4,))  # 4: deterministic
         for i in range(cfg.num_layers):
             h = layer_cls(cfg, i, name=f"layer_{i}")(h, mask, routing, deterministic)
-        pooled = BertPooler(cfg, name="pooler")(h) if cfg.add_pooler else None
+        pooled = BertPooler(cfg, name="pooler")(h, pool_positions) if cfg.add_pooler else None
         return EncoderOutput(last_hidden_state=h, pooled_output=pooled)
 
 

@@ -144,7 +144,11 @@ def _log_softmax_masked(logits, valid):
     return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
 
 
-def example_losses(outputs: dict, batch, tasks: Sequence[TaskHead]):
+SEQUENCE_KINDS = ("classification", "multilabel", "regression", "multiple_choice")
+TOKEN_KINDS = ("token_classification", "span", "seq2seq")
+
+
+def example_losses(outputs: dict, batch, tasks: Sequence[TaskHead], kinds=None):
     """Per-example (loss sum, weight) over the whole batch, every kind merged.
 
     A task's loss is sum(loss_sum) / sum(weight) over its examples: a mean over examples for
@@ -155,7 +159,7 @@ def example_losses(outputs: dict, batch, tasks: Sequence[TaskHead]):
     loss_sum = jnp.zeros((b,), jnp.float32)
     weight = jnp.zeros((b,), jnp.float32)
     row_ok = batch.example_mask.astype(jnp.float32)
-    kinds = {t.kind for t in tasks}
+    kinds = {t.kind for t in tasks} & set(kinds if kinds is not None else HEAD_KINDS)
 
     def add(member, ls, w):
         nonlocal loss_sum, weight
@@ -244,11 +248,46 @@ def task_losses(outputs: dict, batch, tasks: Sequence[TaskHead]):
     weighting strategy can tell absent tasks apart with ``weight > 0``.
     """
     loss_sum, weight = example_losses(outputs, batch, tasks)
+    sums, counts = per_task_sums(loss_sum, weight, batch.task_ids, len(tasks))
+    return jnp.where(counts > 0, sums / jnp.maximum(counts, 1e-9), 0.0), counts
+
+
+def per_task_sums(loss_sum, weight, task_ids, num_tasks: int):
+    """(sum of losses [T], sum of weights [T]) over rows; rows with task id -1 are dropped."""
+    seg = jnp.clip(task_ids, 0, num_tasks - 1)
+    weight = jnp.where(task_ids >= 0, weight, 0.0)
+    sums = jax.ops.segment_sum(jnp.where(weight > 0, loss_sum, 0.0), seg, num_segments=num_tasks)
+    return sums, jax.ops.segment_sum(weight, seg, num_segments=num_tasks)
+
+
+def segment_rows(batch, segments):
+    """Packed rows' segments as a batch of B*S pseudo-rows for sequence-level heads.
+
+    Only the fields sequence-level losses read are real (task ids, labels, values, masks);
+    `segments` is mtlx.data.packing.PackedSegments ([B, S] each).
+    """
+    from mtlx.batch import Batch
+    n = segments.task_ids.size
+    flat = lambda x: jnp.reshape(x, (n,))  # noqa: E731
+    return Batch(input_ids=jnp.zeros((n, 1), jnp.int32), attention_mask=jnp.ones((n, 1), jnp.int32),
+                 token_type_ids=jnp.zeros((n, 1), jnp.int32), task_ids=flat(segments.task_ids),
+                 example_mask=flat(segments.mask).astype(jnp.float32), labels=flat(segments.labels),
+                 label_values=flat(segments.label_values))
+
+
+def packed_task_losses(outputs: dict, batch, segments, tasks: Sequence[TaskHead]):
+    """task_losses for packed rows: sequence-level heads per segment, token-level per row."""
+    unpackable = sorted({t.kind for t in tasks} & {"multilabel", "multiple_choice", "span", "seq2seq"})
+    if unpackable:
+        raise ValueError(f"packed rows do not support head kinds {unpackable}; "
+                         f"set packing off for these tasks")
     t = len(tasks)
-    seg = jnp.clip(batch.task_ids, 0, t - 1)
-    weight = jnp.where(batch.task_ids >= 0, weight, 0.0)
-    sums = jax.ops.segment_sum(jnp.where(weight > 0, loss_sum, 0.0), seg, num_segments=t)
-    counts = jax.ops.segment_sum(weight, seg, num_segments=t)
+    seg_batch = segment_rows(batch, segments)
+    ls, w = example_losses(outputs, seg_batch, tasks, kinds=SEQUENCE_KINDS)
+    s1, c1 = per_task_sums(ls, w, seg_batch.task_ids, t)
+    ls, w = example_losses(outputs, batch, tasks, kinds=TOKEN_KINDS)
+    s2, c2 = per_task_sums(ls, w, batch.task_ids, t)
+    sums, counts = s1 + s2, c1 + c2
     return jnp.where(counts > 0, sums / jnp.maximum(counts, 1e-9), 0.0), counts
 
 

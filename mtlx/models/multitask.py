@@ -96,20 +96,34 @@ class MultiTaskModel(nn.Module):
         """Every task's hypernetwork-generated weights ({extension name: pytree}) or None."""
         return {name: gen() for name, gen in self.generators.items()} or None
 
-    def __call__(self, batch: Batch, deterministic: bool = True) -> dict:
+    def __call__(self, batch: Batch, deterministic: bool = True, segments=None) -> dict:
+        """Outputs per head kind (see mtlx.models.heads). With `segments` (packed rows,
+        mtlx.data.packing.PackedSegments), sequence-level outputs are per SEGMENT, flattened
+        to [B*S, ...] in row-major order, and routed by `segments.task_ids`."""
         cfg = self.backbone_config
         # Hypernetworks generate every task's weights once per forward pass (not per example).
         routing = Routing(task_ids=batch.task_ids, generated=self.generated_weights())
         is_t5 = type(cfg).__name__ == "T5Config"
+        if segments is not None and is_t5:
+            raise ValueError("packed rows (segments) need a BERT-family backbone; the T5 encoder "
+                             "has no segment_ids support")
         if is_t5:
             enc = self.backbone.encode(batch.input_ids, batch.attention_mask, routing=routing,
                                        deterministic=deterministic)
         else:
             enc = self.backbone(batch.input_ids, batch.attention_mask, batch.token_type_ids,
                                 position_ids=batch.position_ids, segment_ids=batch.segment_ids,
-                                routing=routing, deterministic=deterministic)
+                                routing=routing, deterministic=deterministic,
+                                pool_positions=None if segments is None else segments.starts)
         hidden = enc.last_hidden_state
-        pooled = enc.pooled_output if enc.pooled_output is not None else hidden[:, 0]
+        pooled = enc.pooled_output
+        if pooled is None:
+            pooled = hidden[:, 0] if segments is None else jnp.take_along_axis(
+                hidden, segments.starts[..., None], axis=1)
+        seq_task_ids = batch.task_ids
+        if segments is not None:  # one pseudo-row per segment for sequence-level heads
+            pooled = pooled.reshape((-1, pooled.shape[-1]))
+            seq_task_ids = segments.task_ids.reshape((-1,))
         outputs = {"pooled": pooled}
         d = hidden.shape[-1]
         head_params = self.heads(d)
@@ -120,8 +134,8 @@ class MultiTaskModel(nn.Module):
         for kind in sorted(kinds - {"seq2seq"}):
             r = H.kind_routing(self.tasks, kind)
             kernel, bias = H.stack_head_params(head_params, r, dtype)
-            local, _ = H.route(batch.task_ids, r)
             token_level = kind in ("token_classification", "span")
+            local, _ = H.route(batch.task_ids if token_level else seq_task_ids, r)
             out = H.apply_kind(hidden_d if token_level else pooled_d, kernel, bias, local)
             if kind in ("regression", "multiple_choice"):
                 outputs[kind] = out[..., 0]
