@@ -53,6 +53,7 @@ from mtlx.models.attention import IMPLEMENTATIONS, attend, padding_mask
 from mtlx.models.remat import check_policy as check_remat_policy, remat_layer
 from mtlx.models.layers import (Extension, Projection, Routing, Site, extend_attention_kv,
                                 extend_embeddings, extend_sublayer)
+from mtlx.models.tree import flat_paths
 
 MODEL_TYPES = ("bert", "roberta")
 EMBEDDINGS_SITE = Site("encoder", 0, "embeddings")
@@ -526,21 +527,13 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: BertConfig) -> dict:
     return params
 
 
-def _flatten(tree, prefix=()):
-    if isinstance(tree, Mapping):
-        for k, v in tree.items():
-            yield from _flatten(v, prefix + (str(k),))
-    else:
-        yield "/".join(prefix), tree
-
-
 def params_to_hf(params, cfg: BertConfig) -> dict:
     """HF bare-model weights (BertModel/RobertaModel keys) as float numpy arrays.
 
     Raises ValueError for parameters with no HF equivalent (extension parameters such as
     adapters or LoRA): exporting would silently drop them.
     """
-    flat = dict(_flatten(params))
+    flat = flat_paths(params)
     out = {}
     for mtlx_path, hf_key, transpose in _mapping(cfg):
         if mtlx_path not in flat:

@@ -26,10 +26,11 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping
 
 import jax
 import numpy as np
+from mtlx.models.tree import flat_paths
 
 FAMILIES = {"bert": "mtlx.models.bert", "roberta": "mtlx.models.bert", "t5": "mtlx.models.t5"}
 
@@ -137,14 +138,6 @@ def read_weights(path: str) -> dict:
 
 # --------------------------------------------------------------------------- checking
 
-def _flatten(tree, prefix=()):
-    if isinstance(tree, Mapping):
-        for k, v in tree.items():
-            yield from _flatten(v, prefix + (str(k),))
-    else:
-        yield "/".join(prefix), tree
-
-
 def _without_extensions(config):
     if dataclasses.is_dataclass(config) and getattr(config, "extensions", ()):
         return dataclasses.replace(config, extensions=())
@@ -156,8 +149,8 @@ def check_params(params, config, fam=None) -> None:
     (extension parameters excluded), naming the mtlx path, both shapes and the HF key."""
     fam = fam or family(config.model_type)
     base = _without_extensions(config)
-    expected = dict(_flatten(fam.abstract_params(base)))
-    got = dict(_flatten(params))
+    expected = flat_paths(fam.abstract_params(base))
+    got = flat_paths(params)
     names = fam.hf_param_names(base) if hasattr(fam, "hf_param_names") else {}
 
     def hf(p):

@@ -71,6 +71,7 @@ from mtlx.models.attention import IMPLEMENTATIONS, attend
 from mtlx.models.bert import EncoderOutput
 from mtlx.models.layers import (Extension, Projection, Routing, Site, extend_attention_kv,
                                 extend_embeddings, extend_sublayer)
+from mtlx.models.tree import flat_paths
 
 MODEL_TYPES = ("t5",)
 FEED_FORWARD_PROJS = ("relu", "gated-gelu")
@@ -842,14 +843,6 @@ def params_from_hf(tensors: Mapping[str, np.ndarray], cfg: T5Config) -> dict:
     return params
 
 
-def _flatten(tree, prefix=()):
-    if isinstance(tree, Mapping):
-        for k, v in tree.items():
-            yield from _flatten(v, prefix + (str(k),))
-    else:
-        yield "/".join(prefix), tree
-
-
 def params_to_hf(params, cfg: T5Config) -> dict:
     """HF T5 weights (T5ForConditionalGeneration keys, also loadable by T5Model) as numpy.
 
@@ -857,7 +850,7 @@ def params_to_hf(params, cfg: T5Config) -> dict:
     lm_head.weight only when the head is untied. Raises ValueError for parameters with no HF
     equivalent (extension parameters such as adapters or LoRA): exporting would drop them.
     """
-    flat = dict(_flatten(params))
+    flat = flat_paths(params)
     out = {}
     rows = [(_EMBEDDING_PATH, "shared.weight", False), *_mapping(cfg)]
     if not cfg.tie_word_embeddings:
