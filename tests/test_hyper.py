@@ -385,7 +385,9 @@ def test_weights_generated_once_per_forward_and_one_compile_for_any_mix():
 
 # ------------------------------------------------------------------ adding a task
 
-@pytest.mark.parametrize("kind", ["hyperformer++", "hyperformer", "hyper_lora"])
+# The other kinds share the task-embedding mechanism; they run with the heavy tests.
+@pytest.mark.parametrize("kind", ["hyperformer++", pytest.param("hyperformer", marks=pytest.mark.heavy),
+                                  pytest.param("hyper_lora", marks=pytest.mark.heavy)])
 def test_adding_a_task_keeps_other_tasks(kind):
     batch = a_batch()
     cfg = tiny_bert()
@@ -533,7 +535,7 @@ def test_errors_name_what_is_wrong():
         init_params(MultiTaskModel(short, BERT_TASKS), jax.random.key(0), batch)
 
 
-@pytest.mark.parametrize("kind", ["hyperformer++", "hyper_lora"])
+@pytest.mark.parametrize("kind", ["hyperformer++", pytest.param("hyper_lora", marks=pytest.mark.heavy)])
 def test_tasks_without_weights_run_the_plain_backbone(kind):
     """`tasks` (the TaskExtension subset owning weights): only those tasks get an embedding and
     generated weights; the other tasks' rows equal the model without the extension."""
@@ -572,3 +574,15 @@ def test_param_counts_script_lora_row_equals_hf_peft_count():
     ref = pc.peft_lora_count(rank=8)
     assert ref["backbone"] == 222_903_552
     assert rep["per_task"]["rte"]["trainable_amortised"] == ref["trainable"]
+
+
+@pytest.mark.parametrize("kind", ["hyperformer++", pytest.param("hyper_lora", marks=pytest.mark.heavy)])
+def test_ragged_routing_equals_gather(kind):
+    """impl='ragged' (grouped matmul over examples sorted by task) gives the same outputs as the
+    default per-example gather, with the same generated weights."""
+    batch = a_batch()
+    _, _, model, params = build(kind, tiny_bert(), BERT_TASKS, batch)
+    _, _, ragged, _ = build(kind, tiny_bert(), BERT_TASKS, batch, impl="ragged")
+    a, b = run(model, params, batch), run(ragged, params, batch)
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], atol=ATOL, rtol=0, err_msg=key)
