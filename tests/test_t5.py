@@ -22,6 +22,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
+from mtlx.models.tree import flat_paths
 from mtlx.models import hf as mhf  # noqa: E402
 from mtlx.models import t5  # noqa: E402
 from mtlx.models.layers import Extension  # noqa: E402
@@ -146,12 +147,12 @@ def test_config_from_hf_reads_the_variant(ref):
 def test_load_pretrained_gives_the_same_params(ref):
     cfg, params = mhf.load_pretrained(ref["path"])
     assert cfg == ref["cfg"]
-    flat = dict(t5._flatten(params))
-    assert sorted(flat) == sorted(dict(t5._flatten(ref["params"])))
-    for k, v in dict(t5._flatten(ref["params"])).items():
+    flat = flat_paths(params)
+    assert sorted(flat) == sorted(flat_paths(ref["params"]))
+    for k, v in flat_paths(ref["params"]).items():
         np.testing.assert_array_equal(flat[k], v, err_msg=k)
     # Same paths and shapes as the module's own init, and every HF key named.
-    abstract = dict(t5._flatten(t5.abstract_params(cfg)))
+    abstract = flat_paths(t5.abstract_params(cfg))
     assert {k: v.shape for k, v in abstract.items()} == {k: v.shape for k, v in flat.items()}
     assert set(t5.hf_param_names(cfg)) == set(flat)
 
@@ -190,8 +191,8 @@ def test_export_pretrained_then_load_pretrained(ref, tmp_path):
     out = mhf.export_pretrained(str(tmp_path / "out"), ref["cfg"], ref["params"])
     cfg, params = mhf.load_pretrained(out)
     assert cfg == ref["cfg"]
-    for k, v in dict(t5._flatten(ref["params"])).items():
-        np.testing.assert_array_equal(dict(t5._flatten(params))[k], v, err_msg=k)
+    for k, v in flat_paths(ref["params"]).items():
+        np.testing.assert_array_equal(flat_paths(params)[k], v, err_msg=k)
 
 
 def _hf_greedy(model, ids, mask, max_new, eos):
