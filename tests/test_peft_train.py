@@ -71,6 +71,10 @@ def test_default_patterns_per_method():
                     "(^|/)generators_compacter/", registry.HEADS_PATTERN,
                     registry.LAYER_NORM_PATTERN)
     assert registry.trainable_patterns(exts[0], layer_norms=False, heads=False) == ("(^|/)lora/",)
+    # a model without heads (all tasks seq2seq): the heads default is dropped when params say so
+    no_heads = {"backbone": {"layer_0": {"lora": {"a": 1}, "layer_norm": {"scale": 1}}}}
+    assert registry.trainable_patterns(exts[0], params=no_heads) == (
+        "(^|/)lora/", registry.LAYER_NORM_PATTERN)
 
 
 def test_fusion_trains_only_its_fusion_layers():

@@ -247,11 +247,15 @@ def check_task_order(backbone_config, task_names: Sequence[str]) -> None:
 
 # --------------------------------------------------------------------------- what trains
 
-def trainable_patterns(method, *, heads: bool = True, layer_norms: bool = True) -> Tuple[str, ...]:
+def trainable_patterns(method, *, heads: bool = True, layer_norms: bool = True,
+                       params=None) -> Tuple[str, ...]:
     """Default trainable-parameter patterns for `mtlx.train.optim.trainable_mask`: the given
     extension(s)' own trainable parameters + task heads + the backbone's layer norms.
 
     `method`: an extension, a sequence of them, or a backbone config (its extensions).
+    `params` (optional, arrays or shapes): when given, the heads / layer-norm defaults are
+    dropped if the model has none (a T5 model whose tasks are all seq2seq has no heads), so
+    that trainable_mask's "pattern matches nothing" check stays meaningful for the rest.
     """
     if hasattr(method, "extensions"):
         exts = tuple(method.extensions)
@@ -263,11 +267,13 @@ def trainable_patterns(method, *, heads: bool = True, layer_norms: bool = True) 
     for ext in exts:
         own = getattr(ext, "trainable_patterns", None)
         patterns += list(own()) if own else [f"(^|/){ext.name}/"]
-    if heads:
-        patterns.append(HEADS_PATTERN)
-    if layer_norms:
-        patterns.append(LAYER_NORM_PATTERN)
-    return tuple(dict.fromkeys(patterns))
+    optional = ([HEADS_PATTERN] if heads else []) + ([LAYER_NORM_PATTERN] if layer_norms else [])
+    if params is not None:
+        import re
+        import flax.traverse_util as tu
+        paths = list(tu.flatten_dict(params, sep="/"))
+        optional = [p for p in optional if any(re.search(p, k) for k in paths)]
+    return tuple(dict.fromkeys(patterns + optional))
 
 
 # --------------------------------------------------------------------------- checkpoints
