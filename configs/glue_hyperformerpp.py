@@ -25,8 +25,9 @@ def get_config(arg=None):
     c.model.family = "t5"
     c.model.config = dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12,
                           num_heads=12, feed_forward_proj="relu", tie_word_embeddings=True)
+    # decoder=False: the heads read the encoder only, so no decoder adapters are generated.
     c.peft.methods = ({"method": "hyperformer++", "reduction_factor": 32, "task_embedding_dim": 64,
-                       "hidden_dim": 128},)
+                       "hidden_dim": 128, "decoder": False},)
     c.mixture.strategy = "temperature"
     c.mixture.kwargs = {"temperature": 10.0}
     c.optim.learning_rate = 3e-4
@@ -39,7 +40,7 @@ def get_config(arg=None):
         c.model.config = dict(vocab_size=30522, d_model=32, d_kv=8, d_ff=64, num_layers=1,
                               num_heads=4, feed_forward_proj="relu", tie_word_embeddings=True)
         c.peft.methods = ({"method": "hyperformer++", "reduction_factor": 4,
-                           "task_embedding_dim": 8, "hidden_dim": 16},)
+                           "task_embedding_dim": 8, "hidden_dim": 16, "decoder": False},)
     elif arg not in (None, ""):
         raise ValueError(f"configs/glue_hyperformerpp.py: unknown variant {arg!r}; known: 'local'")
     return c

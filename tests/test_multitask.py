@@ -249,3 +249,23 @@ def test_bad_input_errors(model_and_params):
         TaskHead("x", "ranking")
     with pytest.raises(ValueError, match="reserved"):
         TaskHead("heads", "regression")
+
+
+def test_parameter_report_excludes_extension_weights_from_the_backbone():
+    from mtlx.peft import registry
+    cfg = registry.attach(tiny_bert(), [{"method": "lora", "rank": 2}], [t.name for t in TASKS])
+    model = MultiTaskModel(cfg, TASKS)
+    params = init_params(model, jax.random.key(0), mixed_batch())
+    plain = init_params(MultiTaskModel(tiny_bert(), TASKS), jax.random.key(0), mixed_batch())
+    rep = parameter_report(params, [t.name for t in TASKS], extension_names=[e.name for e in cfg.extensions])
+    assert rep["backbone"] == sum(x.size for x in jax.tree_util.tree_leaves(plain["backbone"]))
+    # LoRA on q and v: 2 layers x 2 projections x (16*2 + 2*16) per task
+    assert rep["per_task"]["cls2"]["task_specific"] == 2 * 2 * 64 + 16 * 2 + 2
+
+
+def test_extensions_built_for_another_task_order_are_refused():
+    from mtlx.peft import registry
+    names = [t.name for t in TASKS]
+    cfg = registry.attach(tiny_bert(), [{"method": "lora", "rank": 2}], list(reversed(names)))
+    with pytest.raises(ValueError):
+        init_params(MultiTaskModel(cfg, TASKS), jax.random.key(0), mixed_batch())

@@ -71,6 +71,9 @@ class MultiTaskModel(nn.Module):
         if seq2seq and not is_t5:
             raise ValueError(f"tasks {seq2seq} are seq2seq (text-to-text) and need a T5 backbone, "
                              f"got {type(self.backbone_config).__name__}")
+        if getattr(self.backbone_config, "extensions", ()):
+            from mtlx.peft.registry import check_task_order
+            check_task_order(self.backbone_config, self.task_names)
         self.backbone = backbone_module(self.backbone_config)
         self.heads = TaskHeads(self.tasks)
         self.dropout = nn.Dropout(self.head_dropout)

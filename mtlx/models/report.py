@@ -20,11 +20,15 @@ def _size(x) -> int:
 
 
 def parameter_report(params: Any, task_names: Sequence[str], trainable: Optional[Any] = None,
-                     backbone_key: str = "backbone") -> dict:
+                     backbone_key: str = "backbone", extension_names: Sequence[str] = ()) -> dict:
     """Counts parameters. `trainable` is a pytree of bools like `params` (None: all trainable).
 
+    "backbone" counts the pretrained encoder's own parameters: those under `backbone_key` that
+    belong to no task and to no extension (PEFT weights live inside the backbone's layers, under
+    a scope named after the extension, e.g. ``.../query/lora/...``: pass the extensions' names).
     Works on arrays or `jax.ShapeDtypeStruct`s (shapes only, no weights needed).
     """
+    ext_names = set(extension_names)
     flat = tu.flatten_dict(params)
     flat_train = tu.flatten_dict(trainable) if trainable is not None else {k: True for k in flat}
     names = set(task_names)
@@ -34,9 +38,9 @@ def parameter_report(params: Any, task_names: Sequence[str], trainable: Optional
     for path, leaf in flat.items():
         n = _size(leaf)
         total += n
-        if path and path[0] == backbone_key:
-            backbone += n
         owners = [p for p in path if p in names]
+        if path and path[0] == backbone_key and not owners and not ext_names.intersection(path):
+            backbone += n
         is_train = bool(flat_train.get(path, False))
         if owners:
             t = owners[0]
