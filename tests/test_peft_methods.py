@@ -193,3 +193,45 @@ def test_fusion_stage_two_uses_the_stage_one_adapters():
     np.testing.assert_allclose(np.asarray(got), np.mean(want, axis=0), atol=1e-5)
     out = apply_jit(fusion_model, fused, batch)
     assert np.all(np.isfinite(out["pooled"]))
+
+
+@pytest.mark.parametrize("variant", ["houlsby", "parallel"])
+def test_adapter_reads_sublayer_output_or_input(variant):
+    """Houlsby/Pfeiffer: out + s f(out); parallel (He et al. 2022): out + s f(in)."""
+    from mtlx.models.layers import Site
+    from mtlx.peft.adapters import Adapter, AdapterSublayer
+    ext = Adapter(task_names=("p", "q"), variant=variant, reduction_factor=2, scaling=3.0)
+    site = Site("encoder", 0, "ffn")
+    rng = np.random.default_rng(4)
+    sub_in = jnp.asarray(rng.normal(size=(2, 3, 8)), jnp.float32)
+    sub_out = jnp.asarray(rng.normal(size=(2, 3, 8)), jnp.float32)
+    routing = Routing(jnp.asarray([1, 0]))
+    module = AdapterSublayer(ext, site)
+    params = perturb(module.init(jax.random.key(0), sub_in, sub_out, routing), seed=4)
+    got = module.apply(params, sub_in, sub_out, routing)
+    w = jax.tree_util.tree_map(lambda *v: jnp.stack(v), params["params"]["p"], params["params"]["q"])
+    x = sub_in if variant == "parallel" else sub_out
+    want = sub_out + 3.0 * bottleneck_delta(x, w, jnp.asarray([1, 0]), activation=ext.activation)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_placements_by_variant():
+    from tests.peft_common import abstract
+    shapes = {}
+    for v in ("houlsby", "pfeiffer"):
+        cfg = registry.attach(tiny_bert(), [{"method": "adapter", "variant": v,
+                                             "reduction_factor": 4}], NAMES)
+        shapes[v] = abstract(MultiTaskModel(cfg, TASKS), batch_for([0]))["backbone"]["layer_1"]
+    assert "adapter" in shapes["houlsby"]["attention"] and "adapter" in shapes["houlsby"]["ffn"]
+    assert "adapter" not in shapes["pfeiffer"]["attention"] and "adapter" in shapes["pfeiffer"]["ffn"]
+
+
+def test_bfloat16_compute():
+    cfg = registry.attach(tiny_bert(dtype="bfloat16"),
+                          [{"method": "lora", "rank": 2}, {"method": "adapter", "layer_norm": "post",
+                                                           "reduction_factor": 4},
+                           {"method": "ia3"}, {"method": "prefix", "length": 2}], NAMES)
+    model = MultiTaskModel(cfg, TASKS, head_dropout=0.0)
+    batch = batch_for([0, 1, 2, 3])
+    out = apply_jit(model, random_params(model, batch, scale=0.1), batch)
+    assert out["pooled"].dtype == jnp.bfloat16 and np.all(np.isfinite(out["pooled"].astype(np.float32)))
