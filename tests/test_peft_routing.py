@@ -213,3 +213,10 @@ def test_extension_is_hashable_and_equal_by_value():
     b = registry.build_extensions([{"method": "lora", "targets": ("attention.query",)}], NAMES)
     assert a == b and hash(a) == hash(b)
     assert dataclasses.replace(a[0], rank=4) != a[0]
+
+
+def test_roberta_mixed_batch_equals_single_task_batches():
+    cfgs = METHODS["combined"] + [{"method": "prompt", "length": 2, "tasks": ["a", "c"]}]
+    model = build(tiny_bert(model_type="roberta", pad_token_id=1), TASKS, NAMES, cfgs)
+    params = random_params(model, batch_for(MIXED))
+    compare_mixed_vs_single(model, params, MIXED, t5=False)
