@@ -309,7 +309,7 @@ def resolve_weighting(weighting, task_weights: Optional[Sequence[float]], num_ta
         n = len(np.atleast_1d(np.asarray(task_weights)))
         if n != num_tasks:
             raise ValueError(f"config.task_weights has {n} entries, the model has {num_tasks} tasks")
-        if weighting is not None and weighting.name != "static":
+        if weighting is not None and weighting.name != "static":  # 'static' carries its own
             raise ValueError(f"config.task_weights is set but config.weighting.strategy is "
                              f"{weighting.name!r}: static weights are the 'static' strategy; "
                              f"unset one of them")
@@ -321,6 +321,21 @@ def resolve_weighting(weighting, task_weights: Optional[Sequence[float]], num_ta
         raise ValueError(f"config.weighting: expected an mtlx.weighting strategy, got "
                          f"{type(weighting).__name__}")
     return weighting
+
+
+def strategy_from_config(wc, task_weights: Optional[Sequence[float]] = None):
+    """The strategy of a run's `config.weighting` group (None strategy: static `task_weights`,
+    or EW); errors name the config key."""
+    if wc is None or wc.get("strategy", None) is None:
+        return None
+    kwargs = wc.get("kwargs", None) or {}
+    kwargs = kwargs.to_dict() if hasattr(kwargs, "to_dict") else dict(kwargs)
+    if wc.strategy == "static" and task_weights is not None and "weights" not in kwargs:
+        kwargs["weights"] = tuple(task_weights)
+    try:
+        return W.get_strategy(wc.strategy, **kwargs)
+    except ValueError as e:
+        raise ValueError(f"config.weighting.strategy / config.weighting.kwargs: {e}") from None
 
 
 def check_weighting_options(strategy, model, *, grads_wrt: str = "params",
@@ -566,8 +581,12 @@ def make_train_step(model, tx: optax.GradientTransformation, *,
         if new_wstate.params:
             w_updates, weighting_opt = wtx.update(g_wparams, state.weighting_opt,
                                                   new_wstate.params)
-            new_wstate = new_wstate.replace(
-                params=optax.apply_updates(new_wstate.params, w_updates))
+            moved = optax.apply_updates(new_wstate.params, w_updates)
+            # An absent task's own entries stay put (Adam's momentum would move them otherwise).
+            moved = jax.tree_util.tree_map(
+                lambda new, old: jnp.where(present.reshape((t,) + (1,) * (new.ndim - 1)), new, old)
+                if new.ndim >= 1 and new.shape[0] == t else new, moved, new_wstate.params)
+            new_wstate = new_wstate.replace(params=moved)
         if not per_task:
             next_losses = None
             if strategy.name in NEEDS_NEXT_LOSSES:  # FAMO: the same batch after the update
