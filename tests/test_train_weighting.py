@@ -383,3 +383,30 @@ def test_bad_weighting_configuration_names_the_key(tiny):
     step = S.make_train_step(model, tx, weighting="uw")
     with pytest.raises(ValueError, match="weighting slot does not match"):
         jax.eval_shape(step, S.create_state(params, tx, jax.random.key(0)), make(ALL))
+
+
+# ----------------------------------------------------------------------------- the run
+
+def test_run_logs_weights_and_affinity_and_writes_the_report(tmp_path):
+    from mtlx.train.config import apply_overrides
+    from tests.test_train_loop import local_cfg
+    from mtlx.train.loop import train_and_evaluate
+    import json
+
+    cfg = apply_overrides(local_cfg(), ["--config.weighting.strategy=uw",
+                                        "--config.weighting.learning_rate=0.05"])
+    _, state = train_and_evaluate(cfg, tmp_path, progress=False, return_state=True)
+    assert np.all(np.asarray(state.weighting.params["log_var"]) != -0.5)
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [l for l in lines if l["kind"] == "eval"]
+    assert evals and any(k.startswith("weighting/weight/") for k in evals[-1])
+    assert any(k.startswith("affinity/lookahead/") for k in evals[-1])
+    assert {p.name for p in (tmp_path / "affinity").iterdir()} >= {
+        "affinity.json", "affinity.md", "affinity.png", "intervals.jsonl"}
+    report = json.loads((tmp_path / "affinity" / "affinity.json").read_text())
+    assert report["tasks"] == ["cola", "stsb", "ud_pos"] and report["intervals"] >= 1
+
+    bad = apply_overrides(local_cfg(), ["--config.weighting.strategy=pcgrad",
+                                        "--config.weighting.grads_wrt=representation"])
+    with pytest.raises(ValueError, match="config.weighting.grads_wrt='representation'"):
+        train_and_evaluate(bad, tmp_path / "bad", progress=False)

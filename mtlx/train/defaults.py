@@ -56,6 +56,30 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.batch_size = 32                # global batch (all processes together)
     c.task_weights = None            # static per-task loss weights (None = 1 each)
+
+    # Task balancing (mtlx.weighting; REFERENCE.md section 3). See mtlx/train/step.py.
+    c.weighting = ml_collections.ConfigDict()
+    c.weighting.strategy = None      # None: static c.task_weights (None = EW). A registry name:
+                                     # static ew uw dwa rlw gls famo (one backward); gradnorm mgda
+                                     # pcgrad cagrad nash_mtl imtl_g aligned_mtl db_mtl (per task)
+    c.weighting.kwargs = ml_collections.ConfigDict()  # the strategy's hyperparameters, e.g.
+                                     # {'steps_per_epoch': 500} for dwa, {'calpha': 0.5} cagrad
+    c.weighting.grads_wrt = "params"  # per-task strategies: 'params' (gradients of the shared
+                                     # parameters, T x D memory) or 'representation' (of the
+                                     # shared representation, LibMTL rep_grad: far cheaper)
+    c.weighting.representation = "hidden"  # with grads_wrt='representation': 'hidden' (the
+                                     # encoder's last hidden state, every head reads it) or
+                                     # 'pooled' (sequence-level tasks only)
+    c.weighting.sequential = False   # per-task backward passes one at a time (less memory)
+    c.weighting.learning_rate = 1e-3  # Adam lr of the strategy's own trainable parameters
+                                     # (UW log-variances, GradNorm scales, IMTL-L scales)
+    c.weighting.report = ml_collections.ConfigDict()
+    c.weighting.report.enabled = True     # each evaluation: log task weights, gradient cosines
+                                     # and lookahead affinity; at the end write workdir/affinity/
+    c.weighting.report.lookahead_lr = None  # SGD step of the lookahead (TAG); None = the
+                                     # peak c.optim.learning_rate
+    c.weighting.report.num_groups = (2, 3)  # suggested groupings into this many groups
+    c.weighting.report.max_exhaustive = 250000  # partitions searched exhaustively, else greedy
     c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
 
     c.log_every = 50                 # steps between train-metric logs

@@ -29,8 +29,10 @@ from mtlx.models.multitask import MultiTaskModel, init_params, with_backbone
 from mtlx.train import distributed, evaluate as E, optim, sharding
 from mtlx.train.checkpoint import Checkpointer, install_preemption_handler
 from mtlx.train.logs import RunLogger, atomic_write_text
-from mtlx.train.step import (count_compilations, create_state, finite_or_raise, make_eval_step,
-                             make_train_step)
+from mtlx.train.step import (count_compilations, create_state, default_weighting_tx,
+                             finite_or_raise, init_weighting, make_affinity_probe,
+                             make_eval_step, make_train_step, strategy_from_config)
+from mtlx.weighting import affinity as WA
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -154,6 +156,8 @@ class Setup:
     state: Any               # the freshly initialised TrainState
     backbone_cfg: Any
     buckets: Optional[tuple]
+    weighting: Any = None    # the task-balancing strategy (None: static config.task_weights)
+    trainable: Any = None    # bool pytree of the parameters that train
 
     def checkpointer(self, workdir: Path, **kwargs) -> Checkpointer:
         return Checkpointer(Path(workdir) / "checkpoints", tasks=self.model.tasks,
@@ -195,8 +199,14 @@ def setup(cfg, train: bool = True) -> Setup:
     trainable = optim.trainable_mask(params, trainable_patterns(cfg, backbone_cfg))
     schedule = optim.make_schedule(cfg.optim)
     tx = optim.make_optimizer(cfg.optim, params, trainable)
-    state = create_state(params, tx, jax.random.key(cfg.seed + 1))
-    return Setup(cfg, model, names, run, it, init_batch, tx, schedule, state, backbone_cfg, buckets)
+    wc = cfg.get("weighting", None)
+    strategy = strategy_from_config(wc, cfg.get("task_weights", None))
+    state = create_state(
+        params, tx, jax.random.key(cfg.seed + 1),
+        None if strategy is None else init_weighting(strategy, model, params, trainable),
+        None if wc is None else default_weighting_tx(wc.learning_rate))
+    return Setup(cfg, model, names, run, it, init_batch, tx, schedule, state, backbone_cfg, buckets,
+                 strategy, trainable)
 
 
 def restore_state(s: Setup, workdir: Path, which: str = "latest"):
@@ -243,8 +253,14 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path,
 
     mesh = sharding.make_mesh(cfg.get("mesh", None) and cfg.mesh.to_dict())
     abstract_state = jax.eval_shape(lambda s: s, state)
+    wc = cfg.get("weighting", None)
     step_fn = make_train_step(model, tx, task_weights=cfg.get("task_weights", None),
-                              accum_steps=cfg.optim.get("accum_steps", 1), schedule=s.schedule)
+                              accum_steps=cfg.optim.get("accum_steps", 1), schedule=s.schedule,
+                              weighting=s.weighting, trainable=s.trainable,
+                              **({} if wc is None else dict(
+                                  grads_wrt=wc.grads_wrt, representation=wc.representation,
+                                  sequential=wc.sequential,
+                                  weighting_tx=default_weighting_tx(wc.learning_rate))))
     train_step, state_sh = sharding.jit_train_step(step_fn, mesh, abstract_state, init_batch,
                                                    donate=True)
     state = jax.device_put(state, state_sh)
@@ -270,6 +286,14 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path,
     preempted = install_preemption_handler()
     total = int(cfg.optim.num_train_steps)
     start = int(jax.device_get(state.step))
+    probe = report = None  # task-affinity report (mtlx.weighting.affinity)
+    if wc is not None and wc.report.enabled:
+        probe = jax.jit(make_affinity_probe(
+            model, lookahead_lr=wc.report.lookahead_lr or float(cfg.optim.learning_rate),
+            trainable=s.trainable, sequential=wc.sequential))
+        report = WA.AffinityReport(names, workdir / "affinity", num_groups=tuple(wc.report.num_groups),
+                                   max_exhaustive=wc.report.max_exhaustive, resume_step=start,
+                                   enabled=is_main)
     bar = None
     if progress and is_main:
         from tqdm import tqdm
@@ -321,6 +345,11 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path,
                 last_eval_step = done
                 scalars = {f"eval/{t}/{k}": v for t, r in results.items() for k, v in r.items()}
                 scalars["eval/avg"] = E.summary_score(results)
+                if wc is not None:  # the last step's task weights, the affinity probe
+                    m = jax.device_get(metrics)
+                    scalars.update(WA.weight_scalars(m["task_weight"], m["task_count"], names))
+                    if probe is not None:
+                        scalars.update(report.add(done, jax.device_get(probe(state.params, batch))))
                 logger.write(done, scalars, kind="eval")
             if save_now:
                 check(pending)
@@ -346,6 +375,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path,
         logger.plot()
         logger.close()
         atomic_write_text(workdir / "eval_results.json", json.dumps(results, indent=2, sort_keys=True))
+        if report is not None:
+            report.write()
         print_results(results, final_step)
         print(f"train step compiled {count_compilations(train_step)} time(s)")
     return (results, state) if return_state else results
