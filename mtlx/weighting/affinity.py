@@ -300,7 +300,7 @@ def _table(names: Sequence[str], m: np.ndarray, corner: str) -> str:
     lines = ["| " + corner + " | " + " | ".join(names) + " |",
              "|---" * (len(names) + 1) + "|"]
     for i, a in enumerate(names):
-        cells = ["" if not np.isfinite(x) else f"{x:+.4f}" for x in m[i]]
+        cells = ["" if not np.isfinite(x) else f"{x:+.4g}" for x in m[i]]
         lines.append(f"| {a} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -335,7 +335,8 @@ def plot_heatmaps(s: Dict[str, Any], path: Path) -> Path:
     for ax, key, title in ((axes[0], "cosine", "gradient cosine"),
                            (axes[1], "lookahead", "lookahead affinity Z[i->j]")):
         m = _from_json(s[key])
-        lim = float(np.nanmax(np.abs(m))) if np.isfinite(m).any() else 1.0
+        off = np.where(np.eye(t, dtype=bool), np.nan, m)  # the diagonal would dominate
+        lim = float(np.nanmax(np.abs(off))) if np.isfinite(off).any() else 1.0
         im = ax.imshow(np.ma.masked_invalid(m), cmap="RdBu", vmin=-lim or -1, vmax=lim or 1)
         ax.set_xticks(range(t), names, rotation=45, ha="right", fontsize=8)
         ax.set_yticks(range(t), names, fontsize=8)
