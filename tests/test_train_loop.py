@@ -156,3 +156,22 @@ def test_config_local_variants_train(name, tmp_path):
     results = train_and_evaluate(cfg, tmp_path, progress=False)
     assert set(results) == set(cfg.tasks)
     assert all(np.isfinite(r["loss"]) for r in results.values())
+
+
+def test_keeps_last_and_best_by_chosen_metric(tmp_path):
+    cfg = local_cfg("--config.eval_every=2", "--config.checkpoint.every=2", "--config.checkpoint.keep_last=1",
+                    "--config.checkpoint.best_metric=stsb/pearson", "--config.checkpoint.best_mode=max")
+    train_and_evaluate(cfg, tmp_path, progress=False)
+    evals = {}
+    for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec["kind"] == "eval":
+            evals[rec["step"]] = rec["eval/stsb/pearson"]
+    best = max(evals, key=evals.get)
+    ckpt = Checkpointer(tmp_path / "checkpoints", tasks=["cola", "stsb", "ud_pos"], model_signature={},
+                        best_metric="stsb/pearson", read_only=True)
+    assert ckpt.latest_step() == 6 and ckpt.best_step() == best
+    assert set(ckpt.all_steps()) == {6, best}
+    ckpt.close()
+    with pytest.raises(KeyError, match="best_metric 'stsb/nope' is not an evaluation metric"):
+        train_and_evaluate(local_cfg("--config.checkpoint.best_metric=stsb/nope"), tmp_path / "b", progress=False)

@@ -86,7 +86,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_every = 1000              # steps between evaluations (and the end)
     c.eval_batch_size = 64
     c.eval_max_batches = None        # cap evaluation batches per task (None = whole split)
-    c.checkpoint = ml_collections.ConfigDict({"every": 1000, "keep_last": 2})
+    c.checkpoint = ml_collections.ConfigDict({
+        "every": 1000,               # steps between checkpoints (and at the end, and on SIGTERM)
+        "keep_last": 2,              # the most recent checkpoints kept
+        "best_metric": "avg",        # also keep the best by this: 'avg' or 'TASK/METRIC'
+        "best_mode": "max",          # 'max' or 'min' (e.g. for 'stsb/loss')
+    })
     c.allow_new_tasks = False        # resume a workdir whose checkpoint lacks some tasks
 
     # Multi-host (see README): explicit coordinator, or distributed='auto' on TPU/SLURM.

@@ -117,3 +117,17 @@ def summary_score(results: Mapping[str, Mapping[str, float]]) -> float:
     vals = [v for v in vals if np.isfinite(v)]
     return float(np.mean(vals)) if vals else float("nan")
 
+
+
+def selection_metrics(results: Mapping[str, Mapping[str, float]], key: str) -> Optional[dict]:
+    """{'avg': ..., 'task/metric': ...} for ranking checkpoints, or None if `key` is not finite.
+
+    `key` is config.checkpoint.best_metric: 'avg' (mean of the tasks' headline numbers) or
+    'TASK/METRIC' (e.g. 'cola/mcc', 'stsb/loss'); an unknown key is an error listing the known.
+    """
+    flat = {"avg": summary_score(results)}
+    flat.update({f"{t}/{k}": float(v) for t, r in results.items() for k, v in r.items()})
+    if key not in flat:
+        raise KeyError(f"config.checkpoint.best_metric {key!r} is not an evaluation metric; "
+                       f"known: {sorted(flat)}")
+    return flat if np.isfinite(flat[key]) else None

@@ -163,7 +163,8 @@ class Setup:
         return Checkpointer(Path(workdir) / "checkpoints", tasks=self.model.tasks,
                             model_signature=signature_of(self.backbone_cfg),
                             run_config=self.cfg.to_dict(), keep_last=self.cfg.checkpoint.keep_last,
-                            best_metric="avg", best_mode="max", **kwargs)
+                            best_metric=self.cfg.checkpoint.get("best_metric", "avg"),
+                            best_mode=self.cfg.checkpoint.get("best_mode", "max"), **kwargs)
 
     def eval_batches(self, task: str, task_id: int):
         return D.eval_batches(self.run.eval[task], task_id,
@@ -354,7 +355,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path,
             if save_now:
                 check(pending)
                 ckpt.save(done, state, data_state=prefetched.state(),
-                          metrics={"avg": E.summary_score(results)} if eval_now and np.isfinite(E.summary_score(results)) else None)
+                          metrics=E.selection_metrics(results, cfg.checkpoint.get("best_metric", "avg"))
+                          if eval_now else None)
             if stop:
                 if is_main:
                     print(f"\npreempted (signal {preempted.signum}): saved step {done}, exiting")
