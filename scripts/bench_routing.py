@@ -36,7 +36,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import flax.traverse_util as tu  # noqa: E402
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mtlx.batch import make_batch  # noqa: E402
@@ -106,6 +105,9 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--no-control", action="store_true",
+                    help="skip the control: a second, separately compiled 1-task step timed last "
+                         "in each round (its ratio shows the noise and order bias)")
     args = ap.parse_args(argv)
     methods = args.methods.split(",")
     unknown = [m for m in methods if m not in METHODS]
@@ -120,6 +122,8 @@ def main(argv=None):
         steps[(m, "-", 1)] = make_step(m, 1, impls[0], args)  # one task: no routing at all
         for impl in impls:
             steps[(m, impl, args.tasks)] = make_step(m, args.tasks, impl, args)
+        if not args.no_control:
+            steps[(m, "control", 1)] = make_step(m, 1, impls[0], args)
     times = {k: [] for k in steps}
     for _ in range(args.rounds):
         for key, fn in steps.items():

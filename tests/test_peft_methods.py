@@ -112,7 +112,7 @@ def test_prompt_inserted_after_cls_and_hidden_from_non_members():
 # ------------------------------------------------------------------ (IA)^3 vs Hugging Face PEFT
 
 def test_ia3_equals_peft_ia3(tmp_path):
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
     path, hf_model = save_tiny_bert(tmp_path, attention_probs_dropout_prob=0.0,
                                     hidden_dropout_prob=0.0)

@@ -220,3 +220,26 @@ def test_roberta_mixed_batch_equals_single_task_batches():
     model = build(tiny_bert(model_type="roberta", pad_token_id=1), TASKS, NAMES, cfgs)
     params = random_params(model, batch_for(MIXED))
     compare_mixed_vs_single(model, params, MIXED, t5=False)
+
+
+@pytest.mark.parametrize("impl", R.IMPLEMENTATIONS)
+def test_batch_sharded_over_devices_gives_the_same_outputs(impl):
+    """Data parallel: the batch split over the 8 host devices, task weights replicated; each
+    example still gets its own task's weights (gather or ragged_dot across shards)."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    devices = np.array(jax.devices()[:8])
+    if len(devices) < 8:
+        pytest.skip("needs 8 devices (tests/conftest.py sets 8 host CPU devices)")
+    cfgs = [{"method": "lora", "rank": 2, "impl": impl},
+            {"method": "adapter", "reduction_factor": 4, "impl": impl, "tasks": ["a", "c"]}]
+    model = build(tiny_bert(), TASKS, NAMES, cfgs)
+    ids = [0, 1, 2, 3, 2, 0, 3, 1, 1, 1, 0, 2, 3, 3, 0, 2]
+    batch = batch_for(ids, seed=4)
+    params = random_params(model, batch)
+    ref = apply_jit(model, params, batch)
+    mesh = Mesh(devices, ("data",))
+    sharded = jax.device_put(batch, NamedSharding(mesh, P("data")))
+    replicated = jax.device_put(params, NamedSharding(mesh, P()))
+    out = apply_jit(model, replicated, sharded)
+    for key in ref:
+        np.testing.assert_allclose(out[key], ref[key], atol=1e-5, rtol=0)

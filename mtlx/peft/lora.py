@@ -28,7 +28,6 @@ from typing import Any, Dict, Mapping, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mtlx.models.layers import Site
 from mtlx.peft import routing as R

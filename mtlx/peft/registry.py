@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
-from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Type
+from typing import Any, Dict, Iterable, Mapping, Sequence, Tuple, Type
 
 from mtlx.models.layers import Extension, Site
 
