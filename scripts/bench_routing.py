@@ -14,11 +14,25 @@ backbone is an input, as in training. Also compares the two routing implementati
 
 Target: ratio (8 tasks / 1 task) <= 1.15 for adapters and LoRA. Timings are medians over
 `rounds` x `iters` steps, the configurations interleaved round by round so that load from
-other processes hits them alike. Results (recorded by the author; rerun to check):
+other processes hits them alike; "control" is a second, separately compiled 1-task step timed
+last in each round, so its ratio shows how far apart two identical configurations land.
 
-  CPU, 2 shared cores (load ~3-6 from other jobs), BERT-like d=256, 4 layers, seq 128,
-  batch 32, float32, jax 0.10.2 -- see the report this script prints; the numbers are in
-  BUILD_NOTES.md.
+Measured by the author (CPU: 2 cores shared with other jobs, load average 5-9 during the runs,
+jax 0.10.2, float32, Houlsby adapters rf 16 / LoRA r 8 on query+value, 8 GLUE-like tasks):
+
+  python scripts/bench_routing.py --hidden 128 --layers 2 --seq 64 --batch 32 --rounds 7 --iters 5
+    adapter: gather 0.983, ragged 1.604, control 1.024   (1 task: 203.5 ms/step)
+    lora:    gather 0.967, ragged 1.445, control 0.986   (1 task: 196.0 ms/step)
+  python scripts/bench_routing.py --rounds 5 --iters 3          (d=256, 4 layers, seq 128, batch 32)
+    adapter: gather 1.003, ragged 1.285, control 0.960   (1 task: 2006 ms/step)
+    lora:    gather 0.894, ragged 1.223, control 1.119   (1 task: 1908 ms/step)
+
+Three earlier runs without the control gave gather 0.90-1.04 and ragged 1.18-1.61. With
+'gather' the 8-task cost is within the noise of the 1-task cost (the per-example weights are
+[B, d, d/rf] or [B, d, r]: small next to the activations); `jax.lax.ragged_dot` is 1.2-1.6x
+slower on CPU (it sorts and unsorts the activations and XLA:CPU has no grouped-GEMM kernel),
+so 'gather' is the default (mtlx.peft.routing.DEFAULT_IMPL). Not measured on GPU (no device
+was available to this task).
 
 Methods are entries of `METHODS` (name -> method configs); another method (e.g. HyperFormer++)
 is one more entry.
