@@ -1,0 +1,559 @@
+"""Timing, compile counting and memory for benchmark cells; everything as one JSON-able dict.
+
+How a number is taken (the same for every runner, mtlx or PyTorch):
+  * warm-up excluded: the first step (which compiles, for mtlx) and `warmup` more steps run
+    before any timing;
+  * synchronised: a timed block of `steps` steps ends by waiting for the device
+    (jax.block_until_ready on the new train state; torch.cuda.synchronize on GPU; CPU torch is
+    synchronous);
+  * interleaved: the runners of a group (mtlx and the baseline, and every number of tasks of
+    the same configuration) take turns, repeat after repeat, in ABBA order (A B C, C B A, ...),
+    so drift from a shared, noisy machine falls on all of them alike;
+  * medians of the per-step times of the `repeats` blocks; every repeat is kept in the JSON.
+Compile time: the durations JAX reports through jax.monitoring during the first call (tracing,
+lowering to MLIR, XLA compilation). Number of compilations: XLA compilations seen during all of
+a runner's calls (its steps cycle through batches with different task mixes) and the size of
+the jitted function's cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from mtlx.bench import memory as MEM
+from mtlx.bench import workload as W
+from mtlx.train.step import count_compilations
+
+# --------------------------------------------------------------------------- compile events
+
+_EVENTS: List[tuple] = []
+_LISTENING = False
+COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration",
+                  "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                  "/jax/core/compile/backend_compile_duration")
+
+
+def _listen():
+    global _LISTENING
+    if _LISTENING:
+        return
+    from jax import monitoring
+    monitoring.register_event_duration_secs_listener(
+        lambda name, secs, **kw: _EVENTS.append((name, float(secs))))
+    monitoring.register_event_listener(lambda name, **kw: _EVENTS.append((name, None)))
+    _LISTENING = True
+
+
+class CompileWindow:
+    """Collects JAX's compile events while the block runs."""
+
+    def __enter__(self):
+        _listen()
+        self._start = len(_EVENTS)
+        return self
+
+    def __exit__(self, *exc):
+        self.events = list(_EVENTS[self._start:])
+        return False
+
+    @property
+    def compile_seconds(self) -> float:
+        return sum(s for n, s in self.events if n in COMPILE_EVENTS and s is not None)
+
+    @property
+    def backend_compiles(self) -> int:
+        return sum(1 for n, _ in self.events if n == "/jax/core/compile/backend_compile_duration")
+
+    @property
+    def cache_hits(self) -> int:
+        return sum(1 for n, _ in self.events if n == "/jax/compilation_cache/cache_hits")
+
+
+# --------------------------------------------------------------------------- runners
+
+class MtlxRunner:
+    """One cell's mtlx train step, cycling through its batches (different task mixes)."""
+    framework = "mtlx"
+
+    def __init__(self, setup: W.MtlxSetup, name: str = "mtlx"):
+        self.setup, self.name = setup, name
+        self.state = setup.state
+        setup.state = None  # donated by the first step: keep no stale reference
+        self.metrics = None
+        self.i = 0
+        cell = setup.cell
+        self.examples_per_step = cell.batch_size
+        self.tokens_per_step = cell.batch_size * cell.seq_len
+
+    def step(self):
+        b = self.setup.batches[self.i % len(self.setup.batches)]
+        self.state, self.metrics = self.setup.step(self.state, b)
+        self.i += 1
+
+    def sync(self):
+        import jax
+        jax.block_until_ready((self.state, self.metrics))
+
+    def compiled(self):
+        """The step's executable (from the jit cache: no new compilation)."""
+        return self.setup.step.lower(self.state, self.setup.batches[0]).compile()
+
+    def loss(self) -> float:
+        return float(self.metrics["loss"])
+
+
+class TorchRunner:
+    framework = "torch"
+
+    def __init__(self, baseline, cell: W.Cell, name: str):
+        self.baseline, self.name = baseline, name
+        self.examples_per_step = cell.batch_size
+        self.tokens_per_step = cell.batch_size * cell.seq_len
+
+    def step(self):
+        self.baseline.step()
+
+    def sync(self):
+        self.baseline.sync()
+
+    def loss(self) -> float:
+        return float(self.baseline.last_loss)
+
+
+def timed(runner, steps: int) -> float:
+    """Seconds per step over `steps` steps, device synchronised at the end."""
+    runner.sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        runner.step()
+    runner.sync()
+    return (time.perf_counter() - t0) / steps
+
+
+def interleave(runners: Sequence, repeats: int, steps: int = 0,
+               block_seconds: float = 1.0) -> Dict[str, List[float]]:
+    """Per-step seconds of each runner for each repeat, runners taking turns in ABBA order.
+
+    steps <= 0: each runner's block is as many steps as fill `block_seconds`, from one timed
+    (untimed-for-results) step first."""
+    counts = {}
+    for r in runners:
+        counts[r.name] = steps if steps > 0 else max(1, int(round(block_seconds / timed(r, 1))))
+    out: Dict[str, List[float]] = {r.name: [] for r in runners}
+    for k in range(repeats):
+        order = runners if k % 2 == 0 else list(reversed(runners))
+        for r in order:
+            out[r.name].append(timed(r, counts[r.name]))
+    return out
+
+
+# --------------------------------------------------------------------------- options
+
+@dataclasses.dataclass
+class Options:
+    repeats: int = 5
+    steps: int = 0                 # steps per timed block (0: fill block_seconds)
+    block_seconds: float = 1.0
+    warmup: int = 1                # steps after the first (compiling) one, before timing
+    baseline_modes: tuple = ("per_task",)  # () = no baseline
+    torch_device: str = "cpu"
+    torch_threads: Optional[int] = None
+    seed: int = 0
+    verbose: bool = True
+
+
+def log(opts: Options, msg: str) -> None:
+    if opts.verbose:
+        print(msg, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- figures
+
+def figures(runner, times: List[float], flops_per_step: float, peak: Optional[float]) -> dict:
+    med = float(np.median(times))
+    out = {"step_s": med, "step_s_repeats": [float(t) for t in times],
+           "steps_per_s": 1.0 / med,
+           "examples_per_s": runner.examples_per_step / med,
+           "tokens_per_s": runner.tokens_per_step / med,
+           "model_flops_per_step": flops_per_step,
+           "model_flops_per_s": flops_per_step / med,
+           "mfu": (flops_per_step / med / peak) if peak else None,
+           "spread": float((max(times) - min(times)) / med) if len(times) > 1 else 0.0}
+    return out
+
+
+def _build_mtlx_runner(cell: W.Cell, opts: Options, name: str = "mtlx"):
+    """Builds, compiles (first call) and warms up an mtlx runner; returns (runner, info)."""
+    import jax
+    MEM.release_free_memory()
+    rss0 = MEM.rss_bytes()
+    t0 = time.perf_counter()
+    setup = W.build_mtlx(cell, seed=opts.seed)
+    build_s = time.perf_counter() - t0
+    runner = MtlxRunner(setup, name)
+    with CompileWindow() as first:
+        t0 = time.perf_counter()
+        runner.step()
+        runner.sync()
+        first_s = time.perf_counter() - t0
+    MEM.release_free_memory()  # the compiler's scratch memory is not the step's
+    with CompileWindow() as warm, MEM.PeakRSS() as rss:
+        for _ in range(opts.warmup):
+            runner.step()
+        runner.sync()
+    device = jax.devices()[0]
+    compiled = runner.compiled()
+    cost = compiled.cost_analysis() or {}
+    info = {
+        "build_s": build_s,
+        "first_step_s": first_s,
+        "compile_s": first.compile_seconds,
+        "compilations_first_call": first.backend_compiles,
+        "compilations_after_first": warm.backend_compiles,
+        "memory": {"compiled": MEM.compiled_bytes(compiled),
+                   "rss_delta": (rss.peak - rss0) if device.platform == "cpu" else None,
+                   "device_peak_process": MEM.jax_device_peak(device)},
+        "xla_cost_flops": float(cost["flops"]) if "flops" in cost else None,
+        "params": setup.param_count,
+        "trainable_params": setup.trainable_count,
+        "flops_breakdown": setup.flops.by_name(),
+        "loss_after_warmup": runner.loss(),
+    }
+    return runner, info
+
+
+def _build_torch_runner(cell: W.Cell, mode: str, opts: Options):
+    from mtlx.bench import torch_baseline as TB
+    MEM.release_free_memory()
+    rss0 = MEM.rss_bytes()
+    cfg = W.backbone_config(cell)
+    methods = W.CONFIGS[cell.config]
+    arrays, ids = [], []
+    vocab = W.SIZES[cell.size]["vocab_size"]
+    for s in range(4):
+        arrays.append(W.synthetic_arrays(cell.batch_size, cell.seq_len, vocab, opts.seed + s))
+        ids.append(W.step_task_ids(s, cell.batch_size, cell.num_tasks))
+    t0 = time.perf_counter()
+    base = TB.TorchBaseline(cfg, W.task_heads(cell.num_tasks), cell.config,
+                            methods[0] if methods else {}, arrays, ids, device=opts.torch_device,
+                            dtype=cell.features.dtype, mode=mode,
+                            attention_dropout=cell.features.attention_dropout,
+                            head_dropout=W.HEAD_DROPOUT, seed=opts.seed,
+                            lr=W.LEARNING_RATE, weight_decay=W.WEIGHT_DECAY, clip_norm=W.CLIP_NORM)
+    build_s = time.perf_counter() - t0
+    runner = TorchRunner(base, cell, f"torch[{mode}]")
+    TB.reset_device_peak(opts.torch_device)
+    runner.step()
+    runner.sync()
+    with MEM.PeakRSS() as rss:
+        for _ in range(opts.warmup):
+            runner.step()
+        runner.sync()
+    n_params = sum(p.numel() for p in base.model.parameters())
+    n_train = sum(p.numel() for p in base.params)
+    info = {"build_s": build_s, "compile_s": None, "compilations": 0,
+            "memory": {"rss_delta": (rss.peak - rss0) if opts.torch_device == "cpu" else None,
+                       "device_peak": TB.device_peak_bytes(opts.torch_device)},
+            "params": int(n_params), "trainable_params_in_optimizer": int(n_train),
+            "mode": mode, "loss_after_warmup": runner.loss()}
+    return runner, info
+
+
+def measure_group(cells: Sequence[W.Cell], opts: Options, peaks: Dict[str, Any]) -> List[dict]:
+    """Cells that differ only in the number of tasks: every mtlx and baseline runner of the
+    group is built, then all are timed interleaved. Returns one result dict per cell."""
+    runners, infos, cell_flops = [], {}, {}
+    for cell in cells:
+        log(opts, f"[bench] build {cell.label} mtlx")
+        r, info = _build_mtlx_runner(cell, opts, f"mtlx {cell.label}")
+        runners.append(r)
+        infos[r.name] = (cell, info)
+        cell_flops[cell] = info_flops(info)
+        for mode in opts.baseline_modes:
+            log(opts, f"[bench] build {cell.label} torch[{mode}]")
+            r, info = _build_torch_runner(cell, mode, opts)
+            r.name = f"torch[{mode}] {cell.label}"
+            runners.append(r)
+            infos[r.name] = (cell, info)
+    log(opts, f"[bench] timing {len(runners)} runners x {opts.repeats} repeats")
+    with CompileWindow() as during:
+        times = interleave(runners, opts.repeats, opts.steps, opts.block_seconds)
+    results = []
+    for cell in cells:
+        res = {"cell": cell.label, "config": cell.config, "size": cell.size,
+               "seq_len": cell.seq_len, "num_tasks": cell.num_tasks,
+               "batch_size": cell.batch_size, "features": dataclasses.asdict(cell.features)}
+        peak = peaks[cell.features.dtype]
+        for r in runners:
+            c, info = infos[r.name]
+            if c != cell:
+                continue
+            # The same model FLOPs for both sides: the same model, tasks and examples.
+            fig = figures(r, times[r.name], cell_flops[cell], peak.flops_per_s)
+            fig.update(info)
+            if r.framework == "mtlx":
+                fig["compilations"] = info["compilations_first_call"] + info["compilations_after_first"]
+                fig["jit_cache_size"] = count_compilations(r.setup.step)
+                res["mtlx"] = fig
+            else:
+                res.setdefault("baseline", {})[info["mode"]] = fig
+        res["ratio"] = {mode: res["mtlx"]["examples_per_s"] / b["examples_per_s"]
+                        for mode, b in res.get("baseline", {}).items()}
+        # XLA compilations while the group was timed (steps cycle through task mixes): 0 when
+        # every step reused its executable.
+        res["compilations_during_timing"] = during.backend_compiles
+        results.append(res)
+    return results
+
+
+# --------------------------------------------------------------------------- features
+
+SCAN_UNAVAILABLE = ("not available: mtlx.models.bert.BertConfig has no scan-over-layers option "
+                    "(the encoder unrolls its layers; see BUILD_NOTES)")
+
+
+def feature_variants(base: W.Features, platform_name: str) -> Dict[str, Any]:
+    """{variant name: Features, or a string saying why it is not available}, each to be timed
+    against 'reference' (= base)."""
+    rep = dataclasses.replace
+    other_dtype = "bfloat16" if base.dtype == "float32" else "float32"
+    out: Dict[str, Any] = {"reference": base,
+                           f"dtype={other_dtype}": rep(base, dtype=other_dtype)}
+    if base.attention != "cudnn":
+        out["attention_dropout=0"] = rep(base, attention_dropout=0.0, attention="xla")
+        if platform_name == "gpu":
+            out["attention=cudnn (attention_dropout=0)"] = rep(base, attention="cudnn",
+                                                              attention_dropout=0.0)
+        else:
+            out["attention=cudnn (attention_dropout=0)"] = (
+                f"not available on {platform_name}: cuDNN fused attention needs an NVIDIA GPU")
+    else:
+        out["attention=xla"] = rep(base, attention="xla")
+    for policy in ("full", "dots", "dots_no_batch"):
+        if base.remat != policy:
+            out[f"remat={policy}"] = rep(base, remat=policy)
+    out[f"donate={'off' if base.donate else 'on'}"] = rep(base, donate=not base.donate)
+    out["scan_layers"] = SCAN_UNAVAILABLE
+    return out
+
+
+def measure_features(cell: W.Cell, opts: Options, peaks: Dict[str, Any]) -> dict:
+    """Each feature switched against the cell's own features, all variants timed interleaved
+    (mtlx only). Per variant: step time, ratio to the reference, compile time and the
+    compiled step's memory."""
+    import jax
+    platform_name = jax.devices()[0].platform
+    variants = feature_variants(cell.features, platform_name)
+    runners, infos, out = [], {}, {}
+    for name, feat in variants.items():
+        if isinstance(feat, str):
+            out[name] = {"available": False, "reason": feat}
+            continue
+        c = dataclasses.replace(cell, features=feat)
+        log(opts, f"[bench] feature {name}: build {c.label}")
+        try:
+            r, info = _build_mtlx_runner(c, opts, name)
+        except Exception as e:  # noqa: BLE001 - a feature that fails to build is a result
+            out[name] = {"available": False, "reason": f"failed: {type(e).__name__}: {e}"[:400]}
+            continue
+        runners.append(r)
+        infos[name] = (c, info)
+    times = interleave(runners, opts.repeats, opts.steps, opts.block_seconds)
+    ref = float(np.median(times["reference"])) if "reference" in times else None
+    for r in runners:
+        c, info = infos[r.name]
+        fig = figures(r, times[r.name], info_flops(info), peaks[c.features.dtype].flops_per_s)
+        fig.update({k: info[k] for k in ("compile_s", "memory", "loss_after_warmup")})
+        fig["available"] = True
+        fig["features"] = dataclasses.asdict(c.features)
+        fig["speedup_vs_reference"] = (ref / fig["step_s"]) if ref else None
+        out[r.name] = fig
+    return {"cell": cell.label, "variants": out}
+
+
+def info_flops(info: dict) -> float:
+    return float(sum(info["flops_breakdown"].values()))
+
+
+def measure_packing(config: str, size: str, seq_len: int, num_examples: int, num_tasks: int,
+                    features: W.Features, opts: Options, peaks: Dict[str, Any]) -> dict:
+    """The same short token-classification examples padded (one a row) and packed, timed
+    interleaved: examples/s, and real (non-padding) tokens/s."""
+    import jax
+    from mtlx.bench.flops import step_flops
+    from mtlx.models.multitask import MultiTaskModel, init_params
+    from mtlx.peft import registry
+    from mtlx.train import optim
+    from mtlx.train.step import create_state, make_train_step
+    vocab = W.SIZES[size]["vocab_size"]
+    tasks, padded, packed = W.packing_batches(num_examples, num_tasks, seq_len, vocab, opts.seed)
+    device = jax.devices()[0]
+    cell = W.Cell(config, size, seq_len, num_tasks, num_examples, features)
+    cfg = W.backbone_config(cell)
+    if W.CONFIGS[config]:  # rebuilt for the token tasks' names
+        cfg = registry.attach(dataclasses.replace(cfg, extensions=()), W.CONFIGS[config],
+                              [t.name for t in tasks])
+    model = MultiTaskModel(cfg, tasks, head_dropout=W.HEAD_DROPOUT)
+    runners, out = [], {}
+    for name, batch in (("padded", padded), ("packed", packed)):
+        batch = jax.device_put(batch, device)
+        params = jax.jit(lambda r, b: init_params(model, r, b))(jax.random.key(opts.seed), batch)
+        trainable = None
+        if not W.BACKBONE_TRAINS[config]:
+            trainable = optim.trainable_mask(params, registry.trainable_patterns(cfg))
+        tx = optim.make_optimizer(W.optim_config(), params, trainable)
+        state = jax.device_put(create_state(params, tx, jax.random.key(opts.seed + 1)), device)
+        step = jax.jit(make_train_step(model, tx), donate_argnums=(0,))
+        rows, length = batch.input_ids.shape
+        flops = step_flops(model, rows, length, task_ids=np.asarray(batch.task_ids).tolist(),
+                           backbone_trainable=W.BACKBONE_TRAINS[config])
+        setup = W.MtlxSetup(dataclasses.replace(cell, batch_size=rows), model, state, step,
+                            [batch], trainable, flops, 0, 0)
+        r = MtlxRunner(setup, name)
+        with CompileWindow() as first:
+            r.step()
+            r.sync()
+        for _ in range(opts.warmup):
+            r.step()
+        r.sync()
+        r.examples_per_step = num_examples  # both hold the same examples
+        runners.append(r)
+        out[name] = {"rows": rows, "compile_s": first.compile_seconds,
+                     "real_tokens": int(np.asarray(batch.attention_mask).sum()),
+                     "flops": flops.train}
+    times = interleave(runners, opts.repeats, opts.steps, opts.block_seconds)
+    for r in runners:
+        fig = figures(r, times[r.name], out[r.name]["flops"], peaks[features.dtype].flops_per_s)
+        out[r.name].update(fig)
+        out[r.name]["real_tokens_per_s"] = out[r.name]["real_tokens"] / fig["step_s"]
+    out["speedup_examples_per_s"] = out["packed"]["examples_per_s"] / out["padded"]["examples_per_s"]
+    out["workload"] = (f"{num_examples} token-classification examples of {num_tasks} tasks, "
+                       f"lengths log-normal median 20 (clipped to [4, {seq_len}]), rows of "
+                       f"{seq_len}: padded {out['padded']['rows']} rows, packed "
+                       f"{out['packed']['rows']} rows; {config}/{size}")
+    return out
+
+
+def measure_compile_cache(cell: W.Cell, opts: Options) -> dict:
+    """Compile time of the cell's step with a fresh persistent compilation cache (cold: the
+    executable is written) and again after clearing JAX's in-memory caches (warm: read back).
+    Clears every in-memory jit cache: run it after the other measurements."""
+    import jax
+    directory = tempfile.mkdtemp(prefix="mtlx-bench-cache-")
+    saved = {k: getattr(jax.config, k) for k in (
+        "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+        "jax_persistent_cache_min_entry_size_bytes")}
+    out = {"cell": cell.label, "directory": "temporary (deleted afterwards)"}
+    try:
+        jax.config.update("jax_compilation_cache_dir", directory)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+        for phase in ("cold", "warm"):
+            jax.clear_caches()
+            setup = W.build_mtlx(cell, seed=opts.seed)
+            r = MtlxRunner(setup, phase)
+            with CompileWindow() as w:
+                t0 = time.perf_counter()
+                r.step()
+                r.sync()
+                first = time.perf_counter() - t0
+            out[phase] = {"compile_s": w.compile_seconds, "first_step_s": first,
+                          "cache_hits": w.cache_hits}
+            del r, setup
+        out["speedup_compile"] = out["cold"]["compile_s"] / max(out["warm"]["compile_s"], 1e-9)
+    finally:
+        for k, v in saved.items():
+            jax.config.update(k, v)
+        jax.clear_caches()
+        shutil.rmtree(directory, ignore_errors=True)
+    return out
+
+
+# --------------------------------------------------------------------------- environment
+
+def environment(opts: Options) -> dict:
+    import jax
+    dev = jax.devices()[0]
+    env = {"python": sys.version.split()[0], "platform": platform.platform(),
+           "machine": platform.machine(), "cpu_count": os.cpu_count(),
+           "jax": jax.__version__, "jax_backend": dev.platform, "device_kind": dev.device_kind,
+           "jax_devices": len(jax.devices()),
+           "xla_flags": os.environ.get("XLA_FLAGS", ""),
+           "matmul_precision": str(jax.config.jax_default_matmul_precision),
+           "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+    try:
+        import torch
+        env.update(torch=torch.__version__, torch_threads=torch.get_num_threads(),
+                   torch_device=opts.torch_device)
+        import transformers
+        env["transformers"] = transformers.__version__
+        import peft
+        env["peft"] = peft.__version__
+    except ImportError as e:
+        env["torch"] = f"unavailable ({e})"
+    return env
+
+
+class Peaks(dict):
+    """{dtype: mtlx.bench.peaks.Peak}, measured (or looked up) the first time a dtype is used."""
+
+    def __init__(self, opts: Options):
+        super().__init__()
+        self.opts = opts
+
+    def __missing__(self, dtype: str):
+        import jax
+        from mtlx.bench.peaks import device_peak
+        prec = jax.config.jax_default_matmul_precision
+        peak = device_peak(dtype, matmul_precision=str(prec) if prec else None)
+        log(self.opts, f"[bench] peak {dtype}: {peak.flops_per_s / 1e9:.1f} GFLOP/s ({peak.source})")
+        self[dtype] = peak
+        return peak
+
+
+def measure_peaks(dtypes: Sequence[str], opts: Options) -> Peaks:
+    peaks = Peaks(opts)
+    for dt in dtypes:
+        peaks[dt]  # noqa: B018 - measured on first access
+    return peaks
+
+
+def group_by_tasks(cells: Sequence[W.Cell]) -> List[List[W.Cell]]:
+    """Cells grouped by everything but the number of tasks (order kept)."""
+    groups: Dict[tuple, List[W.Cell]] = {}
+    for c in cells:
+        key = (c.config, c.size, c.seq_len, c.batch_size, c.features)
+        groups.setdefault(key, []).append(c)
+    return list(groups.values())
+
+
+def task_scaling(results: Sequence[dict]) -> List[dict]:
+    """Per group: step time with T tasks over step time with the fewest tasks (same batch)."""
+    out = []
+    groups: Dict[tuple, List[dict]] = {}
+    for r in results:
+        key = (r["config"], r["size"], r["seq_len"], r["batch_size"], str(r["features"]))
+        groups.setdefault(key, []).append(r)
+    for key, rs in groups.items():
+        if len(rs) < 2:
+            continue
+        rs = sorted(rs, key=lambda r: r["num_tasks"])
+        base = rs[0]
+        row = {"config": key[0], "size": key[1], "seq_len": key[2], "batch_size": key[3],
+               "reference_tasks": base["num_tasks"], "mtlx": {}, "baseline": {}}
+        for r in rs[1:]:
+            row["mtlx"][r["num_tasks"]] = r["mtlx"]["step_s"] / base["mtlx"]["step_s"]
+            for mode, b in r.get("baseline", {}).items():
+                row["baseline"].setdefault(mode, {})[r["num_tasks"]] = (
+                    b["step_s"] / base["baseline"][mode]["step_s"])
+        out.append(row)
+    return out

@@ -1,0 +1,205 @@
+"""mtlx against PyTorch Hugging Face + PEFT: throughput, MFU, compile time and count, memory,
+task scaling and throughput features, in one process (mtlx.bench).
+
+    python scripts/bench.py --quick --json /tmp/bench_quick.json     # < 5 min on 2 CPU cores
+    python scripts/bench.py --quick --json out.json --markdown out.md --plot out.png
+    python scripts/bench.py --sizes tiny,base --seq-lens 128,512 --tasks 1,8,64 --batch 8 \
+        --json full.json                                               # the whole grid
+    python scripts/bench.py --sizes base --seq-lens 128 --dtype bfloat16 --attention cudnn \
+        --batch 64 --json gpu.json                                     # a GPU run (gpu_check.sh)
+
+Every cell (configuration x size x sequence length x number of tasks) runs the library's own
+compiled step (mtlx.train.step) and, in the same process, the PyTorch baseline (HF BertModel,
+PEFT LoRA, a Houlsby adapter, HyperFormer++, one task per batch; mtlx.bench.torch_baseline).
+The runners of cells that differ only in their number of tasks are timed together, taking turns
+(ABBA), after warm-up; figures are medians over repeats. Threads: torch.set_num_threads
+(--torch-threads, default all CPUs) and JAX's default CPU client (all CPUs).
+
+Prints the tables (and Markdown with --markdown) and writes every figure with --json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+QUICK = {
+    # (config, size, seq_len, num_tasks, batch): tiny everywhere, BERT-base once.
+    "cells": [(c, "tiny", 128, t, 16) for c in ("shared", "adapters", "lora", "hyperformer++")
+              for t in (1, 8, 64)]
+             + [("adapters", "tiny", 512, 8, 4), ("adapters", "base", 128, 8, 4)],
+    "features": ("adapters", "tiny", 128, 8, 16),
+    "packing": ("adapters", "tiny", 128, 64, 4),   # config, size, L, examples, tasks
+    "repeats": 3,
+    "block_seconds": 0.3,
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="the < 5 minute CPU preset (see QUICK)")
+    p.add_argument("--sizes", default="tiny,base")
+    p.add_argument("--configs", default="shared,adapters,lora,hyperformer++")
+    p.add_argument("--seq-lens", default="128,512")
+    p.add_argument("--tasks", default="1,8,64")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--cells", default=None,
+                   help="explicit cells 'config/size/L/T/B;...' instead of the grid")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--attention", default="default", choices=("default", "xla", "cudnn"))
+    p.add_argument("--remat", default="none")
+    p.add_argument("--no-donate", action="store_true")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--steps", type=int, default=0,
+                   help="steps per timed block (0: enough for --block-seconds)")
+    p.add_argument("--block-seconds", type=float, default=1.0)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--baseline-modes", default="per_task",
+                   help="per_task, split, both comma-separated, or 'none'")
+    p.add_argument("--torch-threads", type=int, default=None)
+    p.add_argument("--torch-device", default=None, help="cpu | cuda (default: cuda if JAX runs on a GPU)")
+    p.add_argument("--features", default=None,
+                   help="cell 'config/size/L/T/B' whose features are switched on/off; 'none' to skip")
+    p.add_argument("--packing", default=None,
+                   help="'config/size/L/examples/tasks' for padded vs packed; 'none' to skip")
+    p.add_argument("--compile-cache-check", default=None,
+                   help="cell 'config/size/L/T/B' compiled with a cold then warm persistent cache; 'none' to skip")
+    p.add_argument("--compile-cache", default=None,
+                   help="use this persistent compilation cache directory for every compilation")
+    p.add_argument("--checks", action="store_true", help="run the correctness checks first")
+    p.add_argument("--json", default=None)
+    p.add_argument("--markdown", default=None)
+    p.add_argument("--plot", default=None)
+    p.add_argument("--quiet", action="store_true")
+    return p.parse_args(argv)
+
+
+def _cell(text, features):
+    from mtlx.bench import workload as W
+    parts = text.split("/")
+    if len(parts) != 5:
+        raise SystemExit(f"scripts/bench.py: cell {text!r} must be config/size/L/T/B")
+    c, s, l, t, b = parts
+    return W.Cell(c, s, int(l), int(t), int(b), features)
+
+
+def _split(text):
+    return [x for x in text.split(",") if x]
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    import jax
+    if args.compile_cache:
+        jax.config.update("jax_compilation_cache_dir", args.compile_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    from mtlx.bench import harness as HR
+    from mtlx.bench import report as R
+    from mtlx.bench import workload as W
+
+    platform_name = jax.devices()[0].platform
+    torch_device = args.torch_device or ("cuda" if platform_name == "gpu" else "cpu")
+    modes = () if args.baseline_modes == "none" else tuple(_split(args.baseline_modes))
+    if modes:
+        import torch
+        threads = args.torch_threads or (os.cpu_count() if torch_device == "cpu" else None)
+        if threads:
+            torch.set_num_threads(threads)
+    features = W.Features(dtype=args.dtype,
+                          attention=None if args.attention == "default" else args.attention,
+                          remat=args.remat, donate=not args.no_donate,
+                          attention_dropout=0.0 if args.attention == "cudnn" else W.ATTENTION_DROPOUT)
+    quick = QUICK if args.quick else None
+    if args.cells:
+        cells = [_cell(x, features) for x in args.cells.split(";") if x]
+    elif quick:
+        cells = W.grid(quick["cells"], features)
+    else:
+        cells = W.default_cells(_split(args.sizes), _split(args.configs),
+                                [int(x) for x in _split(args.seq_lens)],
+                                [int(x) for x in _split(args.tasks)], args.batch, features)
+    opts = HR.Options(repeats=quick["repeats"] if quick else args.repeats, steps=args.steps,
+                      block_seconds=quick["block_seconds"] if quick else args.block_seconds,
+                      warmup=args.warmup, baseline_modes=modes, torch_device=torch_device,
+                      verbose=not args.quiet)
+
+    results = {"command": "python scripts/bench.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+               "environment": HR.environment(opts)}
+    dtypes = sorted({c.features.dtype for c in cells})
+    peaks = HR.measure_peaks(dtypes, opts)
+    if args.checks:
+        from mtlx.bench import checks
+        results["checks"] = checks.run_checks(torch_device=torch_device)
+        HR.log(opts, f"[bench] checks: {checks.summary(results['checks'])}")
+
+    results["cells"] = []
+    for group in HR.group_by_tasks(cells):
+        results["cells"] += HR.measure_group(group, opts, peaks)
+        _print_last(results["cells"][-len(group):], opts)
+    results["task_scaling"] = HR.task_scaling(results["cells"])
+
+    def chosen(flag, default):
+        if flag == "none":
+            return None
+        return flag or default
+
+    fcell = chosen(args.features, "/".join(map(str, quick["features"])) if quick else None)
+    if fcell:
+        results["features"] = HR.measure_features(_cell(fcell, features),
+                                                  opts, peaks)
+    pk = chosen(args.packing, "/".join(map(str, quick["packing"])) if quick else None)
+    if pk:
+        c, s, l, n, t = pk.split("/")
+        results["packing"] = HR.measure_packing(c, s, int(l), int(n), int(t), features,
+                                                opts, peaks)
+    cc = chosen(args.compile_cache_check, "/".join(map(str, quick["features"])) if quick else None)
+    if cc:
+        results["compile_cache"] = HR.measure_compile_cache(_cell(cc, features), opts)
+    results["peaks"] = {k: dataclasses.asdict(v) for k, v in peaks.items()}
+    results["environment"]["load_average_end"] = list(os.getloadavg())
+    results["wall_s"] = time.perf_counter() - t_start
+
+    text = R.render(results)
+    print(text)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=1, default=_json_default))
+    if args.markdown:
+        Path(args.markdown).write_text(R.render(results, markdown=True))
+    if args.plot:
+        where = R.plot_tasks(results, args.plot)
+        HR.log(opts, f"[bench] plot: {where or 'not written (no configuration at several task counts)'}")
+    HR.log(opts, f"[bench] done in {results['wall_s']:.0f} s")
+    return results
+
+
+def _print_last(rows, opts):
+    for r in rows:
+        ratio = ", ".join(f"{m} {v:.2f}x" for m, v in r["ratio"].items()) or "no baseline"
+        print(f"[bench] {r['cell']}: mtlx {r['mtlx']['examples_per_s']:.3g} ex/s "
+              f"({1e3 * r['mtlx']['step_s']:.1f} ms/step); mtlx/torch {ratio}",
+              file=sys.stderr, flush=True)
+
+
+def _json_default(x):
+    import numpy as np
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating,)):
+        return float(x)
+    return str(x)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,430 @@
+"""The benchmark harness (mtlx.bench, scripts/bench.py): the FLOPs formula against a hand count
+and XLA's cost analysis, the PyTorch baseline against mtlx on the same weights, peaks, memory,
+timing order, tables and plot. No test asserts a speed."""
+
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+
+import flax.traverse_util as tu
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mtlx.batch import make_batch
+from mtlx.bench import flops as F
+from mtlx.bench import harness as HR
+from mtlx.bench import memory as MEM
+from mtlx.bench import peaks as PK
+from mtlx.bench import report as R
+from mtlx.bench import workload as W
+from mtlx.models import heads as H
+from mtlx.models.bert import BertConfig
+from mtlx.models.heads import TaskHead
+from mtlx.models.multitask import MultiTaskModel, init_params
+from mtlx.peft import registry
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def hand_cfg(**kw):
+    return BertConfig(vocab_size=50, hidden_size=16, num_layers=2, num_heads=2,
+                      intermediate_size=32, max_position_embeddings=16, **kw)
+
+
+ONE_TASK = (TaskHead("a", "classification", 2),)
+
+
+# --------------------------------------------------------------------------- FLOPs by hand
+
+def test_flops_full_finetuning_equals_hand_count():
+    # B=2, L=4, d=16, f=32, 2 layers. Per token and layer: q,k,v,o 4*16*16 = 1024 MACs, FFN
+    # 2*16*32 = 1024, attention (QK^T and PV) 2*4*16 = 128. Tokens 8. Pooler 2*16*16 = 512,
+    # head 2*16*2 = 64. Everything trains: 6 FLOPs per MAC.
+    model = MultiTaskModel(hand_cfg(), ONE_TASK)
+    f = F.step_flops(model, batch_size=2, seq_len=4)
+    weights = 2 * 8 * (1024 + 1024)
+    attention = 2 * 8 * 128
+    assert f.forward == 2 * (weights + attention + 512 + 64)
+    assert f.train == 6 * (weights + attention + 512 + 64) == 212352
+
+
+def test_flops_frozen_backbone_skips_weight_gradients():
+    # Frozen encoder weights: 4 FLOPs per MAC (forward + input gradient); attention (two
+    # activations) and the trainable head keep 6.
+    model = MultiTaskModel(hand_cfg(), ONE_TASK)
+    f = F.step_flops(model, 2, 4, backbone_trainable=False)
+    assert f.train == 4 * (2 * 8 * 2048 + 512) + 6 * (2 * 8 * 128) + 6 * 64 == 145792
+
+
+def test_flops_of_extensions_by_hand():
+    names = ["a"]
+    base = F.step_flops(MultiTaskModel(hand_cfg(), ONE_TASK), 2, 4, backbone_trainable=False).train
+    # Houlsby, reduction 4 -> m = 4: 2*16*4 = 128 MACs per token and site, 2 sites x 2 layers.
+    cfg = registry.attach(hand_cfg(), [{"method": "adapter", "reduction_factor": 4}], names)
+    f = F.step_flops(MultiTaskModel(cfg, ONE_TASK), 2, 4, backbone_trainable=False)
+    assert f.train - base == 6 * (4 * 8 * 128)
+    # Only the first layer's FFN: one site.
+    cfg = registry.attach(hand_cfg(), [{"method": "adapter", "reduction_factor": 4,
+                                        "sites": ["encoder.layer0.ffn"]}], names)
+    f = F.step_flops(MultiTaskModel(cfg, ONE_TASK), 2, 4, backbone_trainable=False)
+    assert f.train - base == 6 * (1 * 8 * 128)
+    # LoRA r=2 on query and value: r (16 + 16) = 64 MACs per token, target and layer.
+    cfg = registry.attach(hand_cfg(), [{"method": "lora", "rank": 2}], names)
+    f = F.step_flops(MultiTaskModel(cfg, ONE_TASK), 2, 4, backbone_trainable=False)
+    assert f.train - base == 6 * (2 * 2 * 8 * 64)
+    # LoRA on ffn.input (16 -> 32): r (16 + 32) = 96.
+    cfg = registry.attach(hand_cfg(), [{"method": "lora", "rank": 2, "targets": ["ffn.input"]}], names)
+    f = F.step_flops(MultiTaskModel(cfg, ONE_TASK), 2, 4, backbone_trainable=False)
+    assert f.train - base == 6 * (2 * 8 * 96)
+
+
+def test_flops_of_hyperformer_pp_by_hand():
+    tasks = (TaskHead("a", "classification", 2), TaskHead("b", "classification", 2))
+    cfg = registry.attach(hand_cfg(), [{"method": "hyperformer++", "reduction_factor": 4}], ["a", "b"])
+    base = F.step_flops(MultiTaskModel(hand_cfg(), tasks), 2, 4, backbone_trainable=False).train
+    f = F.step_flops(MultiTaskModel(cfg, tasks), 2, 4, backbone_trainable=False)
+    m, d = 4, 16
+    adapters = 4 * 8 * 2 * d * m                        # 4 sites, 8 tokens
+    conditions = 2 * 2 * 2                              # tasks x layers x blocks
+    mlp = conditions * (192 * 128 + 128 * 64)
+    gen = conditions * 64 * (2 * d * m + m + 3 * d)
+    assert f.train - base == 6 * (adapters + mlp + gen)
+    assert f.by_name()["hyperformer_pp.generator"] == 6 * (mlp + gen)
+
+
+def test_flops_errors_name_what_is_not_modelled():
+    cfg = registry.attach(hand_cfg(), [{"method": "ia3"}], ["a"])
+    with pytest.raises(ValueError, match="no FLOPs model for extension 'ia3'"):
+        F.step_flops(MultiTaskModel(cfg, ONE_TASK), 2, 4)
+    span = (TaskHead("qa", "span"),)
+    with pytest.raises(ValueError, match="task 'qa' of head kind 'span'"):
+        F.step_flops(MultiTaskModel(hand_cfg(), span), 2, 4)
+    with pytest.raises(ValueError, match="3 task ids for a batch of 2"):
+        F.step_flops(MultiTaskModel(hand_cfg(), ONE_TASK), 2, 4, task_ids=[0, 0, 0])
+
+
+# --------------------------------------------------------------------------- FLOPs vs XLA
+
+XLA_CFG = dict(vocab_size=64, hidden_size=128, num_layers=2, num_heads=2, intermediate_size=512,
+               max_position_embeddings=64, hidden_dropout=0.0, attention_dropout=0.0)
+B_XLA, L_XLA = 4, 32
+
+
+def _xla_flops(fn, *args):
+    return float(jax.jit(fn).lower(*args).compile().cost_analysis()["flops"])
+
+
+def _xla_model(methods=()):
+    tasks = W.task_heads(2)
+    cfg = BertConfig(**XLA_CFG)
+    if methods:
+        cfg = registry.attach(cfg, methods, [t.name for t in tasks])
+    model = MultiTaskModel(cfg, tasks, head_dropout=0.0)
+    a = W.synthetic_arrays(B_XLA, L_XLA, 64, 0)
+    batch = make_batch(task_ids=W.step_task_ids(0, B_XLA, 2), **a)
+    return model, batch, init_params(model, jax.random.key(0), batch)
+
+
+# XLA counts every floating-point operation (LayerNorm, GELU, softmax, biases, the optimizer);
+# the model count only the products. With d=128, f=512 the products are ~90% of XLA's count:
+# the analytic figure must lie in [0.85, 1.0] of XLA's (below 1: products are a subset).
+XLA_BAND = (0.85, 1.0)
+
+
+@pytest.mark.parametrize("config", ["shared", "adapters", "lora", "hyperformer++"])
+def test_forward_flops_within_band_of_xla_cost_analysis(config):
+    model, batch, params = _xla_model(W.CONFIGS[config])
+    xla = _xla_flops(lambda p, b: model.apply({"params": p}, b), params, batch)
+    analytic = F.step_flops(model, B_XLA, L_XLA, task_ids=np.asarray(batch.task_ids).tolist()).forward
+    assert XLA_BAND[0] <= analytic / xla <= XLA_BAND[1], (analytic, xla)
+
+
+def test_train_step_flops_within_band_of_xla_cost_analysis():
+    from mtlx.train import optim
+    from mtlx.train.step import create_state, make_train_step
+    model, batch, params = _xla_model()
+    tx = optim.make_optimizer(W.optim_config(), params)
+    state = create_state(params, tx, jax.random.key(1))
+    xla = _xla_flops(make_train_step(model, tx), state, batch)
+    analytic = F.step_flops(model, B_XLA, L_XLA).train
+    assert XLA_BAND[0] <= analytic / xla <= XLA_BAND[1], (analytic, xla)
+
+
+# --------------------------------------------------------------------------- the baseline
+
+def _faithful_setup(config, num_tasks=3, batch=4, seq=16, task=1, vocab=200):
+    cell = W.Cell(config, "tiny", seq, num_tasks, batch)
+    cfg = dataclasses.replace(W.backbone_config(cell), hidden_dropout=0.0, attention_dropout=0.0,
+                              vocab_size=vocab)
+    tasks = W.task_heads(num_tasks)
+    model = MultiTaskModel(cfg, tasks, head_dropout=0.0)
+    a = W.synthetic_arrays(batch, seq, vocab, 0)
+    ids = np.full(batch, task) if task is not None else W.step_task_ids(0, batch, num_tasks)
+    b = make_batch(task_ids=ids, **a)
+    params = init_params(model, jax.random.key(0), b)
+    rng = np.random.default_rng(1)  # every weight non-trivial (adapters start as identities)
+    flat = {k: np.asarray(v) + (0.05 * rng.standard_normal(v.shape)).astype(np.float32)
+            for k, v in tu.flatten_dict(params).items()}
+    return cfg, tasks, model, a, ids, b, tu.unflatten_dict(flat)
+
+
+def _baseline(config, cfg, tasks, a, ids, mode="per_task"):
+    from mtlx.bench import torch_baseline as TB
+    methods = W.CONFIGS[config]
+    return TB.TorchBaseline(cfg, tasks, config, methods[0] if methods else {}, [a], [ids],
+                            mode=mode, attention_dropout=0.0, head_dropout=0.0)
+
+
+@pytest.mark.parametrize("config", ["shared", "adapters", "lora", "hyperformer++"])
+def test_torch_baseline_gives_mtlx_loss_and_gradients_on_the_same_weights(config):
+    from mtlx.bench import torch_baseline as TB
+    cfg, tasks, model, a, ids, b, params = _faithful_setup(config)
+
+    def loss(p):
+        return H.task_losses(model.apply({"params": p}, b), b, tasks)[0][1]
+
+    lj, gj = jax.jit(jax.value_and_grad(loss))(params)
+    base = _baseline(config, cfg, tasks, a, ids)
+    TB.load_mtlx_params(base, params, cfg)
+    base.model.set_task("task01")
+    lt = base._loss(base.batches[0])
+    lt.backward()
+    np.testing.assert_allclose(float(lt.detach()), float(lj), rtol=2e-5)
+    m = base.model
+    np.testing.assert_allclose(m.heads["task01"].weight.grad.numpy(),
+                               np.asarray(gj["heads"]["task01"]["kernel"]).T, rtol=1e-3, atol=1e-6)
+    root = m.base_model().encoder.layer[0]
+    g0 = gj["backbone"]["layer_0"]
+    if config == "adapters":
+        got = root.output.adapter.adapters["task01"].down.weight.grad.numpy()
+        want = np.asarray(g0["ffn"]["adapter"]["task01"]["down"]["kernel"]).T
+    elif config == "lora":
+        got = root.attention.self.value.lora_A["task01"].weight.grad.numpy()
+        want = np.asarray(g0["attention"]["value"]["lora"]["task01"]["A"]).T
+    elif config == "hyperformer++":
+        got = m.hyper.generators["up_kernel"].weight.grad.numpy()
+        want = np.asarray(gj["generators_hyperformer_pp"]["encoder"]["generators"]["up_kernel"]["kernel"]).T
+    else:
+        got = root.attention.self.query.weight.grad.numpy()
+        want = np.asarray(g0["attention"]["query"]["kernel"]).T
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-6 * np.abs(want).max())
+
+
+def test_split_mode_trains_the_mtlx_objective_on_the_mixed_batch():
+    # Sum over tasks of each task's mean loss = mtlx's step loss (equal weights).
+    from mtlx.bench import torch_baseline as TB
+    from mtlx.train import optim
+    from mtlx.train.step import create_state, make_train_step
+    cfg, tasks, model, a, ids, b, params = _faithful_setup("adapters", num_tasks=3, batch=6, task=None)
+    tx = optim.make_optimizer(W.optim_config(), params)
+    _, metrics = jax.jit(make_train_step(model, tx))(create_state(params, tx, jax.random.key(0)), b)
+    base = _baseline("adapters", cfg, tasks, a, ids, mode="split")
+    TB.load_mtlx_params(base, params, cfg)
+    base.step()
+    np.testing.assert_allclose(float(base.last_loss), float(metrics["loss"]), rtol=2e-5)
+
+
+def test_baseline_per_task_mode_updates_only_the_batch_task():
+    cfg, tasks, model, a, ids, b, params = _faithful_setup("adapters")
+    base = _baseline("adapters", cfg, tasks, a, ids)
+    ad = base.model.bert.encoder.layer[0].output.adapter.adapters
+    # The up-projection (zero at init) is what gets a gradient first.
+    before = {t: ad[t].up.weight.detach().clone() for t in ("task00", "task01")}
+    base.step()  # step 0: task00
+    assert not np.allclose(before["task00"].numpy(), ad["task00"].up.weight.detach().numpy())
+    np.testing.assert_array_equal(before["task01"].numpy(), ad["task01"].up.weight.detach().numpy())
+    frozen = base.model.bert.encoder.layer[0].attention.self.query.weight
+    assert not frozen.requires_grad
+
+
+def test_baseline_errors():
+    from mtlx.bench import torch_baseline as TB
+    cfg, tasks, model, a, ids, b, params = _faithful_setup("shared")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        TB.TorchBaseline(cfg, tasks, "shared", {}, [a], [ids], mode="mixed")
+    with pytest.raises(ValueError, match="dtype must be float32 or bfloat16"):
+        TB.TorchBaseline(cfg, tasks, "shared", {}, [a], [ids], dtype="float16")
+    with pytest.raises(ValueError, match="unknown configuration 'prefix'"):
+        TB.TorchBaseline(cfg, tasks, "prefix", {}, [a], [ids])
+
+
+# --------------------------------------------------------------------------- peaks, memory
+
+def test_datasheet_peaks():
+    assert PK.datasheet_peak("NVIDIA H100 80GB HBM3", "bfloat16").flops_per_s == 989e12
+    assert PK.datasheet_peak("NVIDIA H100 80GB HBM3", "float32").flops_per_s == 494.7e12  # TF32
+    assert PK.datasheet_peak("NVIDIA H100 80GB HBM3", "float32", "highest").flops_per_s == 66.9e12
+    assert PK.datasheet_peak("NVIDIA H100 PCIe", "bfloat16").flops_per_s == 756e12
+    assert PK.datasheet_peak("NVIDIA H200", "bfloat16").flops_per_s == 989e12
+    assert PK.datasheet_peak("NVIDIA A100-SXM4-80GB", "bfloat16").flops_per_s == 312e12
+    assert PK.datasheet_peak("TPU v4", "bfloat16").flops_per_s == 275e12
+    assert PK.datasheet_peak("TPU v5p", "bfloat16").flops_per_s == 459e12
+    assert PK.datasheet_peak("cpu", "float32") is None
+    with pytest.raises(ValueError, match="float32 and bfloat16"):
+        PK.datasheet_peak("NVIDIA H100", "float16")
+
+
+def test_cpu_peak_is_measured_and_labelled():
+    p = PK.device_peak("float32", measure_n=256)
+    assert p.source.startswith("measured:") and p.flops_per_s > 0
+
+
+def test_peak_rss_sees_an_allocation_and_compiled_bytes_are_exact():
+    MEM.release_free_memory()
+    with MEM.PeakRSS(interval=0.001) as m:
+        start = MEM.rss_bytes()
+        x = np.ones(50 * 2**20 // 8)  # 50 MiB, touched
+        x += 1
+    assert m.peak - start >= 40 * 2**20
+    del x
+    f = jax.jit(lambda a: a * 2.0)
+    got = MEM.compiled_bytes(f.lower(jnp.ones((256, 256), jnp.float32)).compile())
+    assert got["arguments"] == 256 * 256 * 4 and got["outputs"] == 256 * 256 * 4
+
+
+# --------------------------------------------------------------------------- workload
+
+def test_cells_and_features_validate():
+    with pytest.raises(ValueError, match="unknown configuration 'prompt'"):
+        W.Cell("prompt", "tiny", 128, 1, 1)
+    with pytest.raises(ValueError, match="unknown size 'large'"):
+        W.Cell("shared", "large", 128, 1, 1)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        W.Cell("shared", "tiny", 128, 1, 0)
+    with pytest.raises(ValueError, match="exceeds the tiny model's 512 positions"):
+        W.Cell("shared", "tiny", 1024, 1, 1)
+    with pytest.raises(ValueError, match="needs attention_dropout=0.0"):
+        W.Features(attention="cudnn")
+    with pytest.raises(ValueError, match="Features.dtype"):
+        W.Features(dtype="float16")
+    with pytest.raises(ValueError, match="unknown remat policy"):
+        W.Features(remat="some")
+
+
+def test_task_rotation_covers_every_task():
+    ids = np.concatenate([W.step_task_ids(s, 16, 64) for s in range(4)])
+    assert sorted(set(ids.tolist())) == list(range(64))
+    np.testing.assert_array_equal(W.step_task_ids(0, 4, 2), [0, 1, 0, 1])
+
+
+def test_packing_batches_hold_the_same_examples():
+    tasks, padded, packed = W.packing_batches(32, 2, 64, 1000, seed=0)
+    assert padded.input_ids.shape == (32, 64) and packed.input_ids.shape[0] < 32
+    assert int(padded.attention_mask.sum()) == int(packed.attention_mask.sum())
+    assert int((packed.segment_ids.max(axis=1)).sum()) == 32
+    # The tokens of the examples are the same multiset.
+    real = lambda b: np.sort(np.asarray(b.input_ids)[np.asarray(b.attention_mask) > 0])
+    np.testing.assert_array_equal(real(padded), real(packed))
+
+
+# --------------------------------------------------------------------------- harness, report
+
+class _Fake:
+    framework = "fake"
+
+    def __init__(self, name, log, dt=0.0):
+        self.name, self.log, self.dt = name, log, dt
+        self.examples_per_step, self.tokens_per_step = 4, 64
+
+    def step(self):
+        self.log.append(self.name)
+
+    def sync(self):
+        pass
+
+
+def test_interleave_takes_turns_abba():
+    log = []
+    runners = [_Fake("A", log), _Fake("B", log)]
+    times = HR.interleave(runners, repeats=3, steps=2)
+    assert log == ["A", "A", "B", "B", "B", "B", "A", "A", "A", "A", "B", "B"]
+    assert set(times) == {"A", "B"} and all(len(v) == 3 for v in times.values())
+
+
+def test_figures_and_task_scaling():
+    fig = HR.figures(_Fake("A", []), [0.5, 0.25, 1.0], flops_per_step=1e9, peak=1e10)
+    assert fig["step_s"] == 0.5 and fig["examples_per_s"] == 8 and fig["tokens_per_s"] == 128
+    assert math.isclose(fig["mfu"], 0.2)
+    rows = [{"config": "adapters", "size": "tiny", "seq_len": 128, "batch_size": 16,
+             "features": {}, "num_tasks": t, "mtlx": {"step_s": s},
+             "baseline": {"per_task": {"step_s": 1.0}}} for t, s in ((1, 0.1), (8, 0.105), (64, 0.12))]
+    (s,) = HR.task_scaling(rows)
+    assert s["reference_tasks"] == 1
+    assert math.isclose(s["mtlx"][64], 1.2) and math.isclose(s["baseline"]["per_task"][8], 1.0)
+    groups = HR.group_by_tasks(W.grid([("lora", "tiny", 128, 1, 4), ("shared", "tiny", 128, 1, 4),
+                                       ("lora", "tiny", 128, 8, 4)]))
+    assert [[c.num_tasks for c in g] for g in groups] == [[1, 8], [1]]
+
+
+def test_feature_variants_say_what_is_unavailable():
+    v = HR.feature_variants(W.Features(), "cpu")
+    assert v["reference"] == W.Features()
+    assert v["dtype=bfloat16"].dtype == "bfloat16"
+    assert v["remat=full"].remat == "full" and v["donate=off"].donate is False
+    assert "not available on cpu" in v["attention=cudnn (attention_dropout=0)"]
+    assert v["scan_layers"].startswith("not available")
+    g = HR.feature_variants(W.Features(), "gpu")
+    assert g["attention=cudnn (attention_dropout=0)"].attention == "cudnn"
+
+
+def _fake_results():
+    cells = []
+    for t, ms in ((1, 10.0), (8, 10.5), (64, 11.0)):
+        side = {"examples_per_s": 16 / (ms / 1e3), "tokens_per_s": 2048 / (ms / 1e3),
+                "model_flops_per_s": 1e11, "mfu": 0.4, "compile_s": 3.0, "compilations": 1,
+                "step_s": ms / 1e3, "memory": {"rss_delta": 2**27}}
+        base = dict(side, examples_per_s=side["examples_per_s"] / 2, mfu=0.2)
+        cells.append({"cell": f"adapters/tiny/L128/T{t}/B16", "config": "adapters", "size": "tiny",
+                      "seq_len": 128, "num_tasks": t, "batch_size": 16,
+                      "features": dataclasses.asdict(W.Features()), "mtlx": side,
+                      "baseline": {"per_task": base}, "ratio": {"per_task": 2.0}})
+    res = {"environment": {"device_kind": "cpu", "jax_backend": "cpu"}, "cells": cells,
+           "peaks": {"float32": {"flops_per_s": 5e10, "source": "measured: x"}},
+           "command": "python scripts/bench.py --quick"}
+    res["task_scaling"] = HR.task_scaling(cells)
+    return res
+
+
+def test_report_tables_and_plot(tmp_path):
+    res = _fake_results()
+    text = R.render(res)
+    assert "2.00x" in text and "adapters" in text and "1.100x" in text
+    md = R.render(res, markdown=True)
+    assert "| config | size |" in md and "`python scripts/bench.py --quick`" in md
+    path = R.plot_tasks(res, str(tmp_path / "tasks.png"))
+    assert Path(path).read_bytes()[:4] == b"\x89PNG"
+    one = dict(res, cells=res["cells"][:1])
+    assert R.plot_tasks(one, str(tmp_path / "none.png")) is None
+
+
+# --------------------------------------------------------------------------- heavy: end to end
+
+@pytest.mark.heavy
+def test_quick_harness_path_end_to_end(tmp_path):
+    sys.path.insert(0, str(REPO / "scripts"))
+    import bench
+    out = tmp_path / "bench.json"
+    res = bench.main(["--cells", "adapters/tiny/32/1/4;adapters/tiny/32/4/4", "--repeats", "2",
+                      "--block-seconds", "0.05", "--features", "adapters/tiny/32/4/4",
+                      "--packing", "adapters/tiny/32/16/2",
+                      "--compile-cache-check", "adapters/tiny/32/4/4", "--checks",
+                      "--baseline-modes", "per_task,split",
+                      "--json", str(out), "--plot", str(tmp_path / "t.png"),
+                      "--markdown", str(tmp_path / "t.md"), "--quiet"])
+    saved = json.loads(out.read_text())
+    assert len(saved["cells"]) == 2
+    for cell in saved["cells"]:
+        assert cell["mtlx"]["compilations"] == 1 and cell["compilations_during_timing"] == 0
+        assert set(cell["baseline"]) == {"per_task", "split"} and cell["ratio"]["per_task"] > 0
+        assert cell["mtlx"]["mfu"] > 0 and cell["mtlx"]["memory"]["compiled"]["total"] > 0
+    assert saved["task_scaling"][0]["reference_tasks"] == 1
+    assert saved["features"]["variants"]["scan_layers"]["available"] is False
+    assert saved["packing"]["packed"]["rows"] < saved["packing"]["padded"]["rows"]
+    assert saved["compile_cache"]["warm"]["cache_hits"] >= 1
+    assert {c["status"] for c in saved["checks"]} <= {"pass", "skipped"}
+    assert (tmp_path / "t.png").exists() and "| config |" in (tmp_path / "t.md").read_text()
+    assert res["wall_s"] > 0
