@@ -6,7 +6,8 @@
 
 Timing: every configuration is compiled first, then timed in interleaved rounds (each round runs
 `--steps` steps of every configuration in turn) so that load changes on a shared machine hit
-them alike; the median round is reported, and the fastest (less sensitive to other load). 'reference' is a plain `jax.grad` step with static
+them alike; the ratio to EW is the median over rounds of the ratio within a round. XLA's FLOP
+count of each compiled step is printed too: unlike times, it does not depend on the load. 'reference' is a plain `jax.grad` step with static
 weights (the step before task balancing existed) to show what EW costs over it. One-backward
 strategies should be within 1.05x of EW except FAMO, whose method needs one more forward of the
 batch after the update. Per-task strategies run with grads_wrt='params' (T backward passes
@@ -119,7 +120,7 @@ def bench(args):
     params = init_params(model, jax.random.key(0), batch)
     tx = optax.adamw(1e-4)
     names = args.strategies.split(",") if args.strategies else ONE_BACKWARD + PER_TASK
-    compiled = []
+    compiled, flops = [], {}
     for label, strategy, kw in configurations(model, names):
         t0 = time.perf_counter()
         if strategy is None:
@@ -133,6 +134,9 @@ def bench(args):
         step = jax.jit(fn, donate_argnums=0).lower(state, batch).compile()
         state, m = step(state, batch)          # warm-up
         jax.block_until_ready(m)
+        cost = step.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        flops[label] = float((cost or {}).get("flops", float("nan")))
         compiled.append([label, step, state, []])
         print(f"compiled {label:28s} {time.perf_counter() - t0:6.1f}s", file=sys.stderr)
     for r in range(args.rounds):
@@ -144,18 +148,19 @@ def bench(args):
             jax.block_until_ready((state, m))
             times.append((time.perf_counter() - t0) / args.steps)
             entry[2] = state
-    ms = {label: 1e3 * statistics.median(times) for label, _, _, times in compiled}
-    best = {label: 1e3 * min(times) for label, _, _, times in compiled}
-    base = ms["ew"] if "ew" in ms else ms["reference"]
-    base_min = best["ew"] if "ew" in best else best["reference"]
+    ref = "ew" if any(e[0] == "ew" for e in compiled) else "reference"
+    ref_times = next(e[3] for e in compiled if e[0] == ref)
     device = jax.devices()[0]
     print(f"\nBERT hidden={args.hidden} layers={args.layers} seq={args.seq} batch={args.batch} "
-          f"T={args.tasks} fp32, {device.platform} ({device.device_kind}); median of "
-          f"{args.rounds} rounds x {args.steps} steps")
-    print(f"{'strategy':30s} {'ms/step':>9s} {'x EW':>7s} {'min ms':>9s} {'x EW':>7s}")
+          f"T={args.tasks} fp32, {device.platform} ({device.device_kind}); {args.rounds} rounds "
+          f"x {args.steps} steps")
+    print("ms/step: median round; x EW: median over rounds of (this round's time / EW's time in "
+          "the same round); GFLOP: XLA's cost analysis of the compiled step")
+    print(f"{'strategy':30s} {'ms/step':>9s} {'x EW':>7s} {'GFLOP':>9s} {'x EW':>7s}")
     for label, _, _, times in compiled:
-        print(f"{label:30s} {ms[label]:9.2f} {ms[label] / base:7.3f} {best[label]:9.2f} "
-              f"{best[label] / base_min:7.3f}")
+        paired = statistics.median(a / b for a, b in zip(times, ref_times))
+        print(f"{label:30s} {1e3 * statistics.median(times):9.2f} {paired:7.3f} "
+              f"{flops[label] / 1e9:9.3f} {flops[label] / flops[ref]:7.3f}")
 
 
 def memory(args):
