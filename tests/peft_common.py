@@ -110,3 +110,67 @@ def init(model, batch, seed: int = 0):
 
 def apply_jit(model, params, batch):
     return outputs_of(jax.jit(lambda p, b: model.apply({"params": p}, b))(params, batch))
+
+
+# ---------------------------------------------------------------- mixed-batch comparisons
+
+# Two rows per task plus one padding row (-1); compared with the same rows, one task at a time.
+MIXED = [0, 1, 2, 3, 2, 0, 3, 1, -1]
+T5_MIXED = [0, 4, 1, 2, 4, 3, 2, 0, 3, 1, -1]
+
+METHODS = {
+    "lora": [{"method": "lora", "rank": 2, "alpha": 4.0,
+              "targets": ["attention.query", "attention.value", "ffn.input"]}],
+    "lora_ragged": [{"method": "lora", "rank": 2, "alpha": 4.0, "impl": "ragged"}],
+    "houlsby": [{"method": "adapter", "variant": "houlsby", "reduction_factor": 4}],
+    "pfeiffer": [{"method": "adapter", "variant": "pfeiffer", "reduction_factor": 4,
+                  "impl": "ragged"}],
+    "parallel": [{"method": "adapter", "variant": "parallel", "reduction_factor": 4,
+                  "scaling": 4.0}],
+    "task_layer_norm": [{"method": "adapter", "variant": "houlsby", "reduction_factor": 4,
+                         "layer_norm": "post"}],
+    "prefix": [{"method": "prefix", "length": 3}],
+    "prompt": [{"method": "prompt", "length": 3}],
+    "compacter": [{"method": "compacter", "reduction_factor": 4, "phm_dim": 2}],
+    "compacter_per_layer": [{"method": "compacter", "reduction_factor": 2, "phm_dim": 4,
+                             "phm_rank": 2, "shared_rules": False, "layer_norm": "pre"}],
+    "ia3": [{"method": "ia3"}],
+    "fusion": [{"method": "fusion", "reduction_factor": 4, "sources": ["a", "b", "src_x"]}],
+    "combined": [{"method": "lora", "rank": 2, "tasks": ["b", "c"]},
+                 {"method": "adapter", "variant": "pfeiffer", "reduction_factor": 4},
+                 {"method": "prefix", "length": 2, "tasks": ["a"]},
+                 {"method": "ia3", "tasks": ["a", "d"]}],
+}
+
+
+def build(backbone, tasks, names, method_cfgs):
+    from mtlx.models.multitask import MultiTaskModel
+    from mtlx.peft import registry
+    cfg = registry.attach(backbone, method_cfgs, names)
+    model = MultiTaskModel(cfg, tasks, head_dropout=0.0)
+    return model
+
+
+def compare_mixed_vs_single(model, params, mixed_ids, t5):
+    apply = jax.jit(lambda p, b: model.apply({"params": p}, b))
+    mixed = batch_for(mixed_ids, seed=1, t5=t5)
+    out = outputs_of(apply(params, mixed))
+    ids = np.asarray(mixed_ids)
+    for t in sorted(set(ids[ids >= 0].tolist())):
+        rows = np.flatnonzero(ids == t)
+        # The task's rows repeated to the mixed batch's size: same shapes, one compilation.
+        take = np.resize(rows, len(ids))
+        alone = outputs_of(apply(params, mixed.select(take)))
+        for key in out:
+            np.testing.assert_allclose(out[key][rows], alone[key][: len(rows)], atol=1e-5, rtol=0,
+                                       err_msg=f"task {t} output {key!r}")
+    return out
+
+
+def strip_extensions(params, plain_model, t5=False):
+    """The params of the model without extensions (same backbone weights and heads)."""
+    want = tu.flatten_dict(abstract(plain_model, batch_for(T5_MIXED if t5 else MIXED, t5=t5)), sep="/")
+    have = tu.flatten_dict(params, sep="/")
+    return tu.unflatten_dict({k: have[k] for k in want}, sep="/")
+
+

@@ -1,6 +1,6 @@
 """Every PEFT method, routed per example: a mixed-task batch gives each example exactly what it
-gets in a single-task batch (<= 1e-5, float32), on a tiny BERT and a tiny T5 (encoder and
-decoder), and tasks without weights get the plain model's outputs."""
+gets in a single-task batch (<= 1e-5, float32), on a tiny BERT and RoBERTa (T5:
+tests/test_peft_t5.py), and tasks without weights get the plain model's outputs."""
 
 import dataclasses
 
@@ -12,68 +12,12 @@ from mtlx.models.multitask import MultiTaskModel
 from mtlx.peft import registry
 from mtlx.peft import routing as R
 
-from tests.peft_common import (NAMES, T5_NAMES, T5_TASKS, TASKS, abstract, apply_jit, batch_for,
-                               init, outputs_of, random_params, tiny_bert, tiny_t5)
+from tests.peft_common import (METHODS, MIXED, NAMES, TASKS, abstract, apply_jit, batch_for, build,
+                               compare_mixed_vs_single, init, random_params,
+                               strip_extensions, tiny_bert)
 
-# Two rows per task plus one padding row (-1); same rows, one task at a time, for comparison.
-MIXED = [0, 1, 2, 3, 2, 0, 3, 1, -1]
-T5_MIXED = [0, 4, 1, 2, 4, 3, 2, 0, 3, 1, -1]
-
-METHODS = {
-    "lora": [{"method": "lora", "rank": 2, "alpha": 4.0,
-              "targets": ["attention.query", "attention.value", "ffn.input"]}],
-    "lora_ragged": [{"method": "lora", "rank": 2, "alpha": 4.0, "impl": "ragged"}],
-    "houlsby": [{"method": "adapter", "variant": "houlsby", "reduction_factor": 4}],
-    "pfeiffer": [{"method": "adapter", "variant": "pfeiffer", "reduction_factor": 4,
-                  "impl": "ragged"}],
-    "parallel": [{"method": "adapter", "variant": "parallel", "reduction_factor": 4,
-                  "scaling": 4.0}],
-    "task_layer_norm": [{"method": "adapter", "variant": "houlsby", "reduction_factor": 4,
-                         "layer_norm": "post"}],
-    "prefix": [{"method": "prefix", "length": 3}],
-    "prompt": [{"method": "prompt", "length": 3}],
-    "compacter": [{"method": "compacter", "reduction_factor": 4, "phm_dim": 2}],
-    "compacter_per_layer": [{"method": "compacter", "reduction_factor": 2, "phm_dim": 4,
-                             "phm_rank": 2, "shared_rules": False, "layer_norm": "pre"}],
-    "ia3": [{"method": "ia3"}],
-    "fusion": [{"method": "fusion", "reduction_factor": 4, "sources": ["a", "b", "src_x"]}],
-    "combined": [{"method": "lora", "rank": 2, "tasks": ["b", "c"]},
-                 {"method": "adapter", "variant": "pfeiffer", "reduction_factor": 4},
-                 {"method": "prefix", "length": 2, "tasks": ["a"]},
-                 {"method": "ia3", "tasks": ["a", "d"]}],
-}
-# T5 also has decoder cross-attention sites.
-T5_METHODS = dict(METHODS, **{
-    "lora": [dict(METHODS["lora"][0], targets=METHODS["lora"][0]["targets"]
-                  + ["cross_attention.key", "decoder.*.cross_attention.output"])],
-    "parallel": [dict(METHODS["parallel"][0], sites=["ffn", "cross_attention"])],
-})
 # A subset of tasks own weights: the others must see the plain model.
 SUBSET = ("b", "c")
-
-
-def build(backbone, tasks, names, method_cfgs):
-    cfg = registry.attach(backbone, method_cfgs, names)
-    model = MultiTaskModel(cfg, tasks, head_dropout=0.0)
-    return model
-
-
-def compare_mixed_vs_single(model, params, mixed_ids, t5):
-    apply = jax.jit(lambda p, b: model.apply({"params": p}, b))
-    mixed = batch_for(mixed_ids, seed=1, t5=t5)
-    out = outputs_of(apply(params, mixed))
-    ids = np.asarray(mixed_ids)
-    for t in sorted(set(ids[ids >= 0].tolist())):
-        rows = np.flatnonzero(ids == t)
-        # The task's rows repeated to the mixed batch's size: same shapes, one compilation.
-        take = np.resize(rows, len(ids))
-        alone = outputs_of(apply(params, mixed.select(take)))
-        for key in out:
-            if key == "seq2seq" and t != 4:
-                continue
-            np.testing.assert_allclose(out[key][rows], alone[key][: len(rows)], atol=1e-5, rtol=0,
-                                       err_msg=f"task {t} output {key!r}")
-    return out
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -83,24 +27,8 @@ def test_bert_mixed_batch_equals_single_task_batches(method):
     out = compare_mixed_vs_single(model, params, MIXED, t5=False)
     # The method really changes the outputs (random non-zero weights).
     plain = MultiTaskModel(tiny_bert(), TASKS, head_dropout=0.0)
-    ref = apply_jit(plain, _strip(params, plain), batch_for(MIXED, seed=1))
+    ref = apply_jit(plain, strip_extensions(params, plain), batch_for(MIXED, seed=1))
     assert np.abs(out["pooled"] - ref["pooled"]).max() > 1e-3, "the method changed nothing"
-
-
-@pytest.mark.parametrize("method", ["lora", "houlsby", "prefix", "prompt", "compacter", "ia3",
-                                    "parallel", "fusion"])
-def test_t5_mixed_batch_equals_single_task_batches(method):
-    model = build(tiny_t5(), T5_TASKS, T5_NAMES, T5_METHODS[method])
-    params = random_params(model, batch_for(T5_MIXED, t5=True))
-    compare_mixed_vs_single(model, params, T5_MIXED, t5=True)
-
-
-def _strip(params, plain_model, t5=False):
-    """The params of the model without extensions (same backbone weights and heads)."""
-    import flax.traverse_util as tu
-    want = tu.flatten_dict(abstract(plain_model, batch_for(T5_MIXED if t5 else MIXED, t5=t5)), sep="/")
-    have = tu.flatten_dict(params, sep="/")
-    return tu.unflatten_dict({k: have[k] for k in want}, sep="/")
 
 
 @pytest.mark.parametrize("method", ["lora", "houlsby", "parallel", "prefix", "prompt",
@@ -112,26 +40,12 @@ def test_tasks_without_weights_get_the_plain_model(method):
     plain = MultiTaskModel(tiny_bert(), TASKS, head_dropout=0.0)
     batch = batch_for(MIXED, seed=2)
     out = apply_jit(model, params, batch)
-    ref = apply_jit(plain, _strip(params, plain), batch)
+    ref = apply_jit(plain, strip_extensions(params, plain), batch)
     ids = np.asarray(MIXED)
     without = np.isin(ids, [NAMES.index(t) for t in NAMES if t not in SUBSET])
     with_w = np.isin(ids, [NAMES.index(t) for t in SUBSET])
     np.testing.assert_allclose(out["pooled"][without], ref["pooled"][without], atol=1e-5, rtol=0)
     assert np.abs(out["pooled"][with_w] - ref["pooled"][with_w]).max() > 1e-3
-
-
-def test_t5_encoder_tasks_without_weights_get_the_plain_model():
-    cfgs = [{"method": "lora", "rank": 2, "tasks": ["b", "gen"]},
-            {"method": "prefix", "length": 2, "tasks": ["b"]}]
-    model = build(tiny_t5(), T5_TASKS, T5_NAMES, cfgs)
-    batch = batch_for(T5_MIXED, seed=3, t5=True)
-    params = random_params(model, batch)
-    plain = MultiTaskModel(tiny_t5(), T5_TASKS, head_dropout=0.0)
-    out = apply_jit(model, params, batch)
-    ref = apply_jit(plain, _strip(params, plain, t5=True), batch)
-    rows = np.isin(np.asarray(T5_MIXED), [0, 2, 3])
-    np.testing.assert_allclose(out["pooled"][rows], ref["pooled"][rows], atol=1e-5, rtol=0)
-    np.testing.assert_allclose(out["seq2seq"][rows], ref["seq2seq"][rows], atol=1e-5, rtol=0)
 
 
 def test_parameters_are_keyed_by_task_name():
@@ -152,9 +66,9 @@ def test_adding_a_task_keeps_every_other_weight():
     import flax.traverse_util as tu
     from mtlx.models.heads import TaskHead
     cfgs = METHODS["combined"][:2]
-    p1 = init(build(tiny_bert(), TASKS, NAMES, cfgs), batch_for(MIXED))
+    p1 = init(build(tiny_bert(num_layers=1), TASKS, NAMES, cfgs), batch_for(MIXED))
     more = TASKS + (TaskHead("e", "classification", 2),)
-    p2 = init(build(tiny_bert(), more, NAMES + ("e",), cfgs), batch_for(MIXED))
+    p2 = init(build(tiny_bert(num_layers=1), more, NAMES + ("e",), cfgs), batch_for(MIXED))
     f1, f2 = tu.flatten_dict(p1, sep="/"), tu.flatten_dict(p2, sep="/")
     assert set(f1) < set(f2)
     assert all("/e/" in k or k.startswith("heads/e/") for k in set(f2) - set(f1))

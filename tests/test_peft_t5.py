@@ -1,0 +1,40 @@
+"""Every PEFT method on a tiny T5, encoder and decoder (self- and cross-attention): a
+mixed-task batch (classification, regression and a seq2seq task) gives each example what it
+gets in a single-task batch (<= 1e-5, float32); tasks without weights get the plain model."""
+
+import numpy as np
+import pytest
+
+from mtlx.models.multitask import MultiTaskModel
+
+from tests.peft_common import (METHODS, T5_MIXED, T5_NAMES, T5_TASKS, apply_jit, batch_for, build,
+                               compare_mixed_vs_single, random_params, strip_extensions, tiny_t5)
+
+# T5 also has decoder cross-attention sites.
+T5_METHODS = dict(METHODS, **{
+    "lora": [dict(METHODS["lora"][0], targets=METHODS["lora"][0]["targets"]
+                  + ["cross_attention.key", "decoder.*.cross_attention.output"])],
+    "parallel": [dict(METHODS["parallel"][0], sites=["ffn", "cross_attention"])],
+})
+
+
+@pytest.mark.parametrize("method", ["lora", "houlsby", "prefix", "prompt", "compacter", "ia3",
+                                    "parallel", "fusion"])
+def test_t5_mixed_batch_equals_single_task_batches(method):
+    model = build(tiny_t5(), T5_TASKS, T5_NAMES, T5_METHODS[method])
+    params = random_params(model, batch_for(T5_MIXED, t5=True))
+    compare_mixed_vs_single(model, params, T5_MIXED, t5=True)
+
+
+def test_t5_encoder_tasks_without_weights_get_the_plain_model():
+    cfgs = [{"method": "lora", "rank": 2, "tasks": ["b", "gen"]},
+            {"method": "prefix", "length": 2, "tasks": ["b"]}]
+    model = build(tiny_t5(), T5_TASKS, T5_NAMES, cfgs)
+    batch = batch_for(T5_MIXED, seed=3, t5=True)
+    params = random_params(model, batch)
+    plain = MultiTaskModel(tiny_t5(), T5_TASKS, head_dropout=0.0)
+    out = apply_jit(model, params, batch)
+    ref = apply_jit(plain, strip_extensions(params, plain, t5=True), batch)
+    rows = np.isin(np.asarray(T5_MIXED), [0, 2, 3])
+    np.testing.assert_allclose(out["pooled"][rows], ref["pooled"][rows], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(out["seq2seq"][rows], ref["seq2seq"][rows], atol=1e-5, rtol=0)
