@@ -70,7 +70,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.weighting.representation = "hidden"  # with grads_wrt='representation': 'hidden' (the
                                      # encoder's last hidden state, every head reads it) or
                                      # 'pooled' (sequence-level tasks only)
-    c.weighting.sequential = False   # per-task backward passes one at a time (less memory)
+    c.weighting.sequential = False   # per-task backward passes one at a time (lax.map), not
+                                     # batched (vmap); see step.py for its measured memory
     c.weighting.learning_rate = 1e-3  # Adam lr of the strategy's own trainable parameters
                                      # (UW log-variances, GradNorm scales, IMTL-L scales)
     c.weighting.report = ml_collections.ConfigDict()

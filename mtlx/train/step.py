@@ -40,12 +40,15 @@ Task balancing (`weighting`, a strategy of `mtlx.weighting`; REFERENCE.md sectio
   ``aux['head_weights']`` (1 for most, alpha_i for Nash-MTL, 1/L_i for DB-MTL), as LibMTL's
   per-task backward passes leave them. Frozen parameters get no gradient at all.
 
-Memory of the per-task options (BERT-base, T = 8, fp32; measured numbers in the report of the
-task-balancing issue / BUILD_NOTES): 'params' holds G, T x D = 8 x 109.5M floats = 3.5 GB, and
-with vmap the T backward passes run together (T times the activation cotangents of one backward;
-``sequential=True`` runs them one after the other); 'representation' holds T x B x L x d floats
-for the encoder's last hidden state (8 x 32 x 128 x 768 = 101 MB at batch 32, length 128) or
-T x B x d for the pooled vector (0.8 MB).
+Memory of the per-task options (BERT-base: D = 109.5M shared parameters; T = 8 classification
+tasks, batch 32 x 128, fp32, AdamW). G is T x D = 3.26 GiB; the hidden-state representation
+gradients T x B x L x d = 96 MiB; pooled ones T x B x d = 0.75 MiB. XLA's buffer assignment of
+the compiled step (`python scripts/bench_weighting.py --memory`, XLA:CPU; arguments 1.22 GiB =
+parameters + Adam moments in every case) gives these temporaries: EW 6.14 GiB; 'params' with
+vmap 7.74 GiB (+1.6: G is live once the activations are freed); 'params' with
+``sequential=True`` 8.58 GiB (`lax.map` did NOT lower the peak on XLA:CPU: the forward
+residuals and the stacked G dominate; check on your accelerator before relying on it);
+'representation' 'hidden' 6.20 GiB, 'pooled' 6.14 GiB (no measurable cost over EW).
 
 Trainable strategy parameters (UW's log-variances, GradNorm's loss scales, IMTL-L's scales) get
 their own optax optimizer (`weighting_tx`, default Adam(1e-3)), whose state is
@@ -405,7 +408,8 @@ def make_train_step(model, tx: optax.GradientTransformation, *,
       module docstring. trainable: bool pytree of the parameters that train (None = all); frozen
       parameters are not differentiated. weighting_tx: optimizer of the strategy's trainable
       parameters (default Adam(1e-3); `create_state` must get the same). sequential: per-task
-      backward passes one at a time (`lax.map`) instead of batched (`vmap`): less memory.
+      backward passes one at a time (`lax.map`) instead of batched (`vmap`); see the module
+      docstring for what that did (not) save on XLA:CPU.
 
     metrics: 'loss' (sum_i task_weight_i L_i), 'task_loss' [T], 'task_count' [T],
     'task_weight' [T] (the weight each task's gradient received; 0 when absent), 'grad_norm'
@@ -519,7 +523,7 @@ def make_train_step(model, tx: optax.GradientTransformation, *,
                     lambda tp, d: sums_fn(merged(tp), batch, step_rng, delta=d), train, delta0)
                 losses = full_batch_losses(sums)
                 rep_grads = map_tasks(lambda c: pullback(c.astype(sums.dtype))[1], eye_inv)
-                g_mat = W.rep_gradient_matrix(rep_grads)
+                g_mat = W.rep_gradient_matrix(rep_grads.astype(jnp.float32))  # bf16-safe sum
                 out, new_wstate, aux = strategy.combine(g_mat, losses, present, wstate,
                                                         weight_rng, state.step)
                 gram = W.gram_matrix(g_mat)
