@@ -340,8 +340,11 @@ class _Fake:
 def test_interleave_takes_turns_abba():
     log = []
     runners = [_Fake("A", log), _Fake("B", log)]
-    times = HR.interleave(runners, repeats=3, steps=2)
+    times = HR.interleave(runners, repeats=3, steps=2, rewarm=False)
     assert log == ["A", "A", "B", "B", "B", "B", "A", "A", "A", "A", "B", "B"]
+    log.clear()
+    HR.interleave(runners, repeats=2, steps=1)  # one untimed step before each block
+    assert log == ["A", "A", "B", "B", "B", "B", "A", "A"]
     assert set(times) == {"A", "B"} and all(len(v) == 3 for v in times.values())
 
 

@@ -43,7 +43,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], markdown: bool)
 
 
 def main_table(results: Dict[str, Any], markdown: bool = False, mode: str = "per_task") -> str:
-    header = ["config", "size", "L", "T", "B", "dtype", "mtlx ex/s", "torch ex/s", "mtlx/torch",
+    header = ["config", "size", "L", "T", "B", "dtype", "mtlx ex/s", "torch ex/s", "thr", "mtlx/torch",
               "mtlx tok/s", "mtlx FLOP/s", "MFU mtlx", "MFU torch", "compile s", "compiles",
               "mem mtlx MiB", "mem torch MiB"]
     rows = []
@@ -51,8 +51,9 @@ def main_table(results: Dict[str, Any], markdown: bool = False, mode: str = "per
         m = r["mtlx"]
         b = r.get("baseline", {}).get(mode)
         rows.append([r["config"], r["size"], str(r["seq_len"]), str(r["num_tasks"]),
-                     str(r["batch_size"]), r["features"]["dtype"][:4],
+                     str(r["batch_size"]), {"float32": "fp32", "bfloat16": "bf16"}[r["features"]["dtype"]],
                      f"{m['examples_per_s']:.3g}", f"{b['examples_per_s']:.3g}" if b else "n/a",
+                     str(b.get("torch_threads") or "dflt") if b else "",
                      f"{r['ratio'][mode]:.2f}x" if b else "n/a",
                      _si(m["tokens_per_s"]), _si(m["model_flops_per_s"]),
                      _pct(m["mfu"]), _pct(b["mfu"]) if b else "n/a",
@@ -126,7 +127,8 @@ def render(results: Dict[str, Any], markdown: bool = False) -> str:
     parts = []
     head = (f"machine: {env.get('device_kind')} ({env.get('jax_backend')}), {env.get('cpu_count')} "
             f"CPUs, load average {env.get('load_average')}; jax {env.get('jax')}, torch "
-            f"{env.get('torch')} ({env.get('torch_threads')} threads), transformers "
+            f"{env.get('torch')} (threads {env.get('torch_thread_settings')}, the faster "
+            f"compared), transformers "
             f"{env.get('transformers')}, peft {env.get('peft')}")
     parts.append(head)
     for dt, p in peaks.items():
@@ -147,6 +149,10 @@ def render(results: Dict[str, Any], markdown: bool = False) -> str:
     ex = extras(results)
     if ex:
         parts += [""] + ex
+    for c in results.get("checks", []):
+        parts.append(f"check {c['status']}: {c['name']}" + (f" ({c['reason']})" if c.get("reason") else ""))
+    for s in results.get("skipped", []):
+        parts.append(f"skipped: {s}")
     return "\n".join(parts) + "\n"
 
 
@@ -179,6 +185,8 @@ def plot_tasks(results: Dict[str, Any], path: str, mode: str = "per_task") -> Op
             ax.plot(t, [s["torch"][k] for k in order], "--s", color=col, alpha=0.7,
                     label=f"{config} torch")
         ax.set_xscale("log", base=2)
+        ticks = sorted({t for s in configs.values() for t in s["T"]})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.set_xlabel("number of tasks")
         ax.set_ylabel("examples / s")
         ax.set_title(f"{panel[0]}, L={panel[1]}, B={panel[2]}, {panel[3]}")
