@@ -64,6 +64,7 @@ METHODS = {
     "adapter": [{"method": "adapter", "variant": "houlsby", "reduction_factor": 16}],
     "lora": [{"method": "lora", "rank": 8, "alpha": 16,
               "targets": ["attention.query", "attention.value"]}],
+    "hyperformer++": [{"method": "hyperformer++", "reduction_factor": 16}],
 }
 
 
@@ -109,7 +110,7 @@ def make_step(method: str, num_tasks: int, impl: str, args):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--methods", default="adapter,lora")
+    ap.add_argument("--methods", default="adapter,lora,hyperformer++")
     ap.add_argument("--impls", default="gather,ragged")
     ap.add_argument("--tasks", type=int, default=8)
     ap.add_argument("--hidden", type=int, default=256)

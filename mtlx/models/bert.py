@@ -52,7 +52,7 @@ import numpy as np
 from mtlx.models.attention import IMPLEMENTATIONS, attend, padding_mask
 from mtlx.models.remat import check_policy as check_remat_policy, remat_layer
 from mtlx.models.layers import (Extension, Projection, Routing, Site, extend_attention_kv,
-                                extend_embeddings, extend_sublayer)
+                                extend_embeddings, extend_layer_norm, extend_sublayer)
 from mtlx.models.tree import flat_paths
 
 MODEL_TYPES = ("bert", "roberta")
@@ -190,9 +190,10 @@ def _projection(cfg: BertConfig, features: int, site: Site, name: str) -> Projec
                       kernel_init=nn.initializers.normal(cfg.initializer_range), name=name)
 
 
-def _residual_norm(cfg: BertConfig, x, sub_out, name: str):
+def _residual_norm(cfg: BertConfig, x, sub_out, name: str, site: Site, routing):
     h = x.astype(jnp.float32) + sub_out.astype(jnp.float32)
-    return _layer_norm(cfg, name)(h).astype(cfg.dtype)
+    y = _layer_norm(cfg, name)(h).astype(cfg.dtype)
+    return extend_layer_norm(cfg.extensions, site, y, routing)
 
 
 class BertEmbeddings(nn.Module):
@@ -249,7 +250,8 @@ class BertSelfAttention(nn.Module):
                           "output")(ctx, routing)
         out = nn.Dropout(cfg.hidden_dropout)(out, deterministic=deterministic)
         out = extend_sublayer(cfg.extensions, Site("encoder", self.layer, "attention"), x, out, routing)
-        return _residual_norm(cfg, x, out, "layer_norm")
+        return _residual_norm(cfg, x, out, "layer_norm", Site("encoder", self.layer, "attention.layer_norm"),
+                              routing)
 
 
 class BertFeedForward(nn.Module):
@@ -267,7 +269,8 @@ class BertFeedForward(nn.Module):
                           "output")(h, routing)
         out = nn.Dropout(cfg.hidden_dropout)(out, deterministic=deterministic)
         out = extend_sublayer(cfg.extensions, Site("encoder", self.layer, "ffn"), x, out, routing)
-        return _residual_norm(cfg, x, out, "layer_norm")
+        return _residual_norm(cfg, x, out, "layer_norm", Site("encoder", self.layer, "ffn.layer_norm"),
+                              routing)
 
 
 class BertLayer(nn.Module):

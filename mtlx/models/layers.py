@@ -11,6 +11,7 @@ Site names are the same in every model family:
   projections: attention.{query,key,value,output}, cross_attention.{query,key,value,output},
                ffn.input, ffn.gate (T5 v1.1 gated GELU), ffn.output
   sublayers:   attention, cross_attention, ffn
+  layer norms: attention.layer_norm, cross_attention.layer_norm, ffn.layer_norm
   embeddings:  embeddings
 """
 
@@ -29,6 +30,7 @@ PROJECTION_SITES = (
     "cross_attention.output", "ffn.input", "ffn.gate", "ffn.output",
 )
 SUBLAYER_SITES = ("attention", "cross_attention", "ffn")
+LAYER_NORM_SITES = ("attention.layer_norm", "cross_attention.layer_norm", "ffn.layer_norm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +93,11 @@ class Extension:
     def generator(self) -> Optional[nn.Module]:
         return None
 
+    def layer_norm_output(self, site: Site) -> Optional[nn.Module]:
+        """module(y, routing) -> y on a sublayer's layer-norm OUTPUT (BERT: the post-LN after
+        the residual add; T5: the pre-LN on the sublayer input)."""
+        return None
+
 
 class Projection(nn.Module):
     """y = x W (+ b), then any extension attached to this site (LoRA, (IA)^3, ...).
@@ -145,3 +152,11 @@ def extend_embeddings(extensions: Sequence[Extension], site: Site, emb, mask, ro
         if module is not None:
             emb, mask = module(emb, mask, routing)
     return emb, mask
+
+
+def extend_layer_norm(extensions: Sequence[Extension], site: Site, y, routing):
+    for ext in extensions:
+        module = ext.layer_norm_output(site)
+        if module is not None:
+            y = module(y, routing)
+    return y

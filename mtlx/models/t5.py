@@ -70,7 +70,7 @@ import numpy as np
 from mtlx.models.attention import IMPLEMENTATIONS, attend
 from mtlx.models.bert import EncoderOutput
 from mtlx.models.layers import (Extension, Projection, Routing, Site, extend_attention_kv,
-                                extend_embeddings, extend_sublayer)
+                                extend_embeddings, extend_layer_norm, extend_sublayer)
 from mtlx.models.tree import flat_paths
 
 MODEL_TYPES = ("t5",)
@@ -271,6 +271,7 @@ class T5SelfAttention(nn.Module):
         cfg = self.config
         proj = _attention_projections(self, cfg, "attention")
         x = T5LayerNorm(cfg, name="layer_norm")(h)
+        x = extend_layer_norm(cfg.extensions, Site(self.stack, self.layer, "attention.layer_norm"), x, routing)
         q = _split_heads(cfg, proj["query"](x, routing))
         k = _split_heads(cfg, proj["key"](x, routing))
         v = _split_heads(cfg, proj["value"](x, routing))
@@ -319,6 +320,7 @@ class T5CrossAttention(nn.Module):
         if kv_only:
             return kv
         x = T5LayerNorm(cfg, name="layer_norm")(h)
+        x = extend_layer_norm(cfg.extensions, Site(self.stack, self.layer, "cross_attention.layer_norm"), x, routing)
         q = _split_heads(cfg, proj["query"](x, routing))
         ctx = _attention(self, cfg, q, kv[0], kv[1], mask, None, deterministic)
         y = proj["output"](ctx.astype(cfg.dtype).reshape(*x.shape[:-1], cfg.inner_dim), routing)
@@ -343,6 +345,7 @@ class T5FeedForward(nn.Module):
             return _projection(cfg, features, Site(self.stack, self.layer, f"ffn.{name}"), std, name)
 
         x = T5LayerNorm(cfg, name="layer_norm")(h)
+        x = extend_layer_norm(cfg.extensions, Site(self.stack, self.layer, "ffn.layer_norm"), x, routing)
         if cfg.is_gated:
             y = (_gelu_tanh(proj("input", cfg.d_ff, cfg.d_model ** -0.5)(x, routing))
                  * proj("gate", cfg.d_ff, cfg.d_model ** -0.5)(x, routing))

@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mtlx.models.layers import PROJECTION_SITES, SUBLAYER_SITES, Extension, Site
+from mtlx.models.layers import LAYER_NORM_SITES, PROJECTION_SITES, SUBLAYER_SITES, Extension, Site
 from mtlx.peft import routing as R
 
 # Site names per hook kind, for checking patterns before any model exists.
@@ -32,6 +32,7 @@ HOOK_SITES = {
     "sublayer": SUBLAYER_SITES,
     "attention_kv": ("attention",),
     "embeddings": ("embeddings",),
+    "layer_norm": LAYER_NORM_SITES,
 }
 _STACKS = ("encoder", "decoder")
 _MAX_LAYERS = 128

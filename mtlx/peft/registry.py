@@ -29,7 +29,8 @@ from mtlx.models.layers import Extension, Site
 # Modules defining `METHODS = {name: class}`; mtlx.peft.hyper is optional (it is written in
 # parallel and registers its hypernetwork methods the same way).
 _METHOD_MODULES = ("mtlx.peft.adapters", "mtlx.peft.lora", "mtlx.peft.prompt",
-                   "mtlx.peft.compacter", "mtlx.peft.ia3", "mtlx.peft.fusion")
+                   "mtlx.peft.compacter", "mtlx.peft.ia3", "mtlx.peft.fusion",
+                   "mtlx.peft.task_norm")
 _OPTIONAL_MODULES = ("mtlx.peft.hyper",)
 _EXTRA: Dict[str, Type] = {}
 
@@ -177,6 +178,9 @@ class _SiteProbe(Extension):
 
     def embeddings(self, site):
         return self._see("embeddings", site)
+
+    def layer_norm_output(self, site):
+        return self._see("layer_norm", site)
 
 
 @functools.lru_cache(maxsize=32)
