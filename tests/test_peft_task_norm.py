@@ -87,3 +87,9 @@ def test_t5_norm_sites_and_bad_targets():
     assert {s.name for s in sites} == {"attention.layer_norm", "cross_attention.layer_norm", "ffn.layer_norm"}
     with pytest.raises(ValueError, match="task_layer_norm.targets"):
         registry.build_extensions([{"method": "task_layer_norm", "targets": ["pooler"]}], NAMES)
+
+
+def test_prompt_tuning_with_token_heads_is_a_clear_error():
+    cfg = registry.attach(tiny_bert(), [{"method": "prompt", "length": 3}], NAMES)
+    with pytest.raises(ValueError, match="changed the sequence length from 9 to 12"):
+        init_params(MultiTaskModel(cfg, TASKS), jax.random.key(0), mixed_batch())

@@ -119,6 +119,12 @@ class MultiTaskModel(nn.Module):
                                 routing=routing, deterministic=deterministic,
                                 pool_positions=None if segments is None else segments.starts)
         hidden = enc.last_hidden_state
+        token_kinds = sorted({t.kind for t in self.tasks} & {"token_classification", "span"})
+        if token_kinds and hidden.shape[1] != batch.input_ids.shape[1]:
+            raise ValueError(
+                f"an embeddings extension (e.g. prompt tuning) changed the sequence length from "
+                f"{batch.input_ids.shape[1]} to {hidden.shape[1]}; token-level heads {token_kinds} "
+                f"need one output per input token: use prompt tuning with sequence-level tasks only")
         pooled = enc.pooled_output
         if pooled is None:
             pooled = hidden[:, 0] if segments is None else jnp.take_along_axis(
