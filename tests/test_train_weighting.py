@@ -410,3 +410,46 @@ def test_run_logs_weights_and_affinity_and_writes_the_report(tmp_path):
                                         "--config.weighting.grads_wrt=representation"])
     with pytest.raises(ValueError, match="config.weighting.grads_wrt='representation'"):
         train_and_evaluate(bad, tmp_path / "bad", progress=False)
+
+
+@pytest.mark.heavy
+def test_t5_representation_hooks():
+    """T5: 'hidden' is the encoder output (the decoder and the pooled mean read it); 'pooled' the
+    masked mean. Representation gradients of a classification task cover exactly its rows' real
+    tokens; the seq2seq task's representation gradient is non-zero too."""
+    from tests.peft_common import T5_TASKS, batch_for, tiny_t5
+
+    model = MultiTaskModel(tiny_t5(num_layers=1), T5_TASKS, head_dropout=0.0)
+    batch = batch_for([0, 1, 2, 3, 4, 4, 0, 2], t5=True)
+    params = init_params(model, jax.random.key(0), batch)
+    for rep in ("hidden", "pooled"):
+        if rep == "pooled":
+            model = MultiTaskModel(tiny_t5(num_layers=1), T5_TASKS[:4], head_dropout=0.0)
+            batch = batch_for([0, 1, 2, 3, 3, 1, 0, 2], t5=False)
+            params = init_params(model, jax.random.key(0), batch)
+        struct = S.representation_struct(model, params, batch, rep)
+        d0 = jnp.zeros(struct.shape, struct.dtype)
+
+        def sums(dlt):
+            seen = []
+            with S.representation_hook(model, rep, dlt, seen):
+                out = model.apply({"params": params}, batch)
+            assert seen == (["encoder_output"] if rep == "hidden" else ["pooled_output"])
+            return H.task_losses(out, batch, model.tasks)[0]
+
+        g = np.asarray(jax.jacrev(sums)(d0))
+        rows = np.asarray(batch.task_ids) == 0
+        if rep == "hidden":
+            real = np.asarray(batch.attention_mask, bool)
+            nonzero = np.any(g[0] != 0, axis=-1)
+            np.testing.assert_array_equal(nonzero, real & rows[:, None])
+            assert np.any(g[4] != 0)
+        else:
+            np.testing.assert_array_equal(np.any(g[0] != 0, axis=-1), rows)
+        tx = optax.sgd(0.1)
+        s = W.get_strategy("imtl_g")
+        step = jax.jit(S.make_train_step(model, tx, weighting=s, grads_wrt="representation",
+                                         representation=rep))
+        _, m = step(new_state(model, params, tx, s), batch)
+        assert all(np.all(np.isfinite(np.asarray(v))) for v in m.values())
+        np.testing.assert_allclose(np.sum(m["task_weight"]), 1.0, rtol=1e-4)  # IMTL-G: sum 1
