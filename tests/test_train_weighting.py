@@ -387,6 +387,7 @@ def test_bad_weighting_configuration_names_the_key(tiny):
 
 # ----------------------------------------------------------------------------- the run
 
+@pytest.mark.heavy
 def test_run_logs_weights_and_affinity_and_writes_the_report(tmp_path):
     from mtlx.train.config import apply_overrides
     from tests.test_train_loop import local_cfg
