@@ -303,6 +303,8 @@ def test_cells_and_features_validate():
         W.Features(dtype="float16")
     with pytest.raises(ValueError, match="unknown remat policy"):
         W.Features(remat="some")
+    with pytest.raises(ValueError, match="Features.prng"):
+        W.Features(prng="mt19937")
 
 
 def test_task_rotation_covers_every_task():
@@ -348,6 +350,15 @@ def test_interleave_takes_turns_abba():
     assert set(times) == {"A", "B"} and all(len(v) == 3 for v in times.values())
 
 
+def test_mfu_is_recomputed_with_the_final_peak():
+    peaks = HR.Peaks(HR.Options(verbose=False))
+    peaks["float32"] = PK.Peak(1e10, "datasheet: x", "x", "float32")
+    res = {"cells": [{"features": {"dtype": "float32"}, "mtlx": {"model_flops_per_s": 5e9, "mfu": 9.0},
+                      "baseline": {"per_task": {"model_flops_per_s": 2e9, "mfu": 9.0}}}]}
+    HR.recompute_mfu(res, peaks)
+    assert res["cells"][0]["mtlx"]["mfu"] == 0.5 and res["cells"][0]["baseline"]["per_task"]["mfu"] == 0.2
+
+
 def test_figures_and_task_scaling():
     fig = HR.figures(_Fake("A", []), [0.5, 0.25, 1.0], flops_per_step=1e9, peak=1e10)
     assert fig["step_s"] == 0.5 and fig["examples_per_s"] == 8 and fig["tokens_per_s"] == 128
@@ -370,6 +381,8 @@ def test_feature_variants_say_what_is_unavailable():
     assert v["remat=full"].remat == "full" and v["donate=off"].donate is False
     assert "not available on cpu" in v["attention=cudnn (attention_dropout=0)"]
     assert v["scan_layers"].startswith("not available")
+    assert v["prng=rbg (dropout random bits)"].prng == "rbg"
+    assert "remat=full" not in HR.feature_variants(W.Features(), "cpu", short=True)
     g = HR.feature_variants(W.Features(), "gpu")
     assert g["attention=cudnn (attention_dropout=0)"].attention == "cudnn"
 

@@ -156,12 +156,12 @@ def interleave(runners: Sequence, repeats: int, steps: int = 0,
     """Per-step seconds of each runner for each repeat, runners taking turns in ABBA order,
     each block after one untimed step (`timed`'s rewarm) when there are several runners.
 
-    steps <= 0: each runner's block is as many steps as fill `block_seconds` (at least 2),
+    steps <= 0: each runner's block is as many steps as fill `block_seconds` (at least 1),
     from one step timed beforehand and not reported."""
     rewarm = rewarm and len(runners) > 1
     counts = {}
     for r in runners:
-        counts[r.name] = steps if steps > 0 else max(2, int(round(block_seconds / timed(r, 1, rewarm))))
+        counts[r.name] = steps if steps > 0 else max(1, int(round(block_seconds / timed(r, 1, rewarm))))
     out: Dict[str, List[float]] = {r.name: [] for r in runners}
     for k in range(repeats):
         order = runners if k % 2 == 0 else list(reversed(runners))
@@ -346,15 +346,13 @@ SCAN_UNAVAILABLE = ("not available: mtlx.models.bert.BertConfig has no scan-over
 
 def feature_variants(base: W.Features, platform_name: str, short: bool = False) -> Dict[str, Any]:
     """{variant name: Features, or a string saying why it is not available}, each to be timed
-    against 'reference' (= base). short: one remat policy ('dots') and, off GPUs, no
-    attention-dropout comparator for the (unavailable) cuDNN variant."""
+    against 'reference' (= base). short: one remat policy ('dots')."""
     rep = dataclasses.replace
     other_dtype = "bfloat16" if base.dtype == "float32" else "float32"
     out: Dict[str, Any] = {"reference": base,
                            f"dtype={other_dtype}": rep(base, dtype=other_dtype)}
     if base.attention != "cudnn":
-        if platform_name == "gpu" or not short:
-            out["attention_dropout=0"] = rep(base, attention_dropout=0.0, attention="xla")
+        out["attention_dropout=0"] = rep(base, attention_dropout=0.0, attention="xla")
         if platform_name == "gpu":
             out["attention=cudnn (attention_dropout=0)"] = rep(base, attention="cudnn",
                                                               attention_dropout=0.0)
@@ -367,6 +365,8 @@ def feature_variants(base: W.Features, platform_name: str, short: bool = False) 
         if base.remat != policy:
             out[f"remat={policy}"] = rep(base, remat=policy)
     out[f"donate={'off' if base.donate else 'on'}"] = rep(base, donate=not base.donate)
+    if base.prng == "threefry2x32":
+        out["prng=rbg (dropout random bits)"] = rep(base, prng="rbg")
     out["scan_layers"] = SCAN_UNAVAILABLE
     return out
 
@@ -436,8 +436,9 @@ def measure_packing(config: str, size: str, seq_len: int, num_examples: int, num
         if not W.BACKBONE_TRAINS[config]:
             trainable = optim.trainable_mask(params, registry.trainable_patterns(cfg))
         tx = optim.make_optimizer(W.optim_config(), params, trainable)
-        state = jax.device_put(create_state(params, tx, jax.random.key(opts.seed + 1)), device)
-        step = jax.jit(make_train_step(model, tx), donate_argnums=(0,))
+        state = jax.device_put(create_state(params, tx, jax.random.key(opts.seed + 1, impl=features.prng)),
+                               device)
+        step = jax.jit(W.with_prng(make_train_step(model, tx), features.prng), donate_argnums=(0,))
         rows, length = batch.input_ids.shape
         flops = step_flops(model, rows, length, task_ids=np.asarray(batch.task_ids).tolist(),
                            backbone_trainable=W.BACKBONE_TRAINS[config])
@@ -461,6 +462,7 @@ def measure_packing(config: str, size: str, seq_len: int, num_examples: int, num
         out[r.name].update(fig)
         out[r.name]["real_tokens_per_s"] = out[r.name]["real_tokens"] / fig["step_s"]
     out["speedup_examples_per_s"] = out["packed"]["examples_per_s"] / out["padded"]["examples_per_s"]
+    out["dtype"] = features.dtype
     out["workload"] = (f"{num_examples} token-classification examples of {num_tasks} tasks, "
                        f"lengths log-normal median 20 (clipped to [4, {seq_len}]), rows of "
                        f"{seq_len}: padded {out['padded']['rows']} rows, packed "
@@ -544,6 +546,39 @@ class Peaks(dict):
         log(self.opts, f"[bench] peak {dtype}: {peak.flops_per_s / 1e9:.1f} GFLOP/s ({peak.source})")
         self[dtype] = peak
         return peak
+
+
+def remeasure_peaks(peaks: Peaks) -> None:
+    """Measures each CPU peak again and keeps the larger figure: on a shared machine one
+    measurement can catch a busy moment (an accelerator's datasheet figure stays)."""
+    from mtlx.bench.peaks import Peak, measure_matmul_peak
+    for dtype, old in list(peaks.items()):
+        if not old.source.startswith("measured"):
+            continue
+        new = measure_matmul_peak(dtype=dtype)
+        best = max(old.flops_per_s, new.flops_per_s)
+        peaks[dtype] = Peak(best, f"measured: best jnp.dot 2048^3 {dtype} over two rounds (start "
+                                  f"{old.flops_per_s / 1e9:.1f}, end {new.flops_per_s / 1e9:.1f} "
+                                  f"GFLOP/s)", old.device_kind, dtype)
+
+
+def recompute_mfu(results: dict, peaks: Peaks) -> None:
+    """Every 'mfu' in the results from its model FLOP/s and the (final) peak of its dtype."""
+    def fix(fig, dtype):
+        if isinstance(fig, dict) and "model_flops_per_s" in fig:
+            fig["mfu"] = fig["model_flops_per_s"] / peaks[dtype].flops_per_s
+    for r in results.get("cells", []):
+        dt = r["features"]["dtype"]
+        fix(r.get("mtlx"), dt)
+        for b in r.get("baseline", {}).values():
+            fix(b, dt)
+    for v in (results.get("features") or {}).get("variants", {}).values():
+        if v.get("available"):
+            fix(v, v["features"]["dtype"])
+    pk = results.get("packing")
+    if pk:
+        for k in ("padded", "packed"):
+            fix(pk[k], pk.get("dtype", "float32"))
 
 
 def measure_peaks(dtypes: Sequence[str], opts: Options) -> Peaks:

@@ -51,6 +51,9 @@ CONFIGS = {
 BACKBONE_TRAINS = {"shared": True, "adapters": False, "lora": False, "hyperformer++": False}
 
 DTYPES = ("float32", "bfloat16")
+# threefry2x32 is JAX's default; 'rbg' / 'unsafe_rbg' use XLA's RngBitGenerator, much cheaper
+# per random bit (dropout draws B x L x d bits per sublayer and B x H x L x L for attention).
+PRNGS = ("threefry2x32", "rbg", "unsafe_rbg")
 LEARNING_RATE, WEIGHT_DECAY, CLIP_NORM = 1e-4, 0.01, 1.0
 HIDDEN_DROPOUT, ATTENTION_DROPOUT, HEAD_DROPOUT = 0.1, 0.1, 0.1
 
@@ -63,6 +66,7 @@ class Features:
     remat: str = "none"               # mtlx.models.remat policy
     donate: bool = True
     attention_dropout: float = ATTENTION_DROPOUT
+    prng: str = "threefry2x32"          # dropout's random bits: JAX's PRNG implementation
 
     def __post_init__(self):
         from mtlx.models.attention import IMPLEMENTATIONS
@@ -74,6 +78,9 @@ class Features:
             raise ValueError(f"mtlx/bench/workload.py: Features.attention must be one of "
                              f"{IMPLEMENTATIONS}, got {self.attention!r}")
         check_policy(self.remat, "Features.remat")
+        if self.prng not in PRNGS:
+            raise ValueError(f"mtlx/bench/workload.py: Features.prng must be one of {PRNGS}, "
+                             f"got {self.prng!r}")
         if self.attention == "cudnn" and self.attention_dropout > 0:
             # cuDNN's fused kernel cannot drop attention probabilities (mtlx.models.bert).
             raise ValueError(f"mtlx/bench/workload.py: Features.attention='cudnn' needs "
@@ -81,7 +88,8 @@ class Features:
 
     def describe(self) -> str:
         return (f"{self.dtype}, attention={self.attention or 'default'}, remat={self.remat}, "
-                f"donate={'on' if self.donate else 'off'}, attention_dropout={self.attention_dropout}")
+                f"donate={'on' if self.donate else 'off'}, attention_dropout={self.attention_dropout}, "
+                f"prng={self.prng}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,6 +194,19 @@ class MtlxSetup:
     trainable_count: int
 
 
+def with_prng(step_fn, prng: str):
+    """The step traced with `prng` as JAX's default PRNG (the train state's raw key data is
+    wrapped with the default implementation inside mtlx.train.step)."""
+    if prng == "threefry2x32":
+        return step_fn
+
+    def step(state, batch):
+        import jax
+        with jax.default_prng_impl(prng):
+            return step_fn(state, batch)
+    return step
+
+
 def build_mtlx(cell: Cell, seed: int = 0, num_batches: int = 4, device=None) -> MtlxSetup:
     """Model, initial train state, jitted step (not yet compiled) and batches of a cell."""
     import jax
@@ -210,12 +231,13 @@ def build_mtlx(cell: Cell, seed: int = 0, num_batches: int = 4, device=None) -> 
         tx = optim.make_optimizer(optim_config(), params, trainable)
         # Not jitted: XLA would merge equal outputs (Adam's zero moments) into one buffer, and a
         # state holding one buffer twice cannot be donated twice.
-        state = create_state(params, tx, jax.random.key(seed + 1))
+        state = create_state(params, tx, jax.random.key(seed + 1, impl=cell.features.prng))
     # Committed to the device like the step's outputs: a first call with uncommitted arrays
     # would compile an executable that the second call (committed state) cannot reuse.
     state = jax.device_put(state, device)
     del params
-    step = jax.jit(make_train_step(model, tx), donate_argnums=(0,) if cell.features.donate else ())
+    step = jax.jit(with_prng(make_train_step(model, tx), cell.features.prng),
+                   donate_argnums=(0,) if cell.features.donate else ())
     leaves = jax.tree_util.tree_leaves(state.params)
     count = int(sum(x.size for x in leaves))
     if trainable is None:
