@@ -189,6 +189,7 @@ def plot_tasks(results: Dict[str, Any], path: str, mode: str = "per_task") -> Op
         ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.set_xlabel("number of tasks")
         ax.set_ylabel("examples / s")
+        ax.set_ylim(bottom=0)
         ax.set_title(f"{panel[0]}, L={panel[1]}, B={panel[2]}, {panel[3]}")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
