@@ -349,8 +349,10 @@ def feature_variants(base: W.Features, platform_name: str, short: bool = False) 
     against 'reference' (= base). short: one remat policy ('dots')."""
     rep = dataclasses.replace
     other_dtype = "bfloat16" if base.dtype == "float32" else "float32"
+    # cuDNN attention takes bf16/fp16 only: a float32 variant of a cuDNN reference uses XLA's.
+    other_attention = "xla" if (base.attention == "cudnn" and other_dtype == "float32") else base.attention
     out: Dict[str, Any] = {"reference": base,
-                           f"dtype={other_dtype}": rep(base, dtype=other_dtype)}
+                           f"dtype={other_dtype}": rep(base, dtype=other_dtype, attention=other_attention)}
     if base.attention != "cudnn":
         out["attention_dropout=0"] = rep(base, attention_dropout=0.0, attention="xla")
         if platform_name == "gpu":

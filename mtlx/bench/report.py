@@ -153,6 +153,8 @@ def render(results: Dict[str, Any], markdown: bool = False) -> str:
         parts.append(f"check {c['status']}: {c['name']}" + (f" ({c['reason']})" if c.get("reason") else ""))
     for s in results.get("skipped", []):
         parts.append(f"skipped: {s}")
+    for s in results.get("failed", []):
+        parts.append(f"FAILED: {s}")
     return "\n".join(parts) + "\n"
 
 
