@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mtlx.train.config import ConfigError, apply_overrides, load_config  # noqa: E402
+from mtlx.train.config import parse_cli  # noqa: E402
 
 
 def main(argv=None):
@@ -22,11 +22,7 @@ def main(argv=None):
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--checkpoint", default="latest", help="latest | best | a step number")
     parser.add_argument("--output", default=None, help="default: WORKDIR/eval_results.json")
-    args, overrides = parser.parse_known_args(argv)
-    try:
-        cfg = apply_overrides(load_config(args.config), overrides)
-    except ConfigError as e:
-        parser.error(str(e))
+    args, cfg = parse_cli(parser, argv)
     import jax
     from mtlx.train import evaluate as E
     from mtlx.train.logs import atomic_write_text

@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mtlx.train.config import ConfigError, apply_overrides, load_config  # noqa: E402
+from mtlx.train.config import parse_cli  # noqa: E402
 
 
 def read_requests(path: Path, specs: dict) -> dict:
@@ -44,11 +44,7 @@ def main(argv=None):
     parser.add_argument("--input", required=True)
     parser.add_argument("--output", required=True)
     parser.add_argument("--checkpoint", default="latest")
-    args, overrides = parser.parse_known_args(argv)
-    try:
-        cfg = apply_overrides(load_config(args.config), overrides)
-    except ConfigError as e:
-        parser.error(str(e))
+    args, cfg = parse_cli(parser, argv)
     import jax
     import numpy as np
     from mtlx import data as D

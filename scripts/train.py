@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mtlx.train.config import ConfigError, apply_overrides, load_config  # noqa: E402
+from mtlx.train.config import parse_cli  # noqa: E402
 
 
 def main(argv=None):
@@ -20,11 +20,7 @@ def main(argv=None):
     parser.add_argument("--config", required=True, help="configs/NAME.py[:variant]")
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--no-progress", action="store_true")
-    args, overrides = parser.parse_known_args(argv)
-    try:
-        cfg = apply_overrides(load_config(args.config), overrides)
-    except ConfigError as e:
-        parser.error(str(e))
+    args, cfg = parse_cli(parser, argv)
     from mtlx.train.loop import train_and_evaluate
     train_and_evaluate(cfg, args.workdir, progress=not args.no_progress)
 

@@ -121,3 +121,14 @@ def apply_overrides(cfg: ml_collections.ConfigDict, args: Sequence[str]) -> ml_c
         set_key(cfg, key, raw)
         i += 1
     return cfg
+
+
+def parse_cli(parser, argv=None):
+    """(args, config) from a script's argparse parser that has --config: the config file loaded
+    and every remaining `--config.key=value` applied; a bad key or value exits via
+    parser.error (status 2) with the message."""
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        return args, apply_overrides(load_config(args.config), overrides)
+    except ConfigError as e:
+        parser.error(str(e))
