@@ -19,23 +19,12 @@ def main(port: str, pid: int, out: str):
     cfg = ml_collections.ConfigDict(dict(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
                                          process_id=pid))
     assert distributed.initialize(cfg)
-    from tests.test_sharding import STEPS, batch16
-    from mtlx.models.multitask import MultiTaskModel, init_params
-    from mtlx.train import optim
-    from mtlx.train.step import create_state, make_train_step
-    from tests.test_multitask import TASKS, tiny_bert
+    from tests.test_sharding import STEPS, batch16, reference_setup
 
-    model = MultiTaskModel(tiny_bert(hidden_dropout=0.0, attention_dropout=0.0, num_heads=4),
-                           TASKS, head_dropout=0.0)
-    params = init_params(model, jax.random.key(0), batch16(0))
-    ocfg = ml_collections.ConfigDict(dict(optimizer="sgd", momentum=0.9, learning_rate=0.1,
-                                          warmup_steps=0, num_train_steps=10, schedule="constant",
-                                          grad_clip_norm=1.0))
-    tx = optim.make_optimizer(ocfg, params)
+    step_fn, state = reference_setup()
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2})  # 4 devices over 2 processes
-    state = create_state(params, tx, jax.random.key(1))
     abstract = jax.eval_shape(lambda s: s, state)
-    step, state_sh = sharding.jit_train_step(make_train_step(model, tx), mesh, abstract, batch16(0))
+    step, state_sh = sharding.jit_train_step(step_fn, mesh, abstract, batch16(0))
     state = jax.device_put(state, state_sh)
     rows = distributed.process_slice(16)
     for i in range(STEPS):

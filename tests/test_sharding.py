@@ -20,7 +20,9 @@ def batch16(seed):
     return mixed_batch(seed).select(np.r_[np.arange(14), 0, 1])
 
 
-def run(mesh_shape):
+def reference_setup():
+    """The model, unjitted step and initial state every sharded/multi-host run starts from
+    (also used by tests/mh_worker.py)."""
     model = MultiTaskModel(tiny_bert(hidden_dropout=0.0, attention_dropout=0.0, num_heads=4),
                            TASKS, head_dropout=0.0)
     params = init_params(model, jax.random.key(0), batch16(0))
@@ -28,8 +30,11 @@ def run(mesh_shape):
                                          warmup_steps=0, num_train_steps=10, schedule="constant",
                                          grad_clip_norm=1.0))
     tx = optim.make_optimizer(cfg, params)
-    state = create_state(params, tx, jax.random.key(1))
-    step = make_train_step(model, tx)
+    return make_train_step(model, tx), create_state(params, tx, jax.random.key(1))
+
+
+def run(mesh_shape):
+    step, state = reference_setup()
     if mesh_shape is None:
         jitted, place = jax.jit(step), (lambda b: b)
     else:
