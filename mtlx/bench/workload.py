@@ -236,7 +236,8 @@ def build_mtlx(cell: Cell, seed: int = 0, num_batches: int = 4, device=None) -> 
     # would compile an executable that the second call (committed state) cannot reuse.
     state = jax.device_put(state, device)
     del params
-    step = jax.jit(with_prng(make_train_step(model, tx), cell.features.prng),
+    # `trainable` as the training loop passes it: frozen backbone weights are not differentiated.
+    step = jax.jit(with_prng(make_train_step(model, tx, trainable=trainable), cell.features.prng),
                    donate_argnums=(0,) if cell.features.donate else ())
     leaves = jax.tree_util.tree_leaves(state.params)
     count = int(sum(x.size for x in leaves))
