@@ -32,6 +32,24 @@ PEFT hooks (mtlx.models.layers): every linear map in a layer is a `Projection` w
 residual add and LayerNorm (where Houlsby adapters sit); `extend_embeddings` runs on the
 embedding output (after LayerNorm + dropout) at ``Site('encoder', 0, 'embeddings')``.
 
+Scan over layers (``BertConfig(scan_layers=True)``): the `num_layers` identical layers run as
+one `jax.lax.scan` whose body is ONE traced BertLayer (remat-wrapped when ``remat`` is set:
+remat inside scan), so tracing and XLA compilation no longer grow with depth. The parameter
+tree does not change: params stay ``layer_{i}/...`` (HF I/O, checkpoints, PEFT patterns and
+task-keyed parameters are untouched), `init` unrolls (same tree and, for a given rng, the same
+values as scan_layers=False), and each forward pass stacks the layers' parameters into
+[num_layers, ...] arrays for the scan. That stack is a copy of every layer's weights per step
+(forward; its transpose scatters the gradients back in the backward pass): memory traffic of
+the model's size, which the compile-time saving has to outweigh (measured in mtlx.bench,
+feature 'scan_layers=on'). Outputs and gradients equal the unrolled model's up to float
+rounding; with dropout each layer gets its own key split from the encoder's 'dropout' rng,
+so the random masks (not their distribution) differ from the unrolled model's. Restriction:
+the one traced body sees ``Site('encoder', 0, ...)``, so every extension must attach the same
+way at every layer and declare ``layer_uniform = True`` (adapters, LoRA, (IA)^3, prefixes,
+Compacter, fusion, task layer norms do); hypernetworks (weights generated per layer, indexed
+by ``site.layer``) and layer-subset site patterns raise a ValueError naming the extension
+(`check_scan_layers`).
+
 This module also implements the family contract that `mtlx.models.hf` dispatches to:
 `MODEL_TYPES`, `config_from_hf`, `config_to_hf`, `params_from_hf`, `params_to_hf`,
 `hf_param_names`, `abstract_params`, `module`.
@@ -39,7 +57,9 @@ This module also implements the family contract that `mtlx.models.hf` dispatches
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import functools
 import re
 from typing import Any, Callable, Mapping, Optional, Tuple
 
@@ -115,9 +135,13 @@ class BertConfig:
     attention_impl: Optional[str] = None   # None | 'xla' | 'cudnn' (mtlx.models.attention)
     extensions: Tuple[Extension, ...] = ()
     remat: str = "none"                    # activation checkpointing policy (mtlx.models.remat)
+    scan_layers: bool = False              # run the layers with jax.lax.scan (module docstring)
 
     def __post_init__(self):
         check_remat_policy(self.remat)
+        if not isinstance(self.scan_layers, (bool, np.bool_)):
+            raise ValueError(f"BertConfig.scan_layers must be a bool, got {self.scan_layers!r}")
+        object.__setattr__(self, "scan_layers", bool(self.scan_layers))
         # Normalise so that equal configs hash equally ('bfloat16' == jnp.bfloat16) and a list
         # of extensions does not make the config unhashable.
         object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
@@ -330,10 +354,135 @@ class BertEncoder(nn.Module):
                 f"to {h.shape[1]}; it cannot be combined with packed rows (segment_ids)")
         mask = padding_mask(attention_mask, segment_ids)
         layer_cls = remat_layer(BertLayer, cfg.remat, static_argnums=(4,))  # 4: deterministic
-        for i in range(cfg.num_layers):
-            h = layer_cls(cfg, i, name=f"layer_{i}")(h, mask, routing, deterministic)
+        if cfg.scan_layers:
+            check_scan_layers(cfg)
+        if cfg.scan_layers and not self.is_initializing():
+            h = self._scan(layer_cls, h, mask, routing, deterministic)
+        else:
+            # init always unrolls: the parameter tree (and, for a given rng, its values) is the
+            # unrolled model's whatever scan_layers says.
+            for i in range(cfg.num_layers):
+                h = layer_cls(cfg, i, name=f"layer_{i}")(h, mask, routing, deterministic)
         pooled = BertPooler(cfg, name="pooler")(h, pool_positions) if cfg.add_pooler else None
         return EncoderOutput(last_hidden_state=h, pooled_output=pooled)
+
+    def _scan(self, layer_cls, h, mask, routing, deterministic: bool):
+        """The layers as one jax.lax.scan over their stacked parameters ``layer_{i}/...``.
+
+        The body is `layer_cls` (BertLayer, remat-wrapped if configured) traced ONCE, with
+        ``Site('encoder', 0, ...)`` for every layer (`check_scan_layers` makes sure that is
+        the same computation); each step applies it functionally to layer i's parameters and
+        its own dropout key (split from this module's 'dropout' rng).
+        """
+        cfg = self.config
+        params = self.variables.get("params", {})
+        missing = [f"layer_{i}" for i in range(cfg.num_layers) if f"layer_{i}" not in params]
+        if missing:
+            raise KeyError(f"BertConfig.scan_layers: params have no {missing[:4]} "
+                           f"({cfg.num_layers} layers expected)")
+        # A copy of every layer's weights each step (stacked [num_layers, ...]); XLA fuses it
+        # into the scan's input but it is real memory traffic (module docstring).
+        stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs),
+                                         *[params[f"layer_{i}"] for i in range(cfg.num_layers)])
+        keys = None
+        if not deterministic and self.has_rng("dropout"):
+            keys = jax.random.split(self.make_rng("dropout"), cfg.num_layers)
+        layer = layer_cls(cfg, 0, parent=None)
+
+        def body(carry, xs):
+            p, key = xs
+            rngs = {} if key is None else {"dropout": key}
+            return layer.apply({"params": p}, carry, mask, routing, deterministic, rngs=rngs), None
+
+        h, _ = jax.lax.scan(body, h, (stacked, keys))
+        return h
+
+
+# Hooks a BertLayer calls, with the site names it offers to each (layer index aside).
+_LAYER_HOOKS = (
+    ("projection_input", ("attention.query", "attention.key", "attention.value",
+                          "attention.output", "ffn.input", "ffn.output")),
+    ("projection", ("attention.query", "attention.key", "attention.value", "attention.output",
+                    "ffn.input", "ffn.output")),
+    ("attention_kv", ("attention",)),
+    ("sublayer", ("attention", "ffn")),
+    ("layer_norm_output", ("attention.layer_norm", "ffn.layer_norm")),
+)
+
+
+def _module_signature(module, layer: int):
+    """What a hook returned, comparable across layers: None, or (class, name, fields) with the
+    layer index of any Site field replaced by -1."""
+    if module is None:
+        return None
+    fields = {}
+    for f in dataclasses.fields(module):
+        if f.name in ("parent", "name"):
+            continue
+        value = getattr(module, f.name)
+        if isinstance(value, Site):
+            if value.layer != layer:
+                return ("site-layer-mismatch", f.name, value)
+            value = dataclasses.replace(value, layer=-1)
+        fields[f.name] = value
+    return (type(module), module.name, tuple(sorted(fields.items(), key=lambda kv: kv[0])))
+
+
+def _describe(signature) -> str:
+    if signature is None:
+        return "nothing"
+    if signature[0] == "site-layer-mismatch":
+        return f"a module whose {signature[1]} is {signature[2]}"
+    return f"{signature[0].__name__} '{signature[1]}'"
+
+
+@functools.lru_cache(maxsize=64)
+def check_scan_layers(cfg: BertConfig) -> None:
+    """Raises ValueError unless ``scan_layers=True`` computes what the unrolled layers compute.
+
+    Under scan ONE layer body is traced (with layer 0's sites) and run for every layer, so each
+    extension must attach identically at every layer (same hooks, same sites, equal modules up
+    to the layer index) and declare ``layer_uniform = True``: its modules do not use the layer
+    index except through their own per-layer parameters (bottleneck adapters, LoRA, (IA)^3,
+    prefixes, ...). Hypernetwork methods index generated weights by ``site.layer`` and layer-
+    subset site patterns attach to some layers only: both are refused, naming the extension.
+    """
+    if not cfg.scan_layers or not cfg.extensions:
+        return
+    # Hooks build (unbound) Flax modules; called inside a module's compact method (the
+    # encoder's) they would become its children. Flax's module context is thread-local, so a
+    # fresh thread calls them as top-level, throw-away modules.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        pool.submit(_check_scan_extensions, cfg).result()
+
+
+def _check_scan_extensions(cfg: BertConfig) -> None:
+    for ext in cfg.extensions:
+        signatures = {}
+        for hook, names in _LAYER_HOOKS:
+            fn = getattr(ext, hook, None)
+            if fn is None:
+                continue
+            for name in names:
+                per_layer = [_module_signature(fn(Site("encoder", i, name)), i)
+                             for i in range(cfg.num_layers)]
+                signatures[(hook, name)] = per_layer
+                for i, sig in enumerate(per_layer):
+                    if sig != per_layer[0]:
+                        raise ValueError(
+                            f"BertConfig.scan_layers=True needs every extension to attach "
+                            f"identically at every layer, but {type(ext).__name__} "
+                            f"'{ext.name}' ({hook} hook) gives {_describe(per_layer[0])} at "
+                            f"{Site('encoder', 0, name)} and {_describe(sig)} at "
+                            f"{Site('encoder', i, name)}; set scan_layers=False (or attach it "
+                            f"to every layer)")
+        attaches = any(sig is not None for per_layer in signatures.values() for sig in per_layer)
+        if attaches and not getattr(ext, "layer_uniform", False):
+            raise ValueError(
+                f"BertConfig.scan_layers=True cannot run extension {type(ext).__name__} "
+                f"'{ext.name}': it does not declare layer_uniform=True (its modules may depend "
+                f"on the layer index, e.g. hypernetwork weights generated per layer, which one "
+                f"scanned layer body cannot do); set scan_layers=False")
 
 
 def module(cfg: BertConfig) -> BertEncoder:
@@ -344,6 +493,8 @@ def abstract_params(cfg: BertConfig):
     """The parameter pytree as jax.ShapeDtypeStruct leaves (no memory allocated)."""
     ids = jnp.zeros((1, 2), jnp.int32)
     routing = Routing(task_ids=jnp.zeros((1,), jnp.int32))
+
+    cfg = dataclasses.replace(cfg, scan_layers=False)  # the same tree; init unrolls anyway
 
     def init():
         return module(cfg).init(jax.random.PRNGKey(0), ids, jnp.ones_like(ids), routing=routing)["params"]

@@ -72,8 +72,14 @@ class Extension:
                            model before the backbone (hypernetworks generate every task's
                            weights here); the result reaches the hooks as
                            ``routing.generated[ext.name]``.
+
+    layer_uniform (class attribute): True when the modules this extension returns do not depend
+    on ``site.layer`` except through their own parameters (adapters, LoRA, ...), so one traced
+    layer body can run every layer (BertConfig.scan_layers); False (the default) for e.g.
+    hypernetworks that index generated weights by layer.
     """
     name: str = "extension"
+    layer_uniform = False
 
     def projection_input(self, site: Site) -> Optional[nn.Module]:
         return None

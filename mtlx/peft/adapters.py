@@ -116,6 +116,7 @@ class Adapter(TaskExtension):
     init_std: float = 1e-2
 
     method = "adapter"
+    layer_uniform = True  # same module at every layer (BertConfig.scan_layers)
 
     def __post_init__(self):
         super().__post_init__()

@@ -71,6 +71,7 @@ class Compacter(TaskExtension):
     layer_norm_eps: float = 1e-5
 
     method = "compacter"
+    layer_uniform = True  # same module at every layer (BertConfig.scan_layers)
 
     def __post_init__(self):
         super().__post_init__()

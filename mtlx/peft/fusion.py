@@ -77,6 +77,7 @@ class Fusion(TaskExtension):
     temperature: float = 1.0
 
     method = "fusion"
+    layer_uniform = True  # same module at every layer (BertConfig.scan_layers)
 
     def __post_init__(self):
         super().__post_init__()

@@ -37,6 +37,7 @@ class IA3(TaskExtension):
     input_targets: Tuple[str, ...] = ("ffn.output",)
 
     method = "ia3"
+    layer_uniform = True  # same module at every layer (BertConfig.scan_layers)
 
     def __post_init__(self):
         super().__post_init__()

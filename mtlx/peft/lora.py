@@ -55,6 +55,7 @@ class LoRA(TaskExtension):
     use_rslora: bool = False
 
     method = "lora"
+    layer_uniform = True  # same module at every layer (BertConfig.scan_layers)
 
     def __post_init__(self):
         super().__post_init__()

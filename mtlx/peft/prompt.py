@@ -83,6 +83,7 @@ class PrefixTuning(TaskExtension):
     init_std: float = 0.02
 
     method = "prefix"
+    layer_uniform = True  # same module at every layer (BertConfig.scan_layers)
 
     def __post_init__(self):
         super().__post_init__()

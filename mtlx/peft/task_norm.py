@@ -30,6 +30,7 @@ class TaskLayerNorm(TaskExtension):
     targets: Tuple[str, ...] = ("*layer_norm",)
 
     method = "task_layer_norm"
+    layer_uniform = True  # same module at every layer (BertConfig.scan_layers)
 
     def __post_init__(self):
         super().__post_init__()
