@@ -380,7 +380,7 @@ def test_feature_variants_say_what_is_unavailable():
     assert v["dtype=bfloat16"].dtype == "bfloat16"
     assert v["remat=full"].remat == "full" and v["donate=off"].donate is False
     assert "not available on cpu" in v["attention=cudnn (attention_dropout=0)"]
-    assert v["scan_layers"].startswith("not available")
+    assert v["scan_layers=on"].scan_layers is True and v["reference"].scan_layers is False
     assert v["prng=rbg (dropout random bits)"].prng == "rbg"
     assert "remat=full" not in HR.feature_variants(W.Features(), "cpu", short=True)
     g = HR.feature_variants(W.Features(), "gpu")
@@ -438,7 +438,8 @@ def test_quick_harness_path_end_to_end(tmp_path):
         assert set(cell["baseline"]) == {"per_task", "split"} and cell["ratio"]["per_task"] > 0
         assert cell["mtlx"]["mfu"] > 0 and cell["mtlx"]["memory"]["compiled"]["total"] > 0
     assert saved["task_scaling"][0]["reference_tasks"] == 1
-    assert saved["features"]["variants"]["scan_layers"]["available"] is False
+    scan = saved["features"]["variants"]["scan_layers=on"]
+    assert scan["available"] is True and scan["features"]["scan_layers"] is True, scan
     assert saved["packing"]["packed"]["rows"] < saved["packing"]["padded"]["rows"]
     assert saved["compile_cache"]["warm"]["cache_hits"] >= 1
     assert {c["status"] for c in saved["checks"]} <= {"pass", "skipped"}

@@ -67,6 +67,7 @@ class Features:
     donate: bool = True
     attention_dropout: float = ATTENTION_DROPOUT
     prng: str = "threefry2x32"          # dropout's random bits: JAX's PRNG implementation
+    scan_layers: bool = False         # BertConfig.scan_layers: the layers as one lax.scan
 
     def __post_init__(self):
         from mtlx.models.attention import IMPLEMENTATIONS
@@ -89,7 +90,7 @@ class Features:
     def describe(self) -> str:
         return (f"{self.dtype}, attention={self.attention or 'default'}, remat={self.remat}, "
                 f"donate={'on' if self.donate else 'off'}, attention_dropout={self.attention_dropout}, "
-                f"prng={self.prng}")
+                f"prng={self.prng}, scan_layers={'on' if self.scan_layers else 'off'}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +134,8 @@ def backbone_config(cell: Cell):
     f = cell.features
     cfg = BertConfig(**SIZES[cell.size], hidden_dropout=HIDDEN_DROPOUT,
                      attention_dropout=f.attention_dropout, dtype=jnp.dtype(f.dtype),
-                     param_dtype=jnp.float32, attention_impl=f.attention, remat=f.remat)
+                     param_dtype=jnp.float32, attention_impl=f.attention, remat=f.remat,
+                     scan_layers=f.scan_layers)
     methods = CONFIGS[cell.config]
     if methods:
         cfg = registry.attach(cfg, methods, [t.name for t in task_heads(cell.num_tasks)])
