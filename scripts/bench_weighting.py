@@ -9,8 +9,9 @@ Timing: every configuration is compiled first, then timed in interleaved rounds 
 them alike; the ratio to EW is the median over rounds of the ratio within a round. XLA's FLOP
 count of each compiled step is printed too: unlike times, it does not depend on the load. 'reference' is a plain `jax.grad` step with static
 weights (the step before task balancing existed) to show what EW costs over it. One-backward
-strategies should be within 1.05x of EW except FAMO, whose method needs one more forward of the
-batch after the update. Per-task strategies run with grads_wrt='params' (T backward passes
+strategies should be within 1.05x of EW; 'famo' is mtlx's default FAMO (the next step's losses
+give the loss change), 'famo:same_batch' LibMTL's, which needs one more forward of the batch
+after the update. Per-task strategies run with grads_wrt='params' (T backward passes
 through the whole model, vmap) and, where the strategy allows it, 'representation' (T backward
 passes through the heads only, then one weighted backward).
 
@@ -103,6 +104,8 @@ def configurations(model, names):
         s = W.get_strategy(name, **kw)
         if not s.needs_task_grads:
             out.append((name, s, {}))
+            if name == "famo":   # LibMTL's update: a second forward of the batch (FAMO docstring)
+                out.append(("famo:same_batch", W.get_strategy(name, **kw, after="same_batch"), {}))
             continue
         out.append((f"{name}/params", s, {"grads_wrt": "params"}))
         if s.supports_rep_grad:

@@ -150,7 +150,7 @@ def test_uw_updates_state_handles_absent_tasks_compiles_once_and_checkpoints(tin
 def test_famo_next_losses_are_the_same_batch_after_the_update(tiny):
     model, params = tiny
     tx = optax.sgd(0.5)
-    famo = W.get_strategy("famo")
+    famo = W.get_strategy("famo", after="same_batch")
     state = new_state(model, params, tx, famo)
     batch = make(NO_TOK, seed=6)
     new, m = jax.jit(S.make_train_step(model, tx, weighting=famo))(state, batch)
@@ -160,6 +160,30 @@ def test_famo_next_losses_are_the_same_batch_after_the_update(tiny):
     np.testing.assert_allclose(new.weighting.stats["w"], want.stats["w"], rtol=1e-5, atol=1e-7)
     assert np.any(np.asarray(new.weighting.stats["w"])[:2] != 0)
     assert np.asarray(new.weighting.stats["w"])[2] == 0
+
+
+def test_famo_next_batch_runs_one_forward_and_uses_the_next_steps_losses(tiny):
+    model, params = tiny
+    tx = optax.sgd(0.5)
+    famo = W.get_strategy("famo", after="next_batch")
+    assert not S.needs_next_losses(famo)
+    assert S.needs_next_losses(W.get_strategy("famo", after="same_batch"))
+    state = new_state(model, params, tx, famo)
+    step = jax.jit(S.make_train_step(model, tx, weighting=famo))
+    b1, b2 = make(NO_TOK, seed=6), make(NO_TOK, seed=7)
+    s1, m1 = step(state, b1)
+    np.testing.assert_array_equal(s1.weighting.stats["w"], 0.0)   # no pair yet
+    s2, m2 = step(s1, b2)
+    want = famo.update(s1.weighting, m2["task_loss"], np.array([True, True, False]), 1)
+    np.testing.assert_allclose(s2.weighting.stats["w"], want.stats["w"], rtol=1e-5, atol=1e-7)
+    assert np.any(np.asarray(s2.weighting.stats["w"])[:2] != 0)
+    # One forward: the compiled step has no second evaluation of the encoder.
+    def dots(strategy):
+        fn = jax.jit(S.make_train_step(model, tx, weighting=strategy))
+        st = new_state(model, params, tx, strategy)
+        return fn.lower(st, b1).as_text().count("dot_general")
+    assert dots(famo) < dots(W.get_strategy("famo", after="same_batch"))
+    assert dots(famo) == dots(W.get_strategy("ew"))
 
 
 def test_exact_accumulation_list_is_right():

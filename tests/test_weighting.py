@@ -88,7 +88,8 @@ def run_any(s, g, losses, present, state, key=KEY, step=0):
     if s.needs_task_grads:
         return s.combine(g, losses, present, state, key, step)
     total, aux = s.loss(losses, present, state, key, step)
-    state = s.update(state, losses, present, step, next_losses=losses * 0.9)
+    more = {"next_losses": losses * 0.9} if getattr(s, "needs_next_losses", False) else {}
+    state = s.update(state, losses, present, step, **more)
     return total, state, aux
 
 
@@ -662,7 +663,7 @@ def test_gls_is_geometric_mean(jitted, mask):
 @pytest.mark.parametrize("mask", MASKS)
 def test_famo_matches_libmtl_torch_over_steps(jitted, mask):
     present = np.asarray(MASKS[mask], bool)
-    s = W.get_strategy("famo", w_lr=0.025, w_gamma=1e-3)
+    s = W.get_strategy("famo", w_lr=0.025, w_gamma=1e-3, after="same_batch")
     state = s.init(T)
     ref = RefFAMO(int(present.sum()))
     r = np.random.default_rng(11)
@@ -681,8 +682,67 @@ def test_famo_matches_libmtl_torch_over_steps(jitted, mask):
     np.testing.assert_array_equal(np.asarray(state.stats["w"])[~present], 0.0)
 
 
-def test_famo_update_requires_next_losses():
+def test_famo_next_batch_pairs_consecutive_steps_losses(jitted):
+    """after='next_batch': the w step at step t uses log L(t-1) - log L(t), over the tasks present
+    at both steps, with the same Adam as the LibMTL reference (which is fed those pairs)."""
     s = W.get_strategy("famo")
+    assert s.after == "next_batch"            # the default (FAMO docstring: why)
+    state = s.init(T)
+    r = np.random.default_rng(3)
+    pres_seq = [(1, 1, 1, 1), (1, 0, 1, 1), (1, 1, 1, 1), (0, 1, 1, 1), (1, 1, 1, 1)]
+    refs = {}                      # one LibMTL reference per set of tasks updated together
+    w_ref = np.zeros(T)
+    prev = prev_present = None
+    for step, pres in enumerate(pres_seq):
+        present = np.asarray(pres, bool)
+        losses = r.uniform(0.2, 2.0, T) * present
+        total, aux = run_loss(jitted, s, losses, present, state, step)
+        z = np.exp(w_ref[present]) / np.exp(w_ref[present]).sum()
+        d = losses[present] + 1e-8
+        np.testing.assert_allclose(np.asarray(aux["weights"])[present], z / d / (z / d).sum(),
+                                   rtol=1e-4)
+        state = jitted(s, "update")(state, jnp.asarray(losses, jnp.float32),
+                                    jnp.asarray(present), jnp.int32(step))
+        if prev is not None:
+            both = present & prev_present
+            # A direct transcription: softmax Jacobian over `both`, Adam with per-coordinate
+            # counts and L2 decay added to the gradient (torch Adam's weight_decay).
+            zb = np.exp(w_ref[both]) / np.exp(w_ref[both]).sum()
+            delta = np.log(prev[both] + 1e-8) - np.log(losses[both] + 1e-8)
+            g = zb * delta - zb * (zb @ delta) + 1e-3 * w_ref[both]
+            refs.setdefault("mu", np.zeros(T)); refs.setdefault("nu", np.zeros(T))
+            refs.setdefault("n", np.zeros(T))
+            refs["n"][both] += 1
+            refs["mu"][both] = 0.9 * refs["mu"][both] + 0.1 * g
+            refs["nu"][both] = 0.999 * refs["nu"][both] + 0.001 * g * g
+            mh = refs["mu"][both] / (1 - 0.9 ** refs["n"][both])
+            nh = refs["nu"][both] / (1 - 0.999 ** refs["n"][both])
+            w_ref[both] = w_ref[both] - 0.025 * mh / (np.sqrt(nh) + 1e-8)
+        np.testing.assert_allclose(np.asarray(state.stats["w"]), w_ref, rtol=1e-4, atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(state.stats["prev_present"]), present)
+        prev, prev_present = losses, present
+    assert np.any(w_ref != 0)
+    with pytest.raises(ValueError, match="must not get next_losses"):
+        s.update(state, jnp.ones(T), jnp.ones(T, bool), 0, next_losses=jnp.ones(T))
+
+
+def test_famo_next_batch_equals_same_batch_when_fed_the_same_pairs(jitted):
+    """Feeding 'same_batch' the pairs (L(t-1), L(t)) reproduces 'next_batch' exactly."""
+    nb, sb = W.get_strategy("famo", after="next_batch"), W.get_strategy("famo", after="same_batch")
+    a, b = nb.init(T), sb.init(T)
+    present = np.ones(T, bool)
+    r = np.random.default_rng(5)
+    seq = [r.uniform(0.2, 2.0, T).astype(np.float32) for _ in range(4)]
+    for step, losses in enumerate(seq):
+        a = jitted(nb, "update")(a, jnp.asarray(losses), jnp.asarray(present), jnp.int32(step))
+        if step:
+            b = jitted(sb, "update")(b, jnp.asarray(seq[step - 1]), jnp.asarray(present),
+                                     jnp.int32(step - 1), next_losses=jnp.asarray(losses))
+        np.testing.assert_allclose(np.asarray(a.stats["w"]), np.asarray(b.stats["w"]), rtol=1e-6)
+
+
+def test_famo_update_requires_next_losses():
+    s = W.get_strategy("famo", after="same_batch")
     with pytest.raises(ValueError, match="next_losses"):
         s.update(s.init(2), jnp.ones(2), jnp.ones(2, bool), 0)
 
@@ -797,7 +857,7 @@ BAD_HPARAMS = [
     ("rlw", {"dist": "cauchy"}, "dist"), ("gls", {"min_loss": 0.0}, "min_loss"),
     ("famo", {"w_lr": -1.0}, "w_lr"), ("famo", {"w_gamma": -1.0}, "w_gamma"),
     ("famo", {"beta1": 1.0}, "beta1"), ("famo", {"beta2": -0.1}, "beta2"),
-    ("famo", {"eps": 0.0}, "eps"),
+    ("famo", {"eps": 0.0}, "eps"), ("famo", {"after": "later"}, "after"),
     ("gradnorm", {"alpha": -0.5}, "alpha"), ("gradnorm", {"warmup_steps": -1}, "warmup_steps"),
     ("mgda", {"normalization": "l1"}, "normalization"), ("mgda", {"solver": "cvx"}, "solver"),
     ("mgda", {"max_iter": -1}, "max_iter"),

@@ -21,7 +21,8 @@ Task balancing (`weighting`, a strategy of `mtlx.weighting`; REFERENCE.md sectio
   losses and its own parameters; the model's gradient is ONE pullback of the cotangent
   d total / d L_i / count_i. That is the gradient of total w.r.t. the model (chain rule), at the
   cost of `jax.grad`. FAMO's ``next_losses`` are one more forward of the same batch with the
-  updated parameters (same dropout key), inside the step.
+  updated parameters (same dropout key), inside the step (FAMO's ``after='next_batch'`` option
+  skips it and uses the next step's losses instead).
 * Per-task gradients ("Tx": gradnorm, mgda, pcgrad, cagrad, nash_mtl, imtl_g, aligned_mtl,
   db_mtl). ``grads_wrt='params'``: the T pullbacks of the one-hot cotangents (vmap, or `lax.map`
   with ``sequential=True``) give every task's gradient of every trainable parameter. The SHARED
@@ -97,6 +98,13 @@ REPRESENTATIONS = ("hidden", "pooled")
 ACCUMULATION_EXACT = frozenset({"static", "ew", "uw", "dwa", "rlw"})
 # 1x strategies whose `update` needs the losses of the same batch after the optimizer step.
 NEEDS_NEXT_LOSSES = frozenset({"famo"})
+
+
+def needs_next_losses(strategy) -> bool:
+    """Whether the step must re-evaluate the batch after the update for `strategy.update`
+    (FAMO with after='same_batch'; FAMO with after='next_batch' does not)."""
+    return (strategy is not None and strategy.name in NEEDS_NEXT_LOSSES
+            and getattr(strategy, "needs_next_losses", True))
 DEFAULT_WEIGHTING_LR = 1e-3
 # Heads that read the per-token hidden states rather than the pooled vector.
 TOKEN_LEVEL_KINDS = ("token_classification", "span", "seq2seq")
@@ -593,7 +601,7 @@ def make_train_step(model, tx: optax.GradientTransformation, *,
             new_wstate = new_wstate.replace(params=moved)
         if not per_task:
             next_losses = None
-            if strategy.name in NEEDS_NEXT_LOSSES:  # FAMO: the same batch after the update
+            if needs_next_losses(strategy):  # FAMO: the same batch after the update
                 next_losses = full_batch_losses(sums_fn(params, batch, step_rng))
             new_wstate = strategy.update(new_wstate, losses, present, state.step,
                                          next_losses=next_losses)

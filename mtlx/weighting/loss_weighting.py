@@ -234,13 +234,35 @@ class FAMO(LossWeighting):
     mtlx difference: with absent tasks, z is a softmax over present tasks, and only present
     coordinates of w (and their Adam moments and step counts) are updated, each with its own
     bias-correction count, so an absent task's w does not drift by weight decay.
+
+    `after` says where the loss after the step comes from:
+      'next_batch' (mtlx's DEFAULT, one forward per step): delta_i = log L_i(batch t-1,
+          theta_{t-1}) - log L_i(batch t, theta_t), i.e. the losses the next step computes
+          anyway. `update` at step t applies the w step for the pair (t-1, t) (the weights lag
+          one step more than with 'same_batch'), for the tasks present in both batches. The
+          delta then also carries the difference between the two batches (zero-mean sampling
+          noise, which Adam's moments average), so it is a cheaper, noisier estimate of the same
+          log-loss decrease.
+      'same_batch' (the paper's Algorithm 1 as its official code and LibMTL run it): the same
+          batch re-evaluated with the updated parameters, passed as ``next_losses``.
+    Why mtlx differs by default: 'same_batch' is a second forward pass every step (1.17x EW's
+    step time and 1.34x its FLOPs in scripts/bench_weighting.py, see BUILD_NOTES), while FAMO's
+    point is O(1) overhead and mtlx's budget for one-backward strategies is 1.05x EW;
+    'next_batch' runs at EW's cost. Set ``after='same_batch'`` to reproduce LibMTL exactly.
     """
     w_lr: float = 0.025
     w_gamma: float = 1e-3
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
+    after: str = "next_batch"
     name: ClassVar[str] = "famo"
+    AFTER: ClassVar[Tuple[str, ...]] = ("same_batch", "next_batch")
+
+    @property
+    def needs_next_losses(self) -> bool:
+        """True when `update` needs the same batch's losses after the optimizer step."""
+        return self.after == "same_batch"
 
     def validate(self):
         require(self.w_lr > 0, self.name, "w_lr", f"must be > 0, got {self.w_lr!r}")
@@ -248,12 +270,17 @@ class FAMO(LossWeighting):
         require(0 <= self.beta1 < 1, self.name, "beta1", f"must be in [0, 1), got {self.beta1!r}")
         require(0 <= self.beta2 < 1, self.name, "beta2", f"must be in [0, 1), got {self.beta2!r}")
         require(self.eps > 0, self.name, "eps", f"must be > 0, got {self.eps!r}")
+        require(self.after in self.AFTER, self.name, "after",
+                f"must be one of {list(self.AFTER)}, got {self.after!r}")
 
     def init(self, num_tasks, *, grad_dim=None):
         check_num_tasks(self.name, num_tasks)
         zeros = jnp.zeros((num_tasks,), jnp.float32)
-        return WeightingState(stats={"w": zeros, "adam_mu": zeros, "adam_nu": zeros,
-                                     "adam_count": jnp.zeros((num_tasks,), jnp.int32)})
+        stats = {"w": zeros, "adam_mu": zeros, "adam_nu": zeros,
+                 "adam_count": jnp.zeros((num_tasks,), jnp.int32)}
+        if self.after == "next_batch":   # the previous step's losses and which tasks had data
+            stats.update(prev_losses=zeros, prev_present=jnp.zeros((num_tasks,), jnp.bool_))
+        return WeightingState(stats=stats)
 
     def loss(self, losses, present, state, rng, step):
         w = state.stats["w"]
@@ -267,13 +294,26 @@ class FAMO(LossWeighting):
         return total, {"weights": weights, "z": z}
 
     def update(self, state, losses, present, step, *, next_losses=None):
+        st = state.stats
+        losses, present = check_inputs(self.name, losses, present, num_tasks=st["w"].shape[0])
+        if self.after == "next_batch":
+            if next_losses is not None:
+                raise ValueError("weighting strategy 'famo' with after='next_batch' takes the "
+                                 "next step's losses itself: update() must not get next_losses")
+            losses = jax.lax.stop_gradient(losses)
+            both = present & st["prev_present"]
+            new = self._step_w(st, st["prev_losses"], losses, both)
+            new.update(prev_losses=jnp.where(present, losses, 0.0), prev_present=present)
+            return state.replace(stats=new)
         if next_losses is None:
             raise ValueError(
                 "weighting strategy 'famo': update() needs next_losses, the losses of the same "
                 "batch re-evaluated after the optimizer step (see the FAMO docstring)")
-        st = state.stats
-        losses, present = check_inputs(self.name, losses, present, num_tasks=st["w"].shape[0])
         next_losses, _ = check_inputs(self.name, next_losses, present, num_tasks=st["w"].shape[0])
+        return state.replace(stats=self._step_w(st, losses, next_losses, present))
+
+    def _step_w(self, st, losses, next_losses, present):
+        """One Adam step of w on J_softmax(w)^T (log L - log L'), over `present` tasks."""
         before = jnp.log(masked(jax.lax.stop_gradient(losses), present, 1.0) + 1e-8)
         after = jnp.log(masked(jax.lax.stop_gradient(next_losses), present, 1.0) + 1e-8)
         delta = masked(before - after, present)
@@ -287,10 +327,10 @@ class FAMO(LossWeighting):
         mu_hat = mu / (1 - self.beta1 ** t)
         nu_hat = nu / (1 - self.beta2 ** t)
         w = st["w"] - self.w_lr * mu_hat / (jnp.sqrt(nu_hat) + self.eps)
-        new = {"w": jnp.where(present, w, st["w"]),
-               "adam_mu": jnp.where(present, mu, st["adam_mu"]),
-               "adam_nu": jnp.where(present, nu, st["adam_nu"]),
-               "adam_count": count}
-        return state.replace(stats=new)
+        return {**st,
+                "w": jnp.where(present, w, st["w"]),
+                "adam_mu": jnp.where(present, mu, st["adam_mu"]),
+                "adam_nu": jnp.where(present, nu, st["adam_nu"]),
+                "adam_count": count}
 
 
