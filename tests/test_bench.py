@@ -12,6 +12,7 @@ import flax.traverse_util as tu
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from mtlx.batch import make_batch
@@ -152,6 +153,23 @@ def test_train_step_flops_within_band_of_xla_cost_analysis():
     xla = _xla_flops(make_train_step(model, tx), state, batch)
     analytic = F.step_flops(model, B_XLA, L_XLA).train
     assert XLA_BAND[0] <= analytic / xla <= XLA_BAND[1], (analytic, xla)
+
+
+def test_bench_peft_step_does_not_differentiate_the_frozen_backbone():
+    """The benchmark's compiled PEFT step is the training loop's (trainable mask passed): its
+    XLA FLOPs match the frozen-backbone analytic count, and are well below the same step
+    differentiating every parameter."""
+    cell = W.Cell("adapters", "tiny", L_XLA, 2, B_XLA)
+    setup = W.build_mtlx(cell, num_batches=1)
+    assert setup.trainable is not None and setup.trainable_count < setup.param_count // 5
+    xla = float(setup.step.lower(setup.state, setup.batches[0]).compile().cost_analysis()["flops"])
+    assert XLA_BAND[0] <= setup.flops.train / xla <= XLA_BAND[1], (setup.flops.train, xla)
+    from mtlx.train.step import create_state, make_train_step
+    sgd = optax.sgd(0.1)
+    everything = _xla_flops(make_train_step(setup.model, sgd),
+                            create_state(setup.state.params, sgd, jax.random.key(0)),
+                            setup.batches[0])
+    assert xla < 0.85 * everything, (xla, everything)
 
 
 # --------------------------------------------------------------------------- the baseline
