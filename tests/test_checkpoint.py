@@ -82,6 +82,23 @@ def leaves_equal(a, b):
         for x, y in zip(la, lb))
 
 
+def test_ignored_signature_keys_are_not_compared_on_either_side(tmp_path):
+    state = make_state(0)
+    with ckpt(tmp_path / "c", sig={**SIG, "dtype": "float32", "remat": "none"}) as c:
+        assert c.save(1, state, data_state={"step": 1})
+    # Another dtype, no 'remat' key at all, a new 'scan_layers' key: all ignored.
+    c = ckpt(tmp_path / "c", sig={**SIG, "dtype": "bfloat16", "scan_layers": True},
+             ignore_signature_keys=("dtype", "remat", "scan_layers"))
+    assert c.restore_latest(make_state(1)).step == 1
+    # Without ignoring them, and for a parameter-shaping key, the restore is refused.
+    with pytest.raises(CheckpointMismatchError, match="dtype"):
+        ckpt(tmp_path / "c", sig={**SIG, "dtype": "bfloat16", "remat": "none"}).restore_latest(
+            make_state(1))
+    with pytest.raises(CheckpointMismatchError, match="hidden_size"):
+        ckpt(tmp_path / "c", sig={**SIG, "hidden_size": 16}, ignore_signature_keys=(
+            "dtype", "remat")).restore_latest(make_state(1))
+
+
 # ----------------------------------------------------------------------------- round trip
 
 def test_round_trip_restores_structure_types_and_json_items(tmp_path):

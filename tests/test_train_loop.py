@@ -108,6 +108,32 @@ def test_config_errors():
         load_config("configs/nope.py")
 
 
+def test_execution_options_restore_the_same_checkpoint(uninterrupted):
+    """config.model.scan_layers / remat reach the encoder, are not part of the checkpoint
+    signature, and a run with them restores (and evaluates identically) the plain run's
+    checkpoint; a T5 model refuses them naming the key."""
+    from mtlx.train import loop as LP
+    wd, _, state = uninterrupted
+    cfg = local_cfg("--config.model.scan_layers=True", "--config.model.remat=dots")
+    s = LP.setup(cfg, train=False)
+    assert s.backbone_cfg.scan_layers and s.backbone_cfg.remat == "dots"
+    assert not set(LP.signature_of(s.backbone_cfg)) & set(LP.EXECUTION_FIELDS)
+    r = s.checkpointer(wd, read_only=True).restore_latest(s.state)
+    assert r is not None
+    np.testing.assert_array_equal(np.concatenate([x.ravel() for x in leaves(r.state)]),
+                                  np.concatenate([x.ravel() for x in leaves(state)]))
+    plain = LP.setup(local_cfg(), train=False)
+    batch = plain.init_batch
+    a = plain.model.apply({"params": r.state.params}, batch)
+    b = s.model.apply({"params": r.state.params}, batch)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-5)
+    t5 = local_cfg("--config.model.scan_layers=True")
+    t5.model.family = "t5"
+    with pytest.raises(ValueError, match=r"config.model.scan_layers=True: only the BERT"):
+        LP.build_backbone(t5)
+
+
 def test_cli_reports_unknown_key():
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--config", DEMO,
                         "--workdir", "/tmp/unused", "--config.seeed=3"],

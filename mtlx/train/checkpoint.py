@@ -200,9 +200,13 @@ class _Missing:
 _MISSING = _Missing()
 
 
-def compare_model_spec(saved: Mapping, current: Mapping) -> ModelDiff:
-    """Pure comparison of two ``{'tasks': [...], 'signature': {...}}`` records."""
-    a, b = _flatten_json(saved.get("signature") or {}), _flatten_json(current.get("signature") or {})
+def compare_model_spec(saved: Mapping, current: Mapping, ignore: Sequence[str] = ()) -> ModelDiff:
+    """Pure comparison of two ``{'tasks': [...], 'signature': {...}}`` records; signature keys
+    in `ignore` (top-level names) are left out on both sides."""
+    def sig(record):
+        flat = _flatten_json(record.get("signature") or {})
+        return {k: v for k, v in flat.items() if k.split(".", 1)[0] not in set(ignore)}
+    a, b = sig(saved), sig(current)
     signature = tuple((k, a.get(k, _MISSING), b.get(k, _MISSING)) for k in sorted(a.keys() | b.keys())
                       if a.get(k, _MISSING) != b.get(k, _MISSING))
     old = {t["name"]: t for t in saved["tasks"]}
@@ -303,6 +307,9 @@ class Checkpointer:
         names. Stored with every checkpoint and compared on restore.
       model_signature: what makes parameters of two runs interchangeable (e.g. the backbone
         config dict, adapter settings). JSON; compared key by key on restore.
+      ignore_signature_keys: top-level signature keys not compared on restore (on either side:
+        also when an older checkpoint's signature has them), e.g. fields that change how the
+        step computes but not which parameters exist.
       run_config: the run's config (dict or ConfigDict), stored for reference, not compared.
       keep_last: how many of the most recent checkpoints to keep.
       best_metric: key of ``save(metrics=...)`` that ranks checkpoints; None keeps only the last.
@@ -316,7 +323,8 @@ class Checkpointer:
     def __init__(self, directory: str | os.PathLike, *, tasks: Sequence[Any],
                  model_signature: Mapping, run_config: Any = None, keep_last: int = 3,
                  best_metric: Optional[str] = None, best_mode: str = "max", keep_best: int = 1,
-                 async_save: bool = True, read_only: bool = False):
+                 async_save: bool = True, read_only: bool = False,
+                 ignore_signature_keys: Sequence[str] = ()):
         if not isinstance(keep_last, int) or keep_last < 1:
             raise ValueError(f"keep_last must be an int >= 1, got {keep_last!r}")
         if best_mode not in ("max", "min"):
@@ -329,6 +337,7 @@ class Checkpointer:
         self._model = {"format": _FORMAT, "tasks": normalize_tasks(tasks),
                        "signature": _to_json(model_signature, "model_signature")}
         self._run_config = _to_json(run_config, "run_config")
+        self._ignore = tuple(ignore_signature_keys)
         self._pending: Optional[int] = None  # step of the async save possibly still writing
 
         policies = [ocp.checkpoint_managers.LatestN(n=keep_last)]
@@ -483,7 +492,7 @@ class Checkpointer:
         if not isinstance(saved_model, dict) or "tasks" not in saved_model:
             raise CheckpointMismatchError(f"{where}: no mtlx model record (item {MODEL!r}); "
                                           f"not a checkpoint written by mtlx.train.checkpoint")
-        diff = compare_model_spec(saved_model, self._model)
+        diff = compare_model_spec(saved_model, self._model, self._ignore)
         refused = (diff.signature or diff.changed or diff.reordered
                    or (diff.added and not allow_new_tasks)
                    or (diff.removed and not allow_removed_tasks))

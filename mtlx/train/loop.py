@@ -64,9 +64,20 @@ def build_backbone(cfg):
     for key in ("hidden_dropout", "attention_dropout", "dropout_rate"):
         if mc.get(key, None) is not None:
             overrides[key] = mc[key]
+    family = mc.get("family", "bert")
+    if mc.get("checkpoint", None):
+        family = hf.family(hf.read_config(mc.checkpoint)["model_type"]).__name__.rsplit(".", 1)[-1]
+    # Throughput switches (BERT/RoBERTa encoders only; defaults leave the config untouched).
+    for key, default in (("remat", "none"), ("scan_layers", False)):
+        value = mc.get(key, default)
+        if value == default:
+            continue
+        if family != "bert":
+            raise ValueError(f"config.model.{key}={value!r}: only the BERT/RoBERTa encoder has "
+                             f"this option (this model's family is {family!r})")
+        overrides[key] = value
     if mc.get("checkpoint", None):
         return hf.load_pretrained(mc.checkpoint, **overrides)
-    family = mc.get("family", "bert")
     arch = mc.config.to_dict() if isinstance(mc.config, ml_collections.ConfigDict) else dict(mc.config)
     if family == "bert":
         from mtlx.models.bert import BertConfig
@@ -98,10 +109,19 @@ def trainable_patterns(cfg, backbone_cfg) -> tuple:
     return tuple(registry.trainable_patterns(backbone_cfg))
 
 
+# Backbone config fields that change how the step computes, not which parameters exist: left out
+# of the checkpoint signature (and ignored in older checkpoints' signatures), so a run may
+# resume with bf16, remat, scan over layers, another attention kernel or other dropout.
+EXECUTION_FIELDS = ("dtype", "attention_impl", "remat", "scan_layers", "hidden_dropout",
+                    "attention_dropout", "dropout_rate")
+
+
 def signature_of(backbone_cfg) -> dict:
     """What must match for a checkpoint's parameters to fit this run's model."""
     out = {}
     for f in dataclasses.fields(backbone_cfg):
+        if f.name in EXECUTION_FIELDS:
+            continue
         v = getattr(backbone_cfg, f.name)
         if f.name == "extensions":
             v = [repr(e) for e in v]
@@ -162,6 +182,7 @@ class Setup:
     def checkpointer(self, workdir: Path, **kwargs) -> Checkpointer:
         return Checkpointer(Path(workdir) / "checkpoints", tasks=self.model.tasks,
                             model_signature=signature_of(self.backbone_cfg),
+                            ignore_signature_keys=EXECUTION_FIELDS,
                             run_config=self.cfg.to_dict(), keep_last=self.cfg.checkpoint.keep_last,
                             best_metric=self.cfg.checkpoint.get("best_metric", "avg"),
                             best_mode=self.cfg.checkpoint.get("best_mode", "max"), **kwargs)
