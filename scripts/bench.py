@@ -3,6 +3,8 @@ task scaling and throughput features, in one process (mtlx.bench).
 
     python scripts/bench.py --quick --json /tmp/bench_quick.json     # < 5 min on 2 CPU cores
     python scripts/bench.py --quick --json out.json --markdown out.md --plot out.png
+    python scripts/bench.py --quick --json scripts/results/bench_quick.json \
+        --plot scripts/results/bench_quick_tasks.png --notes BUILD_NOTES.md   # the committed results
     python scripts/bench.py --sizes tiny,base --seq-lens 128,512 --tasks 1,8,64 --batch 8 \
         --json full.json                                               # the whole grid
     python scripts/bench.py --sizes base --seq-lens 128 --dtype bfloat16 --attention cudnn \
@@ -46,6 +48,36 @@ QUICK = {
     "repeats": 3,
     "block_seconds": 0.3,
 }
+
+
+NOTES_BEGIN, NOTES_END = "<!-- bench.py --notes: begin -->", "<!-- bench.py --notes: end -->"
+
+
+def check_notes(path: str) -> str:
+    """The text of `path`; SystemExit naming the file unless it has the two marker lines."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise SystemExit(f"scripts/bench.py --notes: cannot read {path}: {e}") from None
+    if text.count(NOTES_BEGIN) != 1 or text.count(NOTES_END) != 1 or \
+            text.index(NOTES_BEGIN) > text.index(NOTES_END):
+        raise SystemExit(f"scripts/bench.py --notes: {path} needs exactly one line "
+                         f"'{NOTES_BEGIN}' followed by one line '{NOTES_END}'")
+    return text
+
+
+def update_notes(path: str, markdown: str, plot: str = None) -> None:
+    """Replaces the block between NOTES_BEGIN and NOTES_END in `path` (written in place, via a
+    temporary file); raises SystemExit naming the file when a marker is missing."""
+    text = check_notes(path)
+    head, rest = text.split(NOTES_BEGIN, 1)
+    _, tail = rest.split(NOTES_END, 1)
+    body = markdown.rstrip() + "\n"
+    if plot:
+        body += f"\nThroughput against the number of tasks: `{plot}`\n"
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(f"{head}{NOTES_BEGIN}\n{body}{NOTES_END}{tail}")
+    os.replace(tmp, path)
 
 
 def parse_args(argv=None):
@@ -95,6 +127,9 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None)
     p.add_argument("--markdown", default=None)
     p.add_argument("--plot", default=None)
+    p.add_argument("--notes", default=None,
+                   help="a Markdown file (BUILD_NOTES.md) whose block between the lines "
+                        f"'{NOTES_BEGIN}' and '{NOTES_END}' is replaced by the results table")
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
 
@@ -114,6 +149,8 @@ def _split(text):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.notes:
+        check_notes(args.notes)      # before minutes of measuring, not after
     t_start = time.perf_counter()
     import jax
     if args.compile_cache:
@@ -197,33 +234,44 @@ def main(argv=None) -> dict:
             except Exception as e:  # noqa: BLE001
                 _failed(results, "features", e, opts)
 
+    phases = results["phase_seconds"] = {}
+
+    def timed_phase(name, fn):
+        t0 = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            phases[name] = round(time.perf_counter() - t0, 1)
+
     groups = HR.group_by_tasks(cells)
     for i, group in enumerate(groups):
         if i == args.features_after_groups:
-            run_features()
+            timed_phase("features", run_features)
         if not in_budget(" ".join(c.label for c in group)):
             continue
         try:
-            results["cells"] += HR.measure_group(group, opts, peaks)
+            results["cells"] += timed_phase(" ".join(c.label for c in group),
+                                            lambda: HR.measure_group(group, opts, peaks))
         except Exception as e:  # noqa: BLE001 - an unattended run records the failure, goes on
             _failed(results, " ".join(c.label for c in group), e, opts)
             continue
         _print_last(results["cells"][-len(group):], opts)
     if args.features_after_groups is None or args.features_after_groups >= len(groups):
-        run_features()
+        timed_phase("features", run_features)
     results["task_scaling"] = HR.task_scaling(results["cells"])
     pk = chosen(args.packing, "/".join(map(str, quick["packing"])) if quick else None)
     if pk and in_budget("packing"):
         c, s, l, n, t = pk.split("/")
         try:
-            results["packing"] = HR.measure_packing(c, s, int(l), int(n), int(t), features,
-                                                    opts, peaks)
+            results["packing"] = timed_phase("packing", lambda: HR.measure_packing(
+                c, s, int(l), int(n), int(t), features, opts, peaks))
         except Exception as e:  # noqa: BLE001
             _failed(results, "packing", e, opts)
     cc = chosen(args.compile_cache_check, "/".join(map(str, quick["features"])) if quick else None)
     if cc and in_budget("compile cache"):
         try:
-            results["compile_cache"] = HR.measure_compile_cache(_cell(cc, features), opts)
+            results["compile_cache"] = timed_phase(
+                "compile cache", lambda: HR.measure_compile_cache(_cell(cc, features), opts))
         except Exception as e:  # noqa: BLE001
             _failed(results, "compile cache", e, opts)
     HR.remeasure_peaks(peaks)
@@ -238,11 +286,19 @@ def main(argv=None) -> dict:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(results, indent=1, default=_json_default))
     if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
         Path(args.markdown).write_text(R.render(results, markdown=True))
+    where = None
     if args.plot:
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
         where = R.plot_tasks(results, args.plot)
         HR.log(opts, f"[bench] plot: {where or 'not written (no configuration at several task counts)'}")
-    HR.log(opts, f"[bench] done in {results['wall_s']:.0f} s")
+    if args.notes:
+        update_notes(args.notes, R.render(results, markdown=True),
+                     os.path.relpath(where, Path(args.notes).parent) if where else None)
+        HR.log(opts, f"[bench] results table written into {args.notes}")
+    HR.log(opts, f"[bench] done in {results['wall_s']:.0f} s; phases (s): "
+                 + ", ".join(f"{k} {v:.0f}" for k, v in phases.items()))
     if results.get("failed"):
         raise SystemExit(5)
     return results

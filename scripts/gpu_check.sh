@@ -6,7 +6,7 @@
 #   3. the benchmark (scripts/bench.py, one process), in priority order under a time budget:
 #      BERT-base L=128 bf16 with cuDNN attention, batch 128 (the MFU >= 50% goal), against
 #      PyTorch eager (+ PEFT) on the same card, with 1/8/64 tasks (task scaling); features
-#      on/off (float32, XLA attention, remat, donation, PRNG; scan reported unavailable); the
+#      on/off (float32, XLA attention, attention dropout, remat, donation, scan over layers); the
 #      PEFT configurations; L=512; packing; persistent compilation cache cold vs warm.
 #      If only the cuDNN check failed, the benchmark runs with XLA attention (exit code 4).
 # Writes OUT_DIR/{env.txt, checks.json, bench.json, bench.md, bench_tasks.png, log.txt}.

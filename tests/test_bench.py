@@ -400,9 +400,12 @@ def test_feature_variants_say_what_is_unavailable():
     assert "not available on cpu" in v["attention=cudnn (attention_dropout=0)"]
     assert v["scan_layers=on"].scan_layers is True and v["reference"].scan_layers is False
     assert v["prng=rbg (dropout random bits)"].prng == "rbg"
-    assert "remat=full" not in HR.feature_variants(W.Features(), "cpu", short=True)
+    short = HR.feature_variants(W.Features(), "cpu", short=True)
+    assert "remat=full" not in short and "remat=dots" in short and "scan_layers=on" in short
+    assert not any(k.startswith(("prng", "attention_dropout")) for k in short)
     g = HR.feature_variants(W.Features(), "gpu")
     assert g["attention=cudnn (attention_dropout=0)"].attention == "cudnn"
+    assert "attention_dropout=0" in HR.feature_variants(W.Features(), "gpu", short=True)
 
 
 def _fake_results():
@@ -442,13 +445,15 @@ def test_quick_harness_path_end_to_end(tmp_path):
     sys.path.insert(0, str(REPO / "scripts"))
     import bench
     out = tmp_path / "bench.json"
+    notes = tmp_path / "NOTES.md"
+    notes.write_text(f"# log\nbefore\n{bench.NOTES_BEGIN}\nold table\n{bench.NOTES_END}\nafter\n")
     res = bench.main(["--cells", "adapters/tiny/32/1/4;adapters/tiny/32/4/4", "--repeats", "2",
                       "--block-seconds", "0.05", "--features", "adapters/tiny/32/4/4",
                       "--packing", "adapters/tiny/32/16/2",
                       "--compile-cache-check", "adapters/tiny/32/4/4", "--checks",
                       "--baseline-modes", "per_task,split",
                       "--json", str(out), "--plot", str(tmp_path / "t.png"),
-                      "--markdown", str(tmp_path / "t.md"), "--quiet"])
+                      "--markdown", str(tmp_path / "t.md"), "--notes", str(notes), "--quiet"])
     saved = json.loads(out.read_text())
     assert len(saved["cells"]) == 2
     for cell in saved["cells"]:
@@ -463,3 +468,18 @@ def test_quick_harness_path_end_to_end(tmp_path):
     assert {c["status"] for c in saved["checks"]} <= {"pass", "skipped"}
     assert (tmp_path / "t.png").exists() and "| config |" in (tmp_path / "t.md").read_text()
     assert res["wall_s"] > 0
+    text = notes.read_text()      # the block replaced, the rest kept
+    assert text.startswith("# log\nbefore\n") and text.endswith(f"{bench.NOTES_END}\nafter\n")
+    assert "old table" not in text and "| adapters | tiny | 32 | 4 | 4 |" in text
+    assert "t.png" in text and "phase_seconds" in saved
+
+
+def test_bench_notes_markers_are_checked_before_measuring(tmp_path):
+    sys.path.insert(0, str(REPO / "scripts"))
+    import bench
+    notes = tmp_path / "NOTES.md"
+    notes.write_text("no markers here\n")
+    with pytest.raises(SystemExit, match=r"NOTES.md needs exactly one line"):
+        bench.main(["--cells", "adapters/tiny/32/1/4", "--notes", str(notes), "--quiet"])
+    with pytest.raises(SystemExit, match="cannot read"):
+        bench.main(["--cells", "adapters/tiny/32/1/4", "--notes", str(tmp_path / "x.md")])

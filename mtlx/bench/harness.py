@@ -188,8 +188,14 @@ class Options:
     verbose: bool = True
 
 
+_T0 = time.perf_counter()
+
+
 def log(opts: Options, msg: str) -> None:
+    """Prints `msg` to stderr; '[bench]' becomes '[bench  123s]' (seconds since import)."""
     if opts.verbose:
+        if msg.startswith("[bench]"):
+            msg = f"[bench {time.perf_counter() - _T0:4.0f}s]" + msg[len("[bench]"):]
         print(msg, file=sys.stderr, flush=True)
 
 
@@ -342,7 +348,9 @@ def measure_group(cells: Sequence[W.Cell], opts: Options, peaks: Dict[str, Any])
 
 def feature_variants(base: W.Features, platform_name: str, short: bool = False) -> Dict[str, Any]:
     """{variant name: Features, or a string saying why it is not available}, each to be timed
-    against 'reference' (= base). short: one remat policy ('dots')."""
+    against 'reference' (= base). short (--quick, --short-features): one remat policy ('dots'),
+    no PRNG variant, and attention_dropout=0 (the XLA counterpart of cuDNN attention, which
+    cannot drop probabilities) only where cuDNN attention is available."""
     rep = dataclasses.replace
     other_dtype = "bfloat16" if base.dtype == "float32" else "float32"
     # cuDNN attention takes bf16/fp16 only: a float32 variant of a cuDNN reference uses XLA's.
@@ -350,7 +358,8 @@ def feature_variants(base: W.Features, platform_name: str, short: bool = False) 
     out: Dict[str, Any] = {"reference": base,
                            f"dtype={other_dtype}": rep(base, dtype=other_dtype, attention=other_attention)}
     if base.attention != "cudnn":
-        out["attention_dropout=0"] = rep(base, attention_dropout=0.0, attention="xla")
+        if not short or platform_name == "gpu":
+            out["attention_dropout=0"] = rep(base, attention_dropout=0.0, attention="xla")
         if platform_name == "gpu":
             out["attention=cudnn (attention_dropout=0)"] = rep(base, attention="cudnn",
                                                               attention_dropout=0.0)
@@ -363,7 +372,7 @@ def feature_variants(base: W.Features, platform_name: str, short: bool = False) 
         if base.remat != policy:
             out[f"remat={policy}"] = rep(base, remat=policy)
     out[f"donate={'off' if base.donate else 'on'}"] = rep(base, donate=not base.donate)
-    if base.prng == "threefry2x32":
+    if base.prng == "threefry2x32" and not short:
         out["prng=rbg (dropout random bits)"] = rep(base, prng="rbg")
     # BertConfig.scan_layers: one traced layer body in a lax.scan (compile time vs the per-step
     # stacking copy of the layers' weights)
