@@ -483,3 +483,15 @@ def test_bench_notes_markers_are_checked_before_measuring(tmp_path):
         bench.main(["--cells", "adapters/tiny/32/1/4", "--notes", str(notes), "--quiet"])
     with pytest.raises(SystemExit, match="cannot read"):
         bench.main(["--cells", "adapters/tiny/32/1/4", "--notes", str(tmp_path / "x.md")])
+
+
+def test_profile_step_script_sums_op_kinds(capsys):
+    sys.path.insert(0, str(REPO / "scripts"))
+    import profile_step
+    profile_step.main(["--cell", "shared/tiny/16/2/2", "--steps", "1", "--top", "5"])
+    out = capsys.readouterr().out
+    assert "shared/tiny/16/2/2: 1 traced steps" in out and "op kind" in out
+    rows = [l for l in out.splitlines() if l.endswith(tuple("0123456789")) and "%" in l]
+    assert 1 <= len(rows) <= 5
+    with pytest.raises(SystemExit, match="must be config/size/L/T/B"):
+        profile_step.main(["--cell", "shared/tiny/16"])
