@@ -447,3 +447,35 @@ def test_params_to_hf_refuses_extension_params(ref):
     broken = {k: v for k, v in ref["params"].items() if k != "shared"}
     with pytest.raises(KeyError, match="shared.weight"):
         t5.params_to_hf(broken, ref["cfg"])
+
+
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_remat_gives_the_same_tree_loss_and_gradients(policy):
+    """T5Config.remat wraps every encoder and decoder block: the parameter tree, the output and
+    the gradients are the unwrapped model's; cached decoding (the blocks' other methods) still
+    runs; the remat really is in the differentiated program."""
+    cfg, params, args = _random_model()
+    rcfg = dataclasses.replace(cfg, remat=policy)
+    rparams = t5.T5Model(rcfg).init(jax.random.PRNGKey(0), *args[:3])["params"]
+    assert jax.tree.structure(rparams) == jax.tree.structure(params)
+
+    def loss(c):
+        def f(p):
+            return jnp.mean(t5.T5Model(c).apply({"params": p}, *args) ** 2)
+        return f
+
+    (a, ga), (b, gb) = (jax.jit(jax.value_and_grad(loss(c)))(params) for c in (cfg, rcfg))
+    np.testing.assert_allclose(float(b), float(a), rtol=1e-6)
+    for x, y in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+        np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-4, atol=1e-6)
+    def remats(c):   # jax.checkpoint's primitive in the gradient's jaxpr, one per block
+        return str(jax.make_jaxpr(jax.grad(loss(c)))(params)).count("remat")
+    assert remats(cfg) == 0 and remats(rcfg) >= cfg.num_layers + cfg.num_decoder_layers
+    model = t5.T5Model(rcfg)
+    enc = model.apply({"params": params}, args[0], args[1], method=t5.T5Model.encode)
+    cache = model.apply({"params": params}, enc.last_hidden_state, 3, method=t5.T5Model.init_cache)
+    out, _ = model.apply({"params": params}, args[2][:, 0], jnp.asarray(0), cache, args[1],
+                         method=t5.T5Model.decode_step)
+    assert np.isfinite(np.asarray(out)).all()
+    with pytest.raises(ValueError, match="unknown remat policy"):
+        dataclasses.replace(cfg, remat="most")

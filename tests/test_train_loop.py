@@ -130,8 +130,11 @@ def test_execution_options_restore_the_same_checkpoint(uninterrupted):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-5)
     t5 = local_cfg("--config.model.scan_layers=True")
     t5.model.family = "t5"
+    t5.model.config = dict(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
     with pytest.raises(ValueError, match=r"config.model.scan_layers=True: only the BERT"):
         LP.build_backbone(t5)
+    t5.model.scan_layers, t5.model.remat = False, "full"
+    assert LP.build_backbone(t5)[0].remat == "full"
 
 
 def test_cli_reports_unknown_key():

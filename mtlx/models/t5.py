@@ -68,6 +68,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtlx.models.attention import IMPLEMENTATIONS, attend
+from mtlx.models.remat import check_policy as check_remat_policy, remat_layer
 from mtlx.models.bert import EncoderOutput
 from mtlx.models.layers import (Extension, Projection, Routing, Site, extend_attention_kv,
                                 extend_embeddings, extend_layer_norm, extend_sublayer)
@@ -105,8 +106,10 @@ class T5Config:
     param_dtype: Any = jnp.float32
     attention_impl: Optional[str] = None   # None | 'xla' | 'cudnn' (mtlx.models.attention)
     extensions: Tuple[Extension, ...] = ()
+    remat: str = "none"                    # activation checkpointing per block (mtlx.models.remat)
 
     def __post_init__(self):
+        check_remat_policy(self.remat)
         # Normalise so that equal configs hash equally ('bfloat16' == jnp.bfloat16) and a list
         # of extensions does not make the config unhashable.
         object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
@@ -392,6 +395,13 @@ class T5Block(nn.Module):
         return self.ffn(h, routing, True), bias, dict(cache, **self_cache)
 
 
+def remat_block(cfg: T5Config):
+    """T5Block, wrapped by `cfg.remat`'s policy when training (its __call__ only: the decoding
+    methods `step` / `cross_kv` run without gradients). Argument 5 of __call__ (`deterministic`,
+    with self as 0) is static."""
+    return remat_layer(T5Block, cfg.remat, static_argnums=(5,))
+
+
 def position_bias(cfg: T5Config, table, query_positions, key_length: int, bidirectional: bool):
     """[1, H, Lq, Lk] float32 bias from the bucket table [buckets, H] for queries at
     `query_positions` [Lq] over keys 0..key_length-1."""
@@ -419,9 +429,10 @@ class T5Encoder(nn.Module):
         mask = attention_mask[:, None, None, :].astype(bool)
         h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
         bias = None  # layer 0 computes it, the others reuse it
+        block = remat_block(cfg)
         for i in range(cfg.num_layers):
-            h, bias = T5Block(cfg, "encoder", i, name=f"layer_{i}")(h, mask, bias, routing,
-                                                                    deterministic)
+            h, bias = block(cfg, "encoder", i, name=f"layer_{i}")(h, mask, bias, routing,
+                                                                  deterministic)
         h = T5LayerNorm(cfg, name="final_layer_norm")(h)
         return nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic), attention_mask
 
@@ -433,7 +444,8 @@ class T5Decoder(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.layers = [T5Block(cfg, "decoder", i, name=f"layer_{i}")
+        block = remat_block(cfg)
+        self.layers = [block(cfg, "decoder", i, name=f"layer_{i}")
                        for i in range(cfg.num_decoder_layers)]
         self.final_layer_norm = T5LayerNorm(cfg)
         self.dropout = nn.Dropout(cfg.dropout_rate)

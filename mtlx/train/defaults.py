@@ -35,7 +35,7 @@ def base_config() -> ml_collections.ConfigDict:
         max_position_embeddings=512, type_vocab_size=2))
     c.model.dtype = "float32"        # compute dtype; 'bfloat16' keeps fp32 master weights
     c.model.attention_impl = None    # None|'xla'|'cudnn'
-    c.model.remat = "none"           # BERT/RoBERTa: activation checkpointing per layer
+    c.model.remat = "none"           # activation checkpointing per layer/block
                                      # (none|full|dots|dots_no_batch; mtlx.models.remat)
     c.model.scan_layers = False      # BERT/RoBERTa: the layers as one lax.scan (compile time
                                      # independent of depth; see mtlx/models/bert.py)

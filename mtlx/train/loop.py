@@ -67,12 +67,13 @@ def build_backbone(cfg):
     family = mc.get("family", "bert")
     if mc.get("checkpoint", None):
         family = hf.family(hf.read_config(mc.checkpoint)["model_type"]).__name__.rsplit(".", 1)[-1]
-    # Throughput switches (BERT/RoBERTa encoders only; defaults leave the config untouched).
+    # Throughput switches (defaults leave the config untouched): remat for every family, scan
+    # over layers for the BERT/RoBERTa encoder only.
     for key, default in (("remat", "none"), ("scan_layers", False)):
         value = mc.get(key, default)
         if value == default:
             continue
-        if family != "bert":
+        if key == "scan_layers" and family != "bert":
             raise ValueError(f"config.model.{key}={value!r}: only the BERT/RoBERTa encoder has "
                              f"this option (this model's family is {family!r})")
         overrides[key] = value
