@@ -67,7 +67,8 @@ def base_config() -> ml_collections.ConfigDict:
                                      # static ew uw dwa rlw gls famo (one backward); gradnorm mgda
                                      # pcgrad cagrad nash_mtl imtl_g aligned_mtl db_mtl (per task)
     c.weighting.kwargs = ml_collections.ConfigDict()  # the strategy's hyperparameters, e.g.
-                                     # {'steps_per_epoch': 500} for dwa, {'calpha': 0.5} cagrad
+                                     # {'steps_per_epoch': 500} for dwa, {'calpha': 0.5} cagrad,
+                                     # {'after': 'same_batch'} for LibMTL's FAMO update
     c.weighting.grads_wrt = "params"  # per-task strategies: 'params' (gradients of the shared
                                      # parameters, T x D memory) or 'representation' (of the
                                      # shared representation, LibMTL rep_grad: far cheaper)
