@@ -81,3 +81,37 @@ def test_packed_outputs_and_losses_equal_unpacked(packed):
 def test_packing_refuses_unpackable_heads(packed):
     with pytest.raises(ValueError, match=r"packed rows do not support head kinds \['span'\]"):
         H.packed_task_losses({}, packed.batch, packed.segments, TASKS + (TaskHead("qa", "span"),))
+
+
+@pytest.mark.parametrize("weighting", [None, "mgda"])
+def test_train_step_on_packed_rows_equals_the_step_on_the_examples(packed, weighting):
+    """The ONE train step takes packed batches: per-task losses, counts and the updated
+    parameters equal the step on the same examples one per row (no dropout); with a per-task
+    strategy too. The representation option refuses packed rows."""
+    import optax
+    from mtlx import weighting as W
+    from mtlx.train import step as S
+    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_layers=2, num_heads=2,
+                     intermediate_size=64, hidden_dropout=0.0, attention_dropout=0.0)
+    model = MultiTaskModel(cfg, TASKS, head_dropout=0.0)
+    _, flat = unpack(packed)
+    params = init_params(model, jax.random.key(0), flat)
+    tx = optax.sgd(0.1)
+    strategy = W.get_strategy(weighting) if weighting else None
+
+    def run(batch):
+        state = S.create_state(params, tx, jax.random.key(1),
+                               S.init_weighting(strategy, model, params) if strategy else None)
+        return jax.jit(S.make_train_step(model, tx, weighting=strategy))(state, batch)
+
+    np.testing.assert_allclose(S.task_counts(packed, TASKS), S.task_counts(flat, TASKS))
+    (sp, mp), (sf, mf) = run(packed), run(flat)
+    np.testing.assert_allclose(mp["task_count"], mf["task_count"])
+    np.testing.assert_allclose(mp["task_loss"], mf["task_loss"], rtol=1e-5, atol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(sp.params), jax.tree_util.tree_leaves(sf.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    if weighting:
+        rep = S.make_train_step(model, tx, weighting=strategy, grads_wrt="representation")
+        state = S.create_state(params, tx, jax.random.key(1), S.init_weighting(strategy, model, params))
+        with pytest.raises(ValueError, match="cannot be combined with packed rows"):
+            rep(state, packed)

@@ -21,6 +21,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.max_length = 128          # truncation length (tokens)
     c.data.buckets = (64, 128)       # static padded lengths: one compilation per bucket
     c.data.on_error = "raise"        # or 'skip': skip malformed rows and report counts
+    c.data.packing = False           # training rows of the longest bucket, several examples of
+                                     # one task each (mtlx.data.packing; BERT/RoBERTa, heads
+                                     # classification/regression/multilabel/tagging); eval unpacked;
+                                     # perf/examples_per_s then counts rows, not examples
+    c.data.packing_max_segments = 8  # at most this many examples a packed row
 
     c.mixture = ml_collections.ConfigDict()
     c.mixture.strategy = "temperature"   # proportional|uniform|temperature|annealed|round_robin

@@ -30,7 +30,7 @@ from mtlx.train import distributed, evaluate as E, optim, sharding
 from mtlx.train.checkpoint import Checkpointer, install_preemption_handler
 from mtlx.train.logs import RunLogger, atomic_write_text
 from mtlx.train.step import (count_compilations, create_state, default_weighting_tx,
-                             finite_or_raise, init_weighting, make_affinity_probe,
+                             finite_or_raise, init_weighting, make_affinity_probe, unpack_batch,
                              make_eval_step, make_train_step, strategy_from_config)
 from mtlx.weighting import affinity as WA
 
@@ -194,6 +194,26 @@ class Setup:
                               layout=self.run.layout, buckets=self.buckets)
 
 
+def make_packed_train_iterator(cfg, run, mixture, backbone_cfg, buckets):
+    """config.data.packing: training rows of the longest bucket (or max_length), each holding up
+    to config.data.packing_max_segments examples of one task (mtlx.data.packing); evaluation
+    stays one example a row."""
+    from mtlx.data.packing import PACKABLE, make_packed_iterator
+    if getattr(backbone_cfg, "model_type", None) not in ("bert", "roberta"):
+        raise ValueError("config.data.packing=True needs a BERT/RoBERTa encoder (the T5 encoder "
+                         "has no block-diagonal attention for packed rows)")
+    bad = sorted(d.task for d in run.train.values() if d.head not in PACKABLE)
+    if bad:
+        raise ValueError(f"config.data.packing=True: task(s) {bad} cannot be packed (only "
+                         f"{list(PACKABLE)} heads can); set config.data.packing=False")
+    row_len = int(buckets[-1]) if buckets else int(cfg.data.max_length)
+    offset = backbone_cfg.pad_token_id + 1 if backbone_cfg.model_type == "roberta" else 0
+    return make_packed_iterator(run.train, mixture, batch_size=cfg.batch_size, seed=cfg.seed,
+                                row_len=row_len,
+                                max_segments=int(cfg.data.get("packing_max_segments", 8)),
+                                position_offset=offset)
+
+
 def setup(cfg, train: bool = True) -> Setup:
     """Data, model, optimizer and initial state from a config (no device placement yet)."""
     backbone_cfg, pretrained = build_backbone(cfg)
@@ -210,13 +230,18 @@ def setup(cfg, train: bool = True) -> Setup:
         kwargs = kwargs.to_dict() if isinstance(kwargs, ml_collections.ConfigDict) else dict(kwargs or {})
         mixture = D.mixture_for(run.train, D.make_strategy(mc.strategy, **kwargs),
                                 mixed=mc.get("mixed", True), tasks=names)
-        it = D.make_iterator(run.train, mixture, batch_size=cfg.batch_size, seed=cfg.seed, buckets=buckets)
+        if cfg.data.get("packing", False):
+            it = make_packed_train_iterator(cfg, run, mixture, backbone_cfg, buckets)
+        else:
+            it = D.make_iterator(run.train, mixture, batch_size=cfg.batch_size, seed=cfg.seed,
+                                 buckets=buckets)
         init_batch = it.batch_at(0)
     else:
         first = next(iter(run.eval))
         init_batch = next(iter(D.eval_batches(run.eval[first], names.index(first), batch_size=cfg.batch_size,
                                               layout=run.layout, buckets=buckets))).batch
-    params = init_params(model, jax.random.key(cfg.seed), init_batch)
+    # Packed batches: the rows alone shape the parameters.
+    params = init_params(model, jax.random.key(cfg.seed), unpack_batch(init_batch)[0])
     if pretrained is not None:
         params = with_backbone(params, pretrained)
     trainable = optim.trainable_mask(params, trainable_patterns(cfg, backbone_cfg))

@@ -14,6 +14,11 @@ task (segment sums) and divided by the task's count (examples or labelled tokens
 alone: `task_counts`). One forward gives the vector of per-task loss sums; everything below is
 the chain rule applied to it.
 
+Packed batches (`mtlx.data.packing.PackedBatch`: several examples of one task a row, attention
+block diagonal) go through the same step: the model pools each segment (`apply_model`) and the
+per-task sums read sequence-level labels per segment, token labels per row
+(`loss_sums_counts`); a packed batch and the same examples one a row give the same step.
+
 Task balancing (`weighting`, a strategy of `mtlx.weighting`; REFERENCE.md section 3):
 
 * One backward ("1x": static, ew, uw, dwa, rlw, gls, famo). The forward is linearised once
@@ -160,9 +165,48 @@ def _zero_outputs(batch: Batch, tasks: Sequence[H.TaskHead]) -> dict:
     return out
 
 
-def task_counts(batch: Batch, tasks: Sequence[H.TaskHead]) -> jax.Array:
+def unpack_batch(batch) -> Tuple[Batch, Any]:
+    """(rows, segments): a packed batch (`mtlx.data.packing.PackedBatch`: several examples a
+    row) gives its rows and its PackedSegments; a plain Batch gives itself and None."""
+    segments = getattr(batch, "segments", None)
+    return (batch.batch, segments) if segments is not None else (batch, None)
+
+
+def loss_sums_counts(out: dict, batch, tasks: Sequence[H.TaskHead]):
+    """(per-task loss sums [T], per-task weights [T]) of the model's outputs on a batch, plain
+    or packed (sequence-level heads per segment, token-level heads per row, as
+    `heads.packed_task_losses`)."""
+    t = len(tasks)
+    rows, segments = unpack_batch(batch)
+    if segments is None:
+        return H.per_task_sums(*H.example_losses(out, rows, tasks), rows.task_ids, t)
+    seg_rows = H.segment_rows(rows, segments)
+    s1, c1 = H.per_task_sums(*H.example_losses(out, seg_rows, tasks, kinds=H.SEQUENCE_KINDS),
+                             seg_rows.task_ids, t)
+    s2, c2 = H.per_task_sums(*H.example_losses(out, rows, tasks, kinds=H.TOKEN_KINDS),
+                             rows.task_ids, t)
+    return s1 + s2, c1 + c2
+
+
+def apply_model(model, params, batch, deterministic: bool = True, **kwargs) -> dict:
+    """model.apply on a plain or packed batch (packed: the rows plus their segments)."""
+    rows, segments = unpack_batch(batch)
+    if segments is not None:
+        kwargs["segments"] = segments
+    return model.apply({"params": params}, rows, deterministic=deterministic, **kwargs)
+
+
+def task_counts(batch, tasks: Sequence[H.TaskHead]) -> jax.Array:
     """Per-task weights (examples or labelled tokens) of a batch, from its labels alone."""
-    return H.task_losses(_zero_outputs(batch, tasks), batch, tasks)[1]
+    rows, segments = unpack_batch(batch)
+    if segments is None:
+        return H.task_losses(_zero_outputs(batch, tasks), batch, tasks)[1]
+    out = _zero_outputs(rows, tasks)
+    n = segments.task_ids.size         # sequence-level outputs: one row per segment
+    for kind in ("classification", "multilabel", "regression"):
+        if kind in out:
+            out[kind] = jnp.zeros((n,) + out[kind].shape[1:])
+    return loss_sums_counts(out, batch, tasks)[1]
 
 
 def _split(batch: Batch, n: int) -> Batch:
@@ -442,7 +486,7 @@ def make_train_step(model, tx: optax.GradientTransformation, *,
         """Per-task loss sums [T] of one forward (optionally with the representation offset)."""
         kwargs = {} if deterministic else {"rngs": {"dropout": rng}}
         if delta is None:
-            out = model.apply({"params": params}, batch, deterministic=deterministic, **kwargs)
+            out = apply_model(model, params, batch, deterministic, **kwargs)
         else:
             seen = []
             with representation_hook(model, representation, delta, seen):
@@ -450,15 +494,15 @@ def make_train_step(model, tx: optax.GradientTransformation, *,
             if not seen:
                 raise RuntimeError(f"representation hook ({representation!r}) found no site in "
                                    f"the {_backbone_family(model)} backbone")
-        loss_sum, weight = H.example_losses(out, batch, tasks)
-        seg = jnp.clip(batch.task_ids, 0, t - 1)
-        valid = (batch.task_ids >= 0) & (weight > 0)
-        return jax.ops.segment_sum(jnp.where(valid, loss_sum, 0.0), seg, num_segments=t)
+        return loss_sums_counts(out, batch, tasks)[0]
 
     def map_tasks(fn, xs):
         return jax.lax.map(fn, xs) if sequential else jax.vmap(fn)(xs)
 
     def step(state: TrainState, batch: Batch):
+        if use_rep and unpack_batch(batch)[1] is not None:
+            raise ValueError("config.weighting.grads_wrt='representation' cannot be combined "
+                             "with packed rows (config.data.packing): use grads_wrt='params'")
         rng = jax.random.wrap_key_data(state.rng)
         rng, step_rng = jax.random.split(rng)
         weight_rng = jax.random.fold_in(step_rng, 1)  # RLW's draw, PCGrad's order
@@ -665,13 +709,8 @@ def make_affinity_probe(model, *, lookahead_lr: float, trainable: Any = None,
         rest = _pick(flat, roles, TASK_SPECIFIC, FROZEN)
 
         def losses_of(sh):
-            out = model.apply({"params": tu.unflatten_dict({**rest, **sh})}, batch,
-                              deterministic=True)
-            loss_sum, weight = H.example_losses(out, batch, tasks)
-            seg = jnp.clip(batch.task_ids, 0, t - 1)
-            valid = (batch.task_ids >= 0) & (weight > 0)
-            sums = jax.ops.segment_sum(jnp.where(valid, loss_sum, 0.0), seg, num_segments=t)
-            return sums * inv
+            out = apply_model(model, tu.unflatten_dict({**rest, **sh}), batch, True)
+            return loss_sums_counts(out, batch, tasks)[0] * inv
 
         losses, pullback = jax.vjp(losses_of, shared)
         eye = jnp.eye(t, dtype=losses.dtype)
