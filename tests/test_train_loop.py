@@ -238,3 +238,13 @@ def test_keeps_last_and_best_by_chosen_metric(tmp_path):
     ckpt.close()
     with pytest.raises(KeyError, match="best_metric 'stsb/nope' is not an evaluation metric"):
         train_and_evaluate(local_cfg("--config.checkpoint.best_metric=stsb/nope"), tmp_path / "b", progress=False)
+
+
+def test_packing_refuses_unpackable_tasks_naming_the_key():
+    from types import SimpleNamespace
+    from mtlx.models.bert import BertConfig
+    from mtlx.train import loop as LP
+    run = SimpleNamespace(train={"squad": SimpleNamespace(task="squad", head="span"),
+                                 "sst2": SimpleNamespace(task="sst2", head="classification")})
+    with pytest.raises(ValueError, match=r"config.data.packing=True: task\(s\) \['squad'\] cannot"):
+        LP.make_packed_train_iterator(local_cfg(), run, None, BertConfig(vocab_size=8), (64,))
