@@ -166,8 +166,8 @@ def test_famo_next_batch_runs_one_forward_and_uses_the_next_steps_losses(tiny):
     model, params = tiny
     tx = optax.sgd(0.5)
     famo = W.get_strategy("famo", after="next_batch")
-    assert not S.needs_next_losses(famo)
-    assert S.needs_next_losses(W.get_strategy("famo", after="same_batch"))
+    assert not famo.needs_next_losses
+    assert W.get_strategy("famo", after="same_batch").needs_next_losses
     state = new_state(model, params, tx, famo)
     step = jax.jit(S.make_train_step(model, tx, weighting=famo))
     b1, b2 = make(NO_TOK, seed=6), make(NO_TOK, seed=7)

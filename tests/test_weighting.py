@@ -88,7 +88,7 @@ def run_any(s, g, losses, present, state, key=KEY, step=0):
     if s.needs_task_grads:
         return s.combine(g, losses, present, state, key, step)
     total, aux = s.loss(losses, present, state, key, step)
-    more = {"next_losses": losses * 0.9} if getattr(s, "needs_next_losses", False) else {}
+    more = {"next_losses": losses * 0.9} if s.needs_next_losses else {}
     state = s.update(state, losses, present, step, **more)
     return total, state, aux
 

@@ -275,8 +275,9 @@ def segment_rows(batch, segments):
                  label_values=flat(segments.label_values))
 
 
-def packed_task_losses(outputs: dict, batch, segments, tasks: Sequence[TaskHead]):
-    """task_losses for packed rows: sequence-level heads per segment, token-level per row."""
+def packed_task_sums(outputs: dict, batch, segments, tasks: Sequence[TaskHead]):
+    """(per-task loss sums [T], weights [T]) for packed rows: sequence-level heads per segment,
+    token-level heads per row."""
     unpackable = sorted({t.kind for t in tasks} & {"multilabel", "multiple_choice", "span", "seq2seq"})
     if unpackable:
         raise ValueError(f"packed rows do not support head kinds {unpackable}; "
@@ -287,7 +288,12 @@ def packed_task_losses(outputs: dict, batch, segments, tasks: Sequence[TaskHead]
     s1, c1 = per_task_sums(ls, w, seg_batch.task_ids, t)
     ls, w = example_losses(outputs, batch, tasks, kinds=TOKEN_KINDS)
     s2, c2 = per_task_sums(ls, w, batch.task_ids, t)
-    sums, counts = s1 + s2, c1 + c2
+    return s1 + s2, c1 + c2
+
+
+def packed_task_losses(outputs: dict, batch, segments, tasks: Sequence[TaskHead]):
+    """task_losses for packed rows: sequence-level heads per segment, token-level per row."""
+    sums, counts = packed_task_sums(outputs, batch, segments, tasks)
     return jnp.where(counts > 0, sums / jnp.maximum(counts, 1e-9), 0.0), counts
 
 

@@ -101,15 +101,6 @@ REPRESENTATIONS = ("hidden", "pooled")
 # 1x strategies whose d total / d L_i does not depend on the losses, so accumulation is exact
 # in one pass (checked numerically in tests/test_train_weighting.py).
 ACCUMULATION_EXACT = frozenset({"static", "ew", "uw", "dwa", "rlw"})
-# 1x strategies whose `update` needs the losses of the same batch after the optimizer step.
-NEEDS_NEXT_LOSSES = frozenset({"famo"})
-
-
-def needs_next_losses(strategy) -> bool:
-    """Whether the step must re-evaluate the batch after the update for `strategy.update`
-    (FAMO with after='same_batch'; FAMO with after='next_batch' does not)."""
-    return (strategy is not None and strategy.name in NEEDS_NEXT_LOSSES
-            and getattr(strategy, "needs_next_losses", True))
 DEFAULT_WEIGHTING_LR = 1e-3
 # Heads that read the per-token hidden states rather than the pooled vector.
 TOKEN_LEVEL_KINDS = ("token_classification", "span", "seq2seq")
@@ -146,16 +137,20 @@ def create_state(params, tx: optax.GradientTransformation, rng, weighting_state=
 
 # ----------------------------------------------------------------------------- batches
 
-def _zero_outputs(batch: Batch, tasks: Sequence[H.TaskHead]) -> dict:
-    """Outputs of the right shapes for computing label-derived weights without a forward."""
+def _zero_outputs(batch: Batch, tasks: Sequence[H.TaskHead],
+                  sequence_rows: Optional[int] = None) -> dict:
+    """Outputs of the right shapes for computing label-derived weights without a forward.
+    sequence_rows: rows of the sequence-level outputs (packed batches: one per segment);
+    None: the batch's rows."""
     b, l = batch.input_ids.shape
+    n = b if sequence_rows is None else sequence_rows
     out = {}
     for kind in {t.kind for t in tasks}:
         w = max(H.kind_routing(tasks, kind).width, 1)
         if kind in ("classification", "multilabel"):
-            out[kind] = jnp.zeros((b, w))
+            out[kind] = jnp.zeros((n, w))
         elif kind in ("regression", "multiple_choice"):
-            out[kind] = jnp.zeros((b,))
+            out[kind] = jnp.zeros((n,))
         elif kind == "token_classification":
             out[kind] = jnp.zeros((b, l, w))
         elif kind == "span":
@@ -174,18 +169,11 @@ def unpack_batch(batch) -> Tuple[Batch, Any]:
 
 def loss_sums_counts(out: dict, batch, tasks: Sequence[H.TaskHead]):
     """(per-task loss sums [T], per-task weights [T]) of the model's outputs on a batch, plain
-    or packed (sequence-level heads per segment, token-level heads per row, as
-    `heads.packed_task_losses`)."""
-    t = len(tasks)
+    or packed (`heads.packed_task_sums`: sequence-level heads per segment, token-level per row)."""
     rows, segments = unpack_batch(batch)
     if segments is None:
-        return H.per_task_sums(*H.example_losses(out, rows, tasks), rows.task_ids, t)
-    seg_rows = H.segment_rows(rows, segments)
-    s1, c1 = H.per_task_sums(*H.example_losses(out, seg_rows, tasks, kinds=H.SEQUENCE_KINDS),
-                             seg_rows.task_ids, t)
-    s2, c2 = H.per_task_sums(*H.example_losses(out, rows, tasks, kinds=H.TOKEN_KINDS),
-                             rows.task_ids, t)
-    return s1 + s2, c1 + c2
+        return H.per_task_sums(*H.example_losses(out, rows, tasks), rows.task_ids, len(tasks))
+    return H.packed_task_sums(out, rows, segments, tasks)
 
 
 def apply_model(model, params, batch, deterministic: bool = True, **kwargs) -> dict:
@@ -199,14 +187,8 @@ def apply_model(model, params, batch, deterministic: bool = True, **kwargs) -> d
 def task_counts(batch, tasks: Sequence[H.TaskHead]) -> jax.Array:
     """Per-task weights (examples or labelled tokens) of a batch, from its labels alone."""
     rows, segments = unpack_batch(batch)
-    if segments is None:
-        return H.task_losses(_zero_outputs(batch, tasks), batch, tasks)[1]
-    out = _zero_outputs(rows, tasks)
-    n = segments.task_ids.size         # sequence-level outputs: one row per segment
-    for kind in ("classification", "multilabel", "regression"):
-        if kind in out:
-            out[kind] = jnp.zeros((n,) + out[kind].shape[1:])
-    return loss_sums_counts(out, batch, tasks)[1]
+    seq_rows = None if segments is None else segments.task_ids.size   # one per segment
+    return loss_sums_counts(_zero_outputs(rows, tasks, seq_rows), batch, tasks)[1]
 
 
 def _split(batch: Batch, n: int) -> Batch:
@@ -645,7 +627,7 @@ def make_train_step(model, tx: optax.GradientTransformation, *,
             new_wstate = new_wstate.replace(params=moved)
         if not per_task:
             next_losses = None
-            if needs_next_losses(strategy):  # FAMO: the same batch after the update
+            if strategy.needs_next_losses:  # FAMO 'same_batch': the batch after the update
                 next_losses = full_batch_losses(sums_fn(params, batch, step_rng))
             new_wstate = strategy.update(new_wstate, losses, present, state.step,
                                          next_losses=next_losses)

@@ -96,8 +96,13 @@ class _Strategy:
 
 
 class LossWeighting(_Strategy):
-    """One backward in total: `loss` builds the scalar to differentiate."""
+    """One backward in total: `loss` builds the scalar to differentiate.
+
+    needs_next_losses: whether `update` needs ``next_losses``, the same batch's losses after the
+    optimizer step (one more forward, which the engine then runs): FAMO with after='same_batch'.
+    """
     needs_task_grads: ClassVar[bool] = False
+    needs_next_losses: ClassVar[bool] = False
 
     def loss(self, losses: Array, present: Array, state: WeightingState, rng: Array,
              step: Array) -> Tuple[Array, Dict[str, Array]]:
