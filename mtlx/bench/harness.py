@@ -25,7 +25,7 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -214,6 +214,16 @@ def figures(runner, times: List[float], flops_per_step: float, peak: Optional[fl
     return out
 
 
+def _first_step(runner) -> Tuple[CompileWindow, float]:
+    """Runs the runner's first (compiling) step; returns its compile window and wall seconds."""
+    with CompileWindow() as window:
+        t0 = time.perf_counter()
+        runner.step()
+        runner.sync()
+        seconds = time.perf_counter() - t0
+    return window, seconds
+
+
 def _build_mtlx_runner(cell: W.Cell, opts: Options, name: str = "mtlx"):
     """Builds, compiles (first call) and warms up an mtlx runner; returns (runner, info)."""
     import jax
@@ -223,11 +233,7 @@ def _build_mtlx_runner(cell: W.Cell, opts: Options, name: str = "mtlx"):
     setup = W.build_mtlx(cell, seed=opts.seed)
     build_s = time.perf_counter() - t0
     runner = MtlxRunner(setup, name)
-    with CompileWindow() as first:
-        t0 = time.perf_counter()
-        runner.step()
-        runner.sync()
-        first_s = time.perf_counter() - t0
+    first, first_s = _first_step(runner)
     MEM.release_free_memory()  # the compiler's scratch memory is not the step's
     with CompileWindow() as warm, MEM.PeakRSS() as rss:
         for _ in range(opts.warmup):
@@ -454,9 +460,7 @@ def measure_packing(config: str, size: str, seq_len: int, num_examples: int, num
         setup = W.MtlxSetup(dataclasses.replace(cell, batch_size=rows), model, state, step,
                             [batch], trainable, flops, 0, 0)
         r = MtlxRunner(setup, name)
-        with CompileWindow() as first:
-            r.step()
-            r.sync()
+        first, _ = _first_step(r)
         for _ in range(opts.warmup):
             r.step()
         r.sync()
@@ -497,11 +501,7 @@ def measure_compile_cache(cell: W.Cell, opts: Options) -> dict:
             jax.clear_caches()
             setup = W.build_mtlx(cell, seed=opts.seed)
             r = MtlxRunner(setup, phase)
-            with CompileWindow() as w:
-                t0 = time.perf_counter()
-                r.step()
-                r.sync()
-                first = time.perf_counter() - t0
+            w, first = _first_step(r)
             out[phase] = {"compile_s": w.compile_seconds, "first_step_s": first,
                           "cache_hits": w.cache_hits}
             del r, setup

@@ -59,26 +59,34 @@ def task_heads(specs) -> tuple:
 
 def build_backbone(cfg):
     """(backbone config, pretrained params or None) from config.model."""
-    mc = cfg.model
-    overrides = {"dtype": mc.get("dtype", "float32"), "attention_impl": mc.get("attention_impl", None)}
-    for key in ("hidden_dropout", "attention_dropout", "dropout_rate"):
-        if mc.get(key, None) is not None:
-            overrides[key] = mc[key]
-    family = mc.get("family", "bert")
-    if mc.get("checkpoint", None):
-        family = hf.family(hf.read_config(mc.checkpoint)["model_type"]).__name__.rsplit(".", 1)[-1]
-    # Throughput switches (defaults leave the config untouched): remat for every family, scan
-    # over layers for the BERT/RoBERTa encoder only.
+    backbone_cfg, params = _backbone(cfg.model)
+    return with_execution_switches(backbone_cfg, cfg.model), params
+
+
+def with_execution_switches(backbone_cfg, mc):
+    """config.model.remat / scan_layers applied to the backbone config (defaults leave it
+    untouched); a switch the backbone's config has no field for is an error naming the key."""
+    fields = {f.name for f in dataclasses.fields(backbone_cfg)}
+    changes = {}
     for key, default in (("remat", "none"), ("scan_layers", False)):
         value = mc.get(key, default)
         if value == default:
             continue
-        if key == "scan_layers" and family != "bert":
+        if key not in fields:   # scan_layers: the BERT/RoBERTa encoder only
             raise ValueError(f"config.model.{key}={value!r}: only the BERT/RoBERTa encoder has "
-                             f"this option (this model's family is {family!r})")
-        overrides[key] = value
+                             f"this option (this model's config is {type(backbone_cfg).__name__})")
+        changes[key] = value
+    return dataclasses.replace(backbone_cfg, **changes) if changes else backbone_cfg
+
+
+def _backbone(mc):
+    overrides = {"dtype": mc.get("dtype", "float32"), "attention_impl": mc.get("attention_impl", None)}
+    for key in ("hidden_dropout", "attention_dropout", "dropout_rate"):
+        if mc.get(key, None) is not None:
+            overrides[key] = mc[key]
     if mc.get("checkpoint", None):
         return hf.load_pretrained(mc.checkpoint, **overrides)
+    family = mc.get("family", "bert")
     arch = mc.config.to_dict() if isinstance(mc.config, ml_collections.ConfigDict) else dict(mc.config)
     if family == "bert":
         from mtlx.models.bert import BertConfig
@@ -198,20 +206,19 @@ def make_packed_train_iterator(cfg, run, mixture, backbone_cfg, buckets):
     """config.data.packing: training rows of the longest bucket (or max_length), each holding up
     to config.data.packing_max_segments examples of one task (mtlx.data.packing); evaluation
     stays one example a row."""
-    from mtlx.data.packing import PACKABLE, make_packed_iterator
+    from mtlx.data.packing import make_packed_iterator
     if getattr(backbone_cfg, "model_type", None) not in ("bert", "roberta"):
         raise ValueError("config.data.packing=True needs a BERT/RoBERTa encoder (the T5 encoder "
                          "has no block-diagonal attention for packed rows)")
-    bad = sorted(d.task for d in run.train.values() if d.head not in PACKABLE)
-    if bad:
-        raise ValueError(f"config.data.packing=True: task(s) {bad} cannot be packed (only "
-                         f"{list(PACKABLE)} heads can); set config.data.packing=False")
     row_len = int(buckets[-1]) if buckets else int(cfg.data.max_length)
     offset = backbone_cfg.pad_token_id + 1 if backbone_cfg.model_type == "roberta" else 0
-    return make_packed_iterator(run.train, mixture, batch_size=cfg.batch_size, seed=cfg.seed,
-                                row_len=row_len,
-                                max_segments=int(cfg.data.get("packing_max_segments", 8)),
-                                position_offset=offset)
+    try:   # the iterator checks the tasks' heads and max_segments; its errors get the key
+        return make_packed_iterator(run.train, mixture, batch_size=cfg.batch_size, seed=cfg.seed,
+                                    row_len=row_len,
+                                    max_segments=int(cfg.data.get("packing_max_segments", 8)),
+                                    position_offset=offset)
+    except ValueError as e:
+        raise ValueError(f"config.data.packing=True: {e}") from None
 
 
 def setup(cfg, train: bool = True) -> Setup:
