@@ -33,7 +33,9 @@ import numpy as np
 from mtlx.batch import IGNORE_INDEX, Batch, make_batch
 from mtlx.data.pipeline import BatchLayout, DataIterator
 
-PACKABLE = ("classification", "regression", "multilabel", "token_classification")
+# Multilabel is not: PackedSegments carries one class label and one value per segment, no label
+# vector (heads.packed_task_sums refuses it as well).
+PACKABLE = ("classification", "regression", "token_classification")
 
 
 @flax.struct.dataclass
