@@ -9,6 +9,8 @@ task scaling and throughput features, in one process (mtlx.bench).
         --json full.json                                               # the whole grid
     python scripts/bench.py --sizes base --seq-lens 128 --dtype bfloat16 --attention cudnn \
         --batch 64 --json gpu.json                                     # a GPU run (gpu_check.sh)
+    python scripts/bench.py --cells none --features none --compile-cache-check none \
+        --real-lengths adapters/base/32/8 --json real.json               # real GLUE lengths only
 
 Every cell (configuration x size x sequence length x number of tasks) runs the library's own
 compiled step (mtlx.train.step) and, in the same process, the PyTorch baseline (HF BertModel,
@@ -17,6 +19,11 @@ The runners of cells that differ only in their number of tasks are timed togethe
 (ABBA), after warm-up; figures are medians over repeats. Threads: JAX's default CPU client
 (all CPUs); on a CPU the baseline runs with torch.set_num_threads(all CPUs) AND with 1 thread
 (--torch-threads), and the faster is compared (both are in the JSON).
+
+The real-length cell (--real-lengths; tiny in --quick) trains on real GLUE inputs of the
+embedded sample instead of full-length synthetic rows: one pass over the same examples, mtlx
+packing them (mtlx.data.packing) against torch per-task batches padded to the batch's longest
+input (DataCollatorWithPadding) and to 128 (run_glue.py's default).
 
 Prints the tables (and Markdown with --markdown) and writes every figure with --json.
 """
@@ -44,7 +51,11 @@ QUICK = {
              + [(c, "tiny", 128, 1, 16) for c in ("adapters", "lora")]
              + [("adapters", "base", 128, 8, 4)],
     "features": ("shared", "tiny", 128, 1, 16),
-    "packing": ("shared", "tiny", 128, 64, 4),   # config, size, L, examples, tasks
+    # Synthetic packing (config, size, L, examples, tasks): left to full runs, the real-length
+    # cell below packs real GLUE inputs.
+    "packing": None,
+    # Real GLUE lengths: config, size, examples per task, packed rows per step.
+    "real_lengths": ("adapters", "tiny", 32, 8),
     "repeats": 3,
     "block_seconds": 0.3,
 }
@@ -110,6 +121,12 @@ def parse_args(argv=None):
                    help="cell 'config/size/L/T/B' whose features are switched on/off; 'none' to skip")
     p.add_argument("--packing", default=None,
                    help="'config/size/L/examples/tasks' for padded vs packed; 'none' to skip")
+    p.add_argument("--real-lengths", default=None,
+                   help="'config/size/per_task/rows': real GLUE inputs (embedded sample), mtlx "
+                        "packed vs torch per-task batches padded to the longest and to 128; "
+                        "'none' to skip")
+    p.add_argument("--real-lengths-unpadded", action="store_true",
+                   help="leave the two 128-padded sides out of the real-length cell")
     p.add_argument("--compile-cache-check", default=None,
                    help="cell 'config/size/L/T/B' compiled with a cold then warm persistent cache; 'none' to skip")
     p.add_argument("--compile-cache", default=None,
@@ -259,7 +276,7 @@ def main(argv=None) -> dict:
     if args.features_after_groups is None or args.features_after_groups >= len(groups):
         timed_phase("features", run_features)
     results["task_scaling"] = HR.task_scaling(results["cells"])
-    pk = chosen(args.packing, "/".join(map(str, quick["packing"])) if quick else None)
+    pk = chosen(args.packing, "/".join(map(str, quick["packing"])) if quick and quick["packing"] else None)
     if pk and in_budget("packing"):
         c, s, l, n, t = pk.split("/")
         try:
@@ -267,6 +284,17 @@ def main(argv=None) -> dict:
                 c, s, int(l), int(n), int(t), features, opts, peaks))
         except Exception as e:  # noqa: BLE001
             _failed(results, "packing", e, opts)
+    rl = chosen(args.real_lengths, "/".join(map(str, quick["real_lengths"])) if quick else None)
+    if rl and in_budget("real lengths"):
+        parts = rl.split("/")
+        if len(parts) != 4:
+            raise SystemExit(f"scripts/bench.py: --real-lengths {rl!r} must be config/size/per_task/rows")
+        c, s, n, r = parts
+        try:
+            results["real_lengths"] = timed_phase("real lengths", lambda: HR.measure_real_lengths(
+                c, s, int(n), int(r), features, opts, padded=not args.real_lengths_unpadded))
+        except Exception as e:  # noqa: BLE001
+            _failed(results, "real lengths", e, opts)
     cc = chosen(args.compile_cache_check, "/".join(map(str, quick["features"])) if quick else None)
     if cc and in_budget("compile cache"):
         try:

@@ -7,7 +7,8 @@
 #      BERT-base L=128 bf16 with cuDNN attention, batch 128 (the MFU >= 50% goal), against
 #      PyTorch eager (+ PEFT) on the same card, with 1/8/64 tasks (task scaling); features
 #      on/off (float32, XLA attention, attention dropout, remat, donation, scan over layers); the
-#      PEFT configurations; L=512; packing; persistent compilation cache cold vs warm.
+#      PEFT configurations; L=512; packing; real GLUE lengths (adapters, mtlx packed vs torch
+#      padded to the longest and to 128); persistent compilation cache cold vs warm.
 #      If only the cuDNN check failed, the benchmark runs with XLA attention (exit code 4).
 # Writes OUT_DIR/{env.txt, checks.json, bench.json, bench.md, bench_tasks.png, log.txt}.
 #
@@ -64,11 +65,11 @@ if [ "${PIPESTATUS[0]}" != "0" ]; then echo "environment check failed" | tee -a 
 if [ "${MTLX_GPU_CHECK_CPU:-0}" = "1" ]; then
   # Logic test on a CPU: tiny model, short sequences, small batches, short budget.
   SIZE=tiny; L=32; L2=64; B=4; B2=4; DTYPE=float32; ATT=default; REP=2; BLOCK=0.05
-  FEAT="shared/tiny/32/1/4"; PACK="shared/tiny/32/16/2"; BUDGET=${GPU_CHECK_BUDGET_S:-150}
+  FEAT="shared/tiny/32/1/4"; PACK="shared/tiny/32/16/2"; REAL="adapters/tiny/4/4"; BUDGET=${GPU_CHECK_BUDGET_S:-150}
   CHECK_ARGS=""
 else
   SIZE=base; L=128; L2=512; B=128; B2=32; DTYPE=bfloat16; ATT=cudnn; REP=5; BLOCK=0.5
-  FEAT="shared/base/128/1/64"; PACK="shared/base/128/512/4"
+  FEAT="shared/base/128/1/64"; PACK="shared/base/128/512/4"; REAL="adapters/base/32/8"
   CHECK_ARGS=""
 fi
 
@@ -91,7 +92,7 @@ CELLS="$CELLS;shared/$SIZE/$L2/8/$B2"
 "$PYTHON" scripts/bench.py --cells "$CELLS" --dtype "$DTYPE" --attention "$ATT" \
   --repeats "$REP" --block-seconds "$BLOCK" --features "$FEAT" --short-features \
   --features-after-groups 1 \
-  --packing "$PACK" --compile-cache-check "shared/tiny/128/1/16" \
+  --packing "$PACK" --real-lengths "$REAL" --compile-cache-check "shared/tiny/128/1/16" \
   --time-budget "$BUDGET" --json "$OUT/bench.json" --markdown "$OUT/bench.md" \
   --plot "$OUT/bench_tasks.png" 2>&1 | grep --line-buffered -v "Warning\|warnings.warn" | tee -a "$LOG"
 RC=${PIPESTATUS[0]}

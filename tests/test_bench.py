@@ -341,6 +341,51 @@ def test_packing_batches_hold_the_same_examples():
     np.testing.assert_array_equal(real(padded), real(packed))
 
 
+def test_glue_workload_sides_hold_the_same_real_examples():
+    w = W.glue_workload(8, seed=0)
+    assert [t.name for t in w.tasks] == list(W.GLUE_TASKS) and w.num_examples == 48
+    tokens = lambda s, r: tuple(s.input_ids[s.row_starts[r]: s.row_starts[r + 1]].tolist())
+    want = sorted((t, tokens(s, r), int(s.labels[r])) for s, r, t in w.stream)
+    assert want[0][1][0] == 101 and all(x[2] in (0, 1) for x in want)  # [CLS], GLUE labels
+    # torch: one batch per task, padded to its longest example (or to 128).
+    arrays = W.glue_torch_arrays(w, "longest")
+    got = []
+    for t, a in enumerate(arrays):
+        lengths = a["attention_mask"].sum(1)
+        assert a["input_ids"].shape == (8, lengths.max())
+        got += [(t, tuple(a["input_ids"][i, :n].tolist()), int(a["labels"][i]))
+                for i, n in enumerate(lengths)]
+    assert sorted(got) == want
+    assert all(a["input_ids"].shape == (8, 128) for a in W.glue_torch_arrays(w, "max_length"))
+    # mtlx packed: every example in exactly one segment, one task a row, fixed shape.
+    batches = W.glue_packed_batches(w, rows=4, max_segments=16)
+    got = []
+    for pb in batches:
+        b, seg = pb.batch, pb.segments
+        assert b.input_ids.shape == (4, 128)
+        for row in range(4):
+            for j in range(int(seg.mask[row].sum())):
+                assert seg.task_ids[row, j] == b.task_ids[row]
+                ids = b.input_ids[row][b.segment_ids[row] == j + 1]
+                got.append((int(b.task_ids[row]), tuple(ids.tolist()), int(seg.labels[row, j])))
+    assert sorted(got) == want
+    real = sum(len(x[1]) for x in want)
+    assert real == w.real_tokens and real > 0.5 * len(batches) * 4 * 128  # packing fills rows
+    padded = W.glue_padded_batches(w, 8)
+    assert len(padded) == 6 and sum(int(b.example_mask.sum()) for b in padded) == 48
+
+
+def test_real_lengths_cell_runs_both_sides():
+    opts = HR.Options(repeats=1, verbose=False, torch_threads=(1,))
+    out = HR.measure_real_lengths("adapters", "tiny", 2, 2, W.Features(), opts, padded=False)
+    assert set(out["ratios"]) == {"mtlx[packed]/torch[longest]"}
+    packed, torch = out["mtlx[packed]"], out["torch[longest]"]
+    assert packed["batch_shape"] == (2, 128) and torch["steps_per_pass"] == 6
+    assert packed["examples_per_s"] > 0 and torch["examples_per_s"] > 0
+    assert 0 <= packed["padding_fraction"] < 1 and torch["tokens_computed"] >= out["workload"]["real_tokens"]
+    assert "torch[128]" not in out and "mtlx[128]" not in out
+
+
 # --------------------------------------------------------------------------- harness, report
 
 class _Fake:
@@ -449,7 +494,7 @@ def test_quick_harness_path_end_to_end(tmp_path):
     notes.write_text(f"# log\nbefore\n{bench.NOTES_BEGIN}\nold table\n{bench.NOTES_END}\nafter\n")
     res = bench.main(["--cells", "adapters/tiny/32/1/4;adapters/tiny/32/4/4", "--repeats", "2",
                       "--block-seconds", "0.05", "--features", "adapters/tiny/32/4/4",
-                      "--packing", "adapters/tiny/32/16/2",
+                      "--packing", "adapters/tiny/32/16/2", "--real-lengths", "adapters/tiny/4/4",
                       "--compile-cache-check", "adapters/tiny/32/4/4", "--checks",
                       "--baseline-modes", "per_task,split",
                       "--json", str(out), "--plot", str(tmp_path / "t.png"),
@@ -465,13 +510,17 @@ def test_quick_harness_path_end_to_end(tmp_path):
     assert scan["available"] is True and scan["features"]["scan_layers"] is True, scan
     assert saved["packing"]["packed"]["rows"] < saved["packing"]["padded"]["rows"]
     assert saved["compile_cache"]["warm"]["cache_hits"] >= 1
+    real = saved["real_lengths"]
+    assert set(real["ratios"]) == {"mtlx[packed]/torch[longest]", "mtlx[packed]/torch[128]",
+                                   "mtlx[128]/torch[128]"}
+    assert real["mtlx[packed]"]["tokens_computed"] < real["mtlx[128]"]["tokens_computed"]
     assert {c["status"] for c in saved["checks"]} <= {"pass", "skipped"}
     assert (tmp_path / "t.png").exists() and "| config |" in (tmp_path / "t.md").read_text()
     assert res["wall_s"] > 0
     text = notes.read_text()      # the block replaced, the rest kept
     assert text.startswith("# log\nbefore\n") and text.endswith(f"{bench.NOTES_END}\nafter\n")
     assert "old table" not in text and "| adapters | tiny | 32 | 4 | 4 |" in text
-    assert "t.png" in text and "phase_seconds" in saved
+    assert "t.png" in text and "phase_seconds" in saved and "real GLUE lengths" in text
 
 
 def test_bench_notes_markers_are_checked_before_measuring(tmp_path):

@@ -20,11 +20,56 @@ def data():
 
 
 def test_first_fit():
-    # The 4th segment (4 tokens) fits in no row (8 and 5 tokens used of 8): placement stops.
+    # (index, row, offset). The 4th segment (4 tokens) fits in no row (8 and 5 tokens used of 8).
     assert first_fit([5, 5, 3, 4], [0, 0, 0, 0], num_rows=2, row_len=8, max_segments=4) == \
-        [(0, 0), (1, 0), (0, 5)]
-    assert first_fit([3, 3, 3], [0, 1, 0], 2, 10, 4) == [(0, 0), (1, 0), (0, 3)]  # one task a row
-    assert first_fit([1, 1, 1], [0, 0, 0], 1, 10, 2) == [(0, 0), (0, 1)]          # max segments
+        [(0, 0, 0), (1, 1, 0), (2, 0, 5)]
+    assert first_fit([3, 3, 3], [0, 1, 0], 2, 10, 4) == [(0, 0, 0), (1, 1, 0), (2, 0, 3)]  # one task a row
+    assert first_fit([1, 1, 1], [0, 0, 0], 1, 10, 2) == [(0, 0, 0), (1, 0, 1)]  # max segments
+    # A misfit leaves out its task's later segments (each task's examples stay in order) while
+    # the other tasks go on: task 1's 3 tokens find no row; task 0's 2 tokens still go in, task
+    # 1's 1 token does not (it would come before the left-out 3).
+    assert first_fit([6, 6, 3, 2, 1], [0, 0, 1, 0, 1], 2, 8, 4) == [(0, 0, 0), (1, 1, 0), (3, 0, 6)]
+    # Every row closed: nothing more is looked at.
+    assert first_fit([8, 1, 1], [0, 1, 0], 1, 8, 4) == [(0, 0, 0)]
+
+
+def test_first_fit_fills_past_a_misfit_like_a_reference():
+    """Against a direct transcription of the rule over random draws: placements are valid
+    (no overlap, one task a row, at most S segments) and each task's placed segments are a
+    prefix of its draws."""
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n, rows, length, s = int(rng.integers(1, 40)), int(rng.integers(1, 6)), 32, int(rng.integers(1, 5))
+        lengths = rng.integers(1, 33, n).tolist()
+        tasks = rng.integers(0, 3, n).tolist()
+        placed = first_fit(lengths, tasks, rows, length, s)
+        fill = [[] for _ in range(rows)]
+        for i, r, o in placed:
+            fill[r].append((o, lengths[i], tasks[i]))
+        for segs in fill:
+            segs.sort()
+            assert len(segs) <= s and len({t for _, _, t in segs}) <= 1
+            end = 0
+            for o, m, _ in segs:
+                assert o == end  # contiguous from the row start, no overlap
+                end = o + m
+            assert end <= length
+        for t in set(tasks):
+            mine = [i for i in range(n) if tasks[i] == t]
+            got = [i for i, _, _ in placed if tasks[i] == t]
+            assert got == mine[: len(got)]
+            if len(got) < len(mine):  # the first left out fitted no row when its turn came
+                miss = mine[len(got)]
+                before = [(i, r, o) for i, r, o in placed if i < miss]
+                used = [0] * rows
+                task = [-1] * rows
+                count = [0] * rows
+                for i, r, o in before:
+                    used[r] += lengths[i]
+                    task[r] = tasks[i]
+                    count[r] += 1
+                assert not any(used[r] + lengths[miss] <= length and task[r] in (-1, t)
+                               and count[r] < s for r in range(rows))
 
 
 def test_packed_rows(data):

@@ -428,37 +428,14 @@ def measure_packing(config: str, size: str, seq_len: int, num_examples: int, num
                     features: W.Features, opts: Options, peaks: Dict[str, Any]) -> dict:
     """The same short token-classification examples padded (one a row) and packed, timed
     interleaved: examples/s, and real (non-padding) tokens/s."""
-    import jax
-    from mtlx.bench.flops import step_flops
-    from mtlx.models.multitask import MultiTaskModel, init_params
-    from mtlx.peft import registry
-    from mtlx.train import optim
-    from mtlx.train.step import create_state, make_train_step
     vocab = W.SIZES[size]["vocab_size"]
     tasks, padded, packed = W.packing_batches(num_examples, num_tasks, seq_len, vocab, opts.seed)
-    device = jax.devices()[0]
     cell = W.Cell(config, size, seq_len, num_tasks, num_examples, features)
-    cfg = W.backbone_config(cell)
-    if W.CONFIGS[config]:  # rebuilt for the token tasks' names
-        cfg = registry.attach(dataclasses.replace(cfg, extensions=()), W.CONFIGS[config],
-                              [t.name for t in tasks])
-    model = MultiTaskModel(cfg, tasks, head_dropout=W.HEAD_DROPOUT)
     runners, out = [], {}
     for name, batch in (("padded", padded), ("packed", packed)):
-        batch = jax.device_put(batch, device)
-        params = jax.jit(lambda r, b: init_params(model, r, b))(jax.random.key(opts.seed), batch)
-        trainable = None
-        if not W.BACKBONE_TRAINS[config]:
-            trainable = optim.trainable_mask(params, registry.trainable_patterns(cfg))
-        tx = optim.make_optimizer(W.optim_config(), params, trainable)
-        state = jax.device_put(create_state(params, tx, jax.random.key(opts.seed + 1, impl=features.prng)),
-                               device)
-        step = jax.jit(W.with_prng(make_train_step(model, tx), features.prng), donate_argnums=(0,))
-        rows, length = batch.input_ids.shape
-        flops = step_flops(model, rows, length, task_ids=np.asarray(batch.task_ids).tolist(),
-                           backbone_trainable=W.BACKBONE_TRAINS[config])
-        setup = W.MtlxSetup(dataclasses.replace(cell, batch_size=rows), model, state, step,
-                            [batch], trainable, flops, 0, 0)
+        setup = W.build_mtlx(cell, seed=opts.seed, heads=tasks, batches=[batch])
+        rows = int(batch.input_ids.shape[0])
+        flops = setup.flops
         r = MtlxRunner(setup, name)
         first, _ = _first_step(r)
         for _ in range(opts.warmup):
@@ -481,6 +458,125 @@ def measure_packing(config: str, size: str, seq_len: int, num_examples: int, num
                        f"{seq_len}: padded {out['padded']['rows']} rows, packed "
                        f"{out['packed']['rows']} rows; {config}/{size}")
     return out
+
+
+class EpochRunner:
+    """Runs `inner` through all of its batches once per `step()`: one pass over a fixed set of
+    examples, however each side splits it into steps."""
+
+    def __init__(self, inner, steps: int, examples: int, tokens: int, name: str):
+        self.inner, self.steps, self.name = inner, steps, name
+        self.framework = inner.framework
+        self.examples_per_step, self.tokens_per_step = examples, tokens
+
+    def step(self):
+        for _ in range(self.steps):
+            self.inner.step()
+
+    def sync(self):
+        self.inner.sync()
+
+
+def measure_real_lengths(config: str, size: str, per_task: int, rows: int, features: W.Features,
+                         opts: Options, padded: bool = True, max_segments: int = 16) -> dict:
+    """Examples/s on real GLUE inputs (the embedded sample: CoLA, SST-2, MRPC, QNLI, RTE, WNLI,
+    `per_task` examples each, bert-base-uncased word pieces, rows of 128) instead of full-length
+    synthetic rows: the same examples, one pass, each side as its users would feed them.
+
+      torch[longest]  per-task batches of `per_task`, padded to the batch's longest input
+                      (transformers' DataCollatorWithPadding);
+      torch[128]      the same batches padded to 128 (run_glue.py's default pad_to_max_length);
+      mtlx[packed]    the mixed stream packed into steps of `rows` rows of 128
+                      (mtlx.data.packing, as config.data.packing trains);
+      mtlx[128]       the mixed stream in steps of `per_task` rows padded to 128.
+
+    padded=False leaves out the two 128-padded sides (their per-example cost is the synthetic
+    cells' at L=128). Timed in ABBA turns, one untimed step before each pass; figures are per
+    pass (examples_per_s: examples of the pass / its seconds)."""
+    from mtlx.bench import torch_baseline as TB
+    w = W.glue_workload(per_task, 128, opts.seed)
+    n, real = w.num_examples, w.real_tokens
+    cell = W.Cell(config, size, 128, len(w.tasks), per_task, features)
+    log(opts, f"[bench] real lengths: {n} GLUE examples ({real} word pieces) of {len(w.tasks)} "
+              f"tasks, {config}/{size}")
+    sides = {"mtlx[packed]": W.glue_packed_batches(w, rows, max_segments)}
+    if padded:
+        sides["mtlx[128]"] = W.glue_padded_batches(w, per_task)
+    out = {"workload": {"tasks": [t.name for t in w.tasks], "per_task": per_task,
+                        "examples": n, "real_tokens": real, "packed_rows": rows,
+                        "max_segments": max_segments}}
+    runners = []
+    for name, batches in sides.items():
+        setup = W.build_mtlx(cell, seed=opts.seed, heads=w.tasks, batches=batches)
+        inner = MtlxRunner(setup, name)
+        first, _ = _first_step(inner)
+        shape = tuple(_rows(batches[0]).input_ids.shape)
+        r = EpochRunner(inner, len(batches), n, real, name)
+        out[name] = {"steps_per_pass": len(batches), "batch_shape": shape,
+                     "tokens_computed": len(batches) * shape[0] * shape[1],
+                     "compile_s": first.compile_seconds}
+        runners.append(r)
+        log(opts, f"[bench]   {name}: {len(batches)} steps of {shape[0]}x{shape[1]}, compiled in "
+                  f"{first.compile_seconds:.1f} s")
+    methods = W.CONFIGS[config]
+    threads = opts.torch_threads or (None,)
+    for pad in ("longest", "max_length") if padded else ("longest",):
+        arrays = W.glue_torch_arrays(w, pad)
+        cfg = W.backbone_config(cell, [t.name for t in w.tasks])
+        base = TB.TorchBaseline(cfg, w.tasks, config, methods[0] if methods else {}, arrays,
+                                [np.full(per_task, t, np.int32) for t in range(len(w.tasks))],
+                                device=opts.torch_device, dtype=features.dtype, mode="per_task",
+                                attention_dropout=features.attention_dropout,
+                                head_dropout=W.HEAD_DROPOUT, seed=opts.seed, lr=W.LEARNING_RATE,
+                                weight_decay=W.WEIGHT_DECAY, clip_norm=W.CLIP_NORM)
+        name = "torch[longest]" if pad == "longest" else "torch[128]"
+        # One thread count: the fastest of opts.torch_threads on one per-task step each.
+        best = None
+        for th in threads:
+            tr = TorchRunner(base, cell, name, th)
+            tr.step()
+            tr.sync()
+            t = timed(tr, len(w.tasks))
+            if best is None or t < best[0]:
+                best = (t, th)
+        inner = TorchRunner(base, cell, name, best[1])
+        r = EpochRunner(inner, len(w.tasks), n, real, name)
+        log(opts, f"[bench]   {name}: {len(w.tasks)} steps, {best[1] or 'default'} thread(s)")
+        out[name] = {"steps_per_pass": len(w.tasks), "torch_threads": best[1],
+                     "batch_shapes": [tuple(a["input_ids"].shape) for a in arrays],
+                     "tokens_computed": int(sum(a["input_ids"].size for a in arrays))}
+        runners.append(r)
+    for r in runners:  # one warm pass each (the mtlx step is compiled already)
+        r.step()
+        r.sync()
+    log(opts, f"[bench]   warm passes done; timing {opts.repeats} repeats")
+    times = {r.name: [] for r in runners}
+    for k in range(opts.repeats):
+        for r in runners if k % 2 == 0 else list(reversed(runners)):
+            r.inner.step()  # after another framework's turn (see `timed`)
+            r.sync()
+            t0 = time.perf_counter()
+            r.step()
+            r.sync()
+            times[r.name].append(time.perf_counter() - t0)
+    for r in runners:
+        med = float(np.median(times[r.name]))
+        out[r.name].update({"pass_s": med, "pass_s_repeats": times[r.name],
+                            "examples_per_s": n / med, "real_tokens_per_s": real / med,
+                            "padding_fraction": 1.0 - real / out[r.name]["tokens_computed"]})
+    ref = out["mtlx[packed]"]["examples_per_s"]
+    out["ratios"] = {f"mtlx[packed]/{k}": ref / out[k]["examples_per_s"]
+                     for k in out if k.startswith("torch[")}
+    if "mtlx[128]" in out:
+        out["ratios"]["mtlx[128]/torch[128]"] = (out["mtlx[128]"]["examples_per_s"]
+                                                 / out["torch[128]"]["examples_per_s"])
+    out["config"], out["size"], out["dtype"] = config, size, features.dtype
+    return out
+
+
+def _rows(batch):
+    """The plain Batch of a plain or packed batch."""
+    return getattr(batch, "batch", batch)
 
 
 def measure_compile_cache(cell: W.Cell, opts: Options) -> dict:

@@ -106,6 +106,26 @@ def features_table(results: Dict[str, Any], markdown: bool = False) -> Optional[
                   rows, markdown)
 
 
+def real_lengths_table(results: Dict[str, Any], markdown: bool = False) -> Optional[str]:
+    r = results.get("real_lengths")
+    if not r:
+        return None
+    ref = r["mtlx[packed]"]["examples_per_s"]
+    rows = []
+    for name in ("mtlx[packed]", "mtlx[128]", "torch[longest]", "torch[128]"):
+        v = r.get(name)
+        if not v:
+            continue
+        shape = v.get("batch_shape")
+        shape = f"{shape[0]}x{shape[1]}" if shape else "per task: " + ", ".join(
+            str(s[1]) for s in v["batch_shapes"])
+        rows.append([name, str(v["steps_per_pass"]), shape, f"{v['tokens_computed']}",
+                     f"{100 * v['padding_fraction']:.0f}%", f"{v['examples_per_s']:.3g}",
+                     _si(v["real_tokens_per_s"]), f"{ref / v['examples_per_s']:.2f}x"])
+    return _table(["side", "steps", "batch (rows x length)", "tokens computed", "padding",
+                   "ex/s", "real tok/s", "mtlx[packed] / side"], rows, markdown)
+
+
 def extras(results: Dict[str, Any]) -> List[str]:
     out = []
     p = results.get("packing")
@@ -119,6 +139,19 @@ def extras(results: Dict[str, Any]) -> List[str]:
                    f"warm {c['warm']['compile_s']:.1f} s ({c['speedup_compile']:.1f}x, "
                    f"{c['warm']['cache_hits']} cache hit(s))")
     return out
+
+
+def _real_lengths_title(results: Dict[str, Any]) -> str:
+    r = results.get("real_lengths")
+    if not r:
+        return ""
+    w = r["workload"]
+    return (f"real GLUE lengths ({r['config']}/{r['size']}, {r['dtype']}): {w['examples']} examples "
+            f"({w['per_task']} each of {', '.join(w['tasks'])}; embedded sample, bert-base-uncased "
+            f"word pieces, {w['real_tokens']} in all), one pass each side; torch per-task batches "
+            f"of {w['per_task']} padded to the longest (DataCollatorWithPadding) or to 128 "
+            f"(run_glue.py's default); mtlx mixed, packed into steps of {w['packed_rows']} rows "
+            f"of 128, or {w['per_task']} rows of 128:")
 
 
 def render(results: Dict[str, Any], markdown: bool = False) -> str:
@@ -143,7 +176,8 @@ def render(results: Dict[str, Any], markdown: bool = False) -> str:
                      ("task scaling (step time relative to the fewest tasks, same batch):",
                       scaling_table(results, markdown)),
                      ("features (mtlx only, interleaved against the reference):",
-                      features_table(results, markdown))):
+                      features_table(results, markdown)),
+                     (_real_lengths_title(results), real_lengths_table(results, markdown))):
         if t:
             parts += ["", title, t]
     ex = extras(results)

@@ -126,8 +126,9 @@ def task_heads(num_tasks: int) -> tuple:
     return tuple(TaskHead(f"task{i:02d}", "classification", 2 + i % 3) for i in range(num_tasks))
 
 
-def backbone_config(cell: Cell):
-    """The BertConfig of a cell, extensions of its configuration attached."""
+def backbone_config(cell: Cell, task_names: Optional[Sequence[str]] = None):
+    """The BertConfig of a cell, extensions of its configuration attached (for `task_names`,
+    default the cell's synthetic tasks)."""
     import jax.numpy as jnp
     from mtlx.models.bert import BertConfig
     from mtlx.peft import registry
@@ -138,7 +139,8 @@ def backbone_config(cell: Cell):
                      scan_layers=f.scan_layers)
     methods = CONFIGS[cell.config]
     if methods:
-        cfg = registry.attach(cfg, methods, [t.name for t in task_heads(cell.num_tasks)])
+        names = task_names or [t.name for t in task_heads(cell.num_tasks)]
+        cfg = registry.attach(cfg, methods, list(names))
     return cfg
 
 
@@ -209,23 +211,33 @@ def with_prng(step_fn, prng: str):
     return step
 
 
-def build_mtlx(cell: Cell, seed: int = 0, num_batches: int = 4, device=None) -> MtlxSetup:
-    """Model, initial train state, jitted step (not yet compiled) and batches of a cell."""
+def build_mtlx(cell: Cell, seed: int = 0, num_batches: int = 4, device=None,
+               heads: Optional[Sequence[Any]] = None,
+               batches: Optional[Sequence[Any]] = None) -> MtlxSetup:
+    """Model, initial train state, jitted step (not yet compiled) and batches of a cell.
+
+    heads / batches: the tasks and (plain or packed) batches to train on instead of the cell's
+    synthetic ones (all batches of one shape); the FLOPs are counted on the first batch's rows
+    (every row at its full length)."""
     import jax
     from mtlx.bench.flops import step_flops
     from mtlx.models.multitask import MultiTaskModel, init_params
     from mtlx.peft import registry
     from mtlx.train import optim
-    from mtlx.train.step import create_state, make_train_step
+    from mtlx.train.step import create_state, make_train_step, unpack_batch
 
     device = device or jax.devices()[0]
-    cfg = backbone_config(cell)
-    model = MultiTaskModel(cfg, task_heads(cell.num_tasks), head_dropout=HEAD_DROPOUT)
-    batches = [jax.device_put(b, device) for b in mixed_batches(cell, num_batches, seed)]
+    heads = tuple(heads) if heads is not None else task_heads(cell.num_tasks)
+    cfg = backbone_config(cell, [h.name for h in heads])
+    model = MultiTaskModel(cfg, heads, head_dropout=HEAD_DROPOUT)
+    if batches is None:
+        batches = mixed_batches(cell, num_batches, seed)
+    batches = [jax.device_put(b, device) for b in batches]
+    rows0 = unpack_batch(batches[0])[0]
     with jax.default_device(device):
         # Eager, on a 1 x 8 slice: parameter shapes do not depend on the batch, and jitting the
         # init compiles one program per parameter leaf (slow with many tasks' adapters).
-        probe = jax.tree_util.tree_map(lambda x: x[:1, :8] if x.ndim == 2 else x[:1], batches[0])
+        probe = jax.tree_util.tree_map(lambda x: x[:1, :8] if x.ndim == 2 else x[:1], rows0)
         params = init_params(model, jax.random.key(seed), probe)
         trainable = None
         if not BACKBONE_TRAINS[cell.config]:
@@ -247,8 +259,9 @@ def build_mtlx(cell: Cell, seed: int = 0, num_batches: int = 4, device=None) -> 
         n_train = count
     else:
         n_train = int(sum(x.size for x, t in zip(leaves, jax.tree_util.tree_leaves(trainable)) if t))
-    flops = step_flops(model, cell.batch_size, cell.seq_len,
-                       task_ids=step_task_ids(0, cell.batch_size, cell.num_tasks),
+    rows, length = rows0.input_ids.shape
+    ids = np.asarray(rows0.task_ids)
+    flops = step_flops(model, rows, length, task_ids=np.where(ids >= 0, ids, 0).tolist(),
                        backbone_trainable=BACKBONE_TRAINS[cell.config])
     return MtlxSetup(cell, model, state, step, batches, trainable, flops, count, n_train)
 
@@ -314,12 +327,131 @@ def packing_batches(num_examples: int, num_tasks: int, row_len: int, vocab_size:
         rows.append((splits[t], int(counters[t]), int(t), -1))
         counters[t] += 1
     padded = collate(rows, num_examples, row_len, layout)
-    placements = first_fit([lengths[i] for i in range(num_examples)], task_of.tolist(),
-                           num_examples, row_len, max_segments)
-    if len(placements) != num_examples:
-        raise ValueError(f"mtlx/bench/workload.py: only {len(placements)} of {num_examples} "
+    placed = first_fit([lengths[i] for i in range(num_examples)], task_of.tolist(),
+                       num_examples, row_len, max_segments)
+    if len(placed) != num_examples:
+        raise ValueError(f"mtlx/bench/workload.py: only {len(placed)} of {num_examples} "
                          f"examples fit the packed rows")
+    placements = [(r, o) for _, r, o in placed]
     used = max(r for r, _ in placements) + 1
     segments = [(s, r, t) for s, r, t, _ in rows]
     packed = pack(segments, placements, used, row_len, max_segments, layout).batch
     return tasks, padded, packed
+
+
+# --------------------------------------------------------------------------- real GLUE lengths
+
+# The embedded sample's binary classification tasks (mtlx/data/sample, real GLUE rows).
+GLUE_TASKS = ("cola", "sst2", "mrpc", "qnli", "rte", "wnli")
+
+
+@dataclasses.dataclass
+class GlueWorkload:
+    """`per_task` real examples of each GLUE task of the embedded sample, tokenized with the
+    bundled bert-base-uncased vocabulary and truncated to `row_len` tokens.
+
+    by_task[t]: (split, row) pairs of task t (the torch baseline's per-task batches);
+    stream: (split, row, task id) of every example in one seeded mixed order (mtlx's mixed
+    batches, padded or packed)."""
+    tasks: tuple
+    by_task: list
+    stream: list
+    row_len: int
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.stream)
+
+    @property
+    def real_tokens(self) -> int:
+        return int(sum(s.row_starts[r + 1] - s.row_starts[r] for s, r, _ in self.stream))
+
+
+def glue_workload(per_task: int, row_len: int = 128, seed: int = 0,
+                  task_names: Sequence[str] = GLUE_TASKS) -> GlueWorkload:
+    import logging
+
+    from mtlx.data import get_task, load_tokenizer, prepare_tasks, sample_root
+    from mtlx.data.readers import resolve_path
+    from mtlx.models.heads import TaskHead
+    root = sample_root()
+    tokenizer = load_tokenizer(root / "vocab" / "bert-base-uncased" / "vocab.txt")
+    rng = np.random.default_rng(seed)
+    heads, by_task, stream = [], [], []
+    quiet = logging.getLogger("mtlx.data")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # truncation notices (RTE has inputs over 128 tokens)
+    try:
+        for t, name in enumerate(task_names):
+            spec = get_task(name)
+            split = next((s for s in (spec.train_split,) + tuple(spec.eval_splits)
+                          if _exists(resolve_path, spec, s, root)), None)
+            if split is None:
+                raise FileNotFoundError(f"mtlx/bench/workload.py: task {name!r} has no split in "
+                                        f"the embedded sample {root}")
+            data = prepare_tasks([name], tokenizer, split=split, data_root=root,
+                                 max_length=row_len)[spec.name]
+            if data.head != "classification" or data.num_rows < per_task:
+                raise ValueError(f"mtlx/bench/workload.py: task {name!r} ({data.head}, "
+                                 f"{data.num_rows} rows in the sample's {split!r} split) cannot "
+                                 f"give {per_task} classification examples")
+            rows = sorted(rng.permutation(data.num_rows)[:per_task].tolist())
+            heads.append(TaskHead(spec.name, "classification", data.num_labels))
+            by_task.append([(data, r) for r in rows])
+    finally:
+        quiet.setLevel(level)
+    stream = [(s, r, t) for t, pairs in enumerate(by_task) for s, r in pairs]
+    stream = [stream[i] for i in rng.permutation(len(stream))]
+    return GlueWorkload(tuple(heads), by_task, stream, row_len)
+
+
+def _exists(resolve_path, spec, split, root) -> bool:
+    try:
+        resolve_path(spec, split, root, None)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def glue_torch_arrays(w: GlueWorkload, pad: str = "longest") -> list:
+    """One batch per task (its `per_task` examples), as arrays for the torch baseline, padded
+    to the longest example of the batch (`pad='longest'`: transformers' DataCollatorWithPadding)
+    or to the row length (`pad='max_length'`: run_glue.py's default `pad_to_max_length`)."""
+    from mtlx.data.pipeline import BatchLayout, collate
+    out = []
+    for pairs in w.by_task:
+        longest = max(int(s.row_starts[r + 1] - s.row_starts[r]) for s, r in pairs)
+        length = longest if pad == "longest" else w.row_len
+        b = collate([(s, r, 0, -1) for s, r in pairs], len(pairs), length, BatchLayout())
+        out.append({"input_ids": np.asarray(b.input_ids), "attention_mask": np.asarray(b.attention_mask),
+                    "token_type_ids": np.asarray(b.token_type_ids), "labels": np.asarray(b.labels)})
+    return out
+
+
+def glue_padded_batches(w: GlueWorkload, batch_size: int) -> list:
+    """The mixed stream in mtlx Batches of `batch_size` rows of `row_len` (the last one padded
+    with empty rows)."""
+    from mtlx.data.pipeline import BatchLayout, collate
+    return [collate([(s, r, t, -1) for s, r, t in w.stream[i: i + batch_size]], batch_size,
+                    w.row_len, BatchLayout())
+            for i in range(0, len(w.stream), batch_size)]
+
+
+def glue_packed_batches(w: GlueWorkload, rows: int, max_segments: int = 16) -> list:
+    """The mixed stream packed into PackedBatches of `rows` rows of `row_len` by the training
+    loop's placement (mtlx.data.packing.first_fit: one task a row, each task's examples in
+    order); what a batch leaves out goes to the next one."""
+    from mtlx.data.packing import first_fit, pack
+    from mtlx.data.pipeline import BatchLayout
+    out, rest = [], list(w.stream)
+    while rest:
+        lengths = [int(s.row_starts[r + 1] - s.row_starts[r]) for s, r, _ in rest]
+        placed = first_fit(lengths, [t for _, _, t in rest], rows, w.row_len, max_segments)
+        if not placed:
+            raise ValueError(f"mtlx/bench/workload.py: an example of {lengths[0]} tokens fits no "
+                             f"row of {w.row_len}")
+        taken = {i for i, _, _ in placed}
+        out.append(pack([rest[i] for i, _, _ in placed], [(r, o) for _, r, o in placed], rows,
+                        w.row_len, max_segments, BatchLayout()))
+        rest = [x for i, x in enumerate(rest) if i not in taken]
+    return out

@@ -12,14 +12,15 @@ Packing without Cross-contamination"):
   token_labels  [B, L]  token classification: each segment's labels in place.
 
 Segment-level fields (`PackedSegments`, [B, S] for at most S segments a row): each segment's
-task id, class label, regression value, first-token position (its [CLS], where a segment-aware
-pooler reads) and a mask. A row holds segments of ONE task (Batch.task_ids stays per row, so the
-current heads route correctly); mixing tasks inside a row would need per-token task routing in
-the model. Sequence-level heads read one pooled vector per row today, so for classification and
-regression `Batch.labels` is IGNORE_INDEX on packed rows and their targets live in
-`PackedSegments` for a segment-aware head; token classification trains on packed rows as is.
+task id, class label, regression value, first-token position (its [CLS]) and a mask. A row
+holds segments of ONE task (Batch.task_ids stays per row, so the heads and the task-specific
+modules route per row); mixing tasks inside a row would need per-token task routing in the
+model. Sequence-level heads pool each segment at its first token and take their targets from
+`PackedSegments` (`mtlx.models.heads.packed_task_sums`), so `Batch.labels` is IGNORE_INDEX on
+packed rows; token classification reads its labels in place.
 
-Placement is first fit, in draw order, stopping at the first segment that fits no row: which
+Placement is first fit in draw order (`first_fit`): a segment that fits no row is left out with
+its task's later segments of the step, and the other tasks go on filling the rows. Which
 segments a step holds is a pure function of (seed, step) and the data, like unpacked batches.
 """
 
@@ -56,25 +57,33 @@ class PackedBatch:
 
 def first_fit(lengths: Sequence[int], tasks: Sequence[int], num_rows: int, row_len: int,
               max_segments: int) -> list:
-    """(row, offset) for the leading segments that fit, in order; stops at the first misfit.
+    """(index, row, offset) of the segments placed, in draw order.
 
     A segment goes to the first row with enough room, the same task (or no task yet) and fewer
-    than `max_segments` segments.
+    than `max_segments` segments. A segment that fits no row is left out, and so is every later
+    segment of its task, so each task's examples are still taken in order (the iterator draws
+    what was left out again); the other tasks' segments go on filling the rows.
     """
     used = [0] * num_rows
     task = [-1] * num_rows
     count = [0] * num_rows
+    blocked = set()
     out = []
-    for n, t in zip(lengths, tasks):
+    for i, (n, t) in enumerate(zip(lengths, tasks)):
+        if t in blocked:
+            continue
         for r in range(num_rows):
             if used[r] + n <= row_len and task[r] in (-1, t) and count[r] < max_segments:
-                out.append((r, used[r]))
+                out.append((i, r, used[r]))
                 used[r] += n
                 task[r] = t
                 count[r] += 1
                 break
         else:
-            break
+            blocked.add(t)
+            if all(u == row_len or c == max_segments or k != -1 and k in blocked
+                   for u, c, k in zip(used, count, task)):
+                break  # no row can take anything more
     return out
 
 
@@ -158,8 +167,8 @@ class PackedIterator(DataIterator):
             lengths.append(int(d.row_starts[u + 1] - d.row_starts[u]))
             units.append((int(t), u))
             c[t] += 1
-        placements = first_fit(lengths, tasks, self.local_rows, self.buckets[-1], self.max_segments)
-        return units[: len(placements)], placements
+        placed = first_fit(lengths, tasks, self.local_rows, self.buckets[-1], self.max_segments)
+        return [units[i] for i, _, _ in placed], [(r, o) for _, r, o in placed]
 
     def counts_before(self, step: int) -> np.ndarray:
         anchor_step, anchor_counts = self._anchor
