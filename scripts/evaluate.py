@@ -33,7 +33,8 @@ def main(argv=None):
     restored = restore_state(s, Path(args.workdir), args.checkpoint)
     eval_step = jax.jit(make_eval_step(s.model))
     results = E.evaluate_tasks(eval_step, restored.state.params, s.run.specs, s.run.eval,
-                               s.eval_batches, max_batches=cfg.get("eval_max_batches", None))
+                               s.eval_batches, max_batches=cfg.get("eval_max_batches", None),
+                               references=s.run.eval_refs)
     print_results(results, restored.step)
     out = Path(args.output) if args.output else Path(args.workdir) / "eval_results.json"
     atomic_write_text(out, json.dumps(results, indent=2, sort_keys=True))

@@ -7,8 +7,11 @@ Each input line names its task and gives the task's text fields, e.g.
     {"task": "sst2", "sentence": "a gorgeous film"}
     {"task": "mrpc", "sentence1": "...", "sentence2": "..."}
     {"task": "ud_pos", "tokens": ["The", "cat", "sat"]}
+    {"task": "squad", "question": "...", "context": "..."}
 Each output line repeats the input with "prediction" added: the label name (classification),
-the value (regression), or one tag per word (token classification).
+the value (regression), one tag per word (token classification), or the answer text cut from
+the context (span tasks: the best start/end pair over the context's windows,
+mtlx.train.spans).
 """
 import argparse
 import json
@@ -60,7 +63,7 @@ def main(argv=None):
     outputs = {}
     for task, recs in requests.items():
         spec = specs[task]
-        if spec.head not in ("classification", "regression", "token_classification"):
+        if spec.head not in ("classification", "regression", "token_classification", "span"):
             raise SystemExit(f"task {task!r}: prediction for head {spec.head!r} is not supported yet")
         examples = []
         for n, rec in recs:
@@ -79,21 +82,35 @@ def main(argv=None):
                             path=args.input, labelled=spec.head == "token_classification")
         tok = D.tokenize_split(split, s.run.tokenizer, max_length=cfg.data.max_length)
         task_id = s.names.index(task)
+        decoder = None
+        if spec.head == "span":
+            from mtlx.train.spans import SpanDecoder, SpanReferences
+            decoder = SpanDecoder(tok, SpanReferences([ex.texts[1] for ex in examples],
+                                                      [[] for _ in examples]))
         for eb in D.eval_batches(tok, task_id, batch_size=cfg.get("eval_batch_size", 32),
                                  layout=s.run.layout, buckets=s.buckets):
             preds, _, _ = jax.device_get(eval_step(params, eb.batch))
-            for row, ex in zip(np.asarray(eb.row_index), np.asarray(eb.example_index)):
+            example_index = np.asarray(eb.example_index)
+            if decoder is not None:
+                decoder.add(preds, example_index, np.asarray(eb.row_index),
+                            np.flatnonzero(example_index >= 0))
+                continue
+            for j, ex in enumerate(example_index):  # j: the row in this batch
                 if ex < 0:
                     continue
                 n, rec = recs[ex]
                 if spec.head == "classification":
-                    value = spec.labels[int(preds["classification"][row])]
+                    value = spec.labels[int(preds["classification"][j])]
                 elif spec.head == "regression":
-                    value = float(preds["regression"][row])
+                    value = float(preds["regression"][j])
                 else:
-                    first = np.asarray(eb.batch.token_labels)[row] >= 0  # first subword of each word
-                    value = [spec.labels[int(t)] for t in preds["token_classification"][row][first]]
+                    first = np.asarray(eb.batch.token_labels)[j] >= 0  # first subword of each word
+                    value = [spec.labels[int(t)] for t in preds["token_classification"][j][first]]
                 outputs[n] = dict(rec, prediction=value)
+        if decoder is not None:
+            for ex, text in decoder.answers().items():
+                n, rec = recs[ex]
+                outputs[n] = dict(rec, prediction=text)
     with open(args.output, "w", encoding="utf-8") as f:
         for n in sorted(outputs):
             f.write(json.dumps(outputs[n]) + "\n")

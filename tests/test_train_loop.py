@@ -193,9 +193,11 @@ def test_evaluate_and_predict_scripts(uninterrupted, tmp_path):
     for task in results:
         assert got[task] == pytest.approx(results[task], rel=1e-4, abs=1e-3)
     req = tmp_path / "req.jsonl"
+    # More requests of one task than an evaluation batch holds (64): rows of later batches.
+    many = [json.dumps({"task": "ud_pos", "tokens": ["word"] * (k % 50 + 1)}) for k in range(70)]  # within max_length 64
     req.write_text('{"task": "cola", "sentence": "The cat sat."}\n'
                    '{"task": "stsb", "sentence1": "A dog runs.", "sentence2": "A dog is running."}\n'
-                   '{"task": "ud_pos", "tokens": ["The", "cat", "sat", "."]}\n')
+                   '{"task": "ud_pos", "tokens": ["The", "cat", "sat", "."]}\n' + "\n".join(many) + "\n")
     pred = tmp_path / "pred.jsonl"
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "predict.py"), *common, "--input", str(req),
                         "--output", str(pred)], capture_output=True, text=True, cwd=ROOT, timeout=600)
@@ -204,6 +206,7 @@ def test_evaluate_and_predict_scripts(uninterrupted, tmp_path):
     assert rows[0]["prediction"] in ("unacceptable", "acceptable")
     assert isinstance(rows[1]["prediction"], float)
     assert len(rows[2]["prediction"]) == 4
+    assert len(rows) == 73 and all(len(r["prediction"]) == len(r["tokens"]) for r in rows[2:])
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"task": "nope", "sentence": "x"}\n')
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "predict.py"), *common, "--input", str(bad),
@@ -248,3 +251,48 @@ def test_packing_refuses_unpackable_tasks_naming_the_key():
                                  "sst2": SimpleNamespace(task="sst2", head="classification")})
     with pytest.raises(ValueError, match=r"config.data.packing=True: task\(s\) \['squad'\] cannot"):
         LP.make_packed_train_iterator(local_cfg(), run, None, BertConfig(vocab_size=8), (64,))
+
+
+def test_span_task_is_scored_with_squad_text_em_f1(tmp_path):
+    """A SQuAD task in the loop: evaluation decodes text answers (mtlx.train.spans) and reports
+    SQuAD's exact match and F1, in [0, 1], next to the loss."""
+    context = ("Normandy is a region in France. The Normans gave their name to it. Rollo was "
+               "their first ruler, and William the Conqueror won England in 1066. ")
+    qas = [("In what country is Normandy?", "France"), ("Who gave their name to Normandy?", "The Normans"),
+           ("Who was the first ruler?", "Rollo"), ("When was England won?", "1066")]
+    doc = {"version": "1.1", "data": [{"title": "Normandy", "paragraphs": [{
+        "context": context * 2,
+        "qas": [{"id": f"q{i}", "question": q, "answers": [{"text": a, "answer_start": context.index(a)}]}
+                for i, (q, a) in enumerate(qas)]}]}]}
+    (tmp_path / "squad").mkdir()
+    for name in ("train-v1.1.json", "dev-v1.1.json"):
+        (tmp_path / "squad" / name).write_text(json.dumps(doc))
+    cfg = local_cfg("--config.optim.num_train_steps=2", "--config.eval_every=2",
+                    "--config.checkpoint.every=2", f"--config.data.data_root={tmp_path}",
+                    "--config.data.buckets=()")
+    cfg.tasks = ("squad",)
+    cfg.data.max_length = 48   # windows of 48 tokens, stride set below
+    import dataclasses
+
+    from mtlx.data import tasks as T
+    spec = T.get_task("squad")
+    T.register_task(dataclasses.replace(spec, stride=8), overwrite=True)
+    req, pred = tmp_path / "req.jsonl", tmp_path / "pred.jsonl"
+    req.write_text("".join(json.dumps({"task": "squad", "question": q, "context": context * 2}) + "\n"
+                           for q, _ in qas))
+    try:
+        results = train_and_evaluate(cfg, tmp_path / "wd", progress=False)
+        sys.path.insert(0, str(ROOT / "scripts"))
+        import predict
+        predict.main(["--config", DEMO + ":local", "--workdir", str(tmp_path / "wd"),
+                      "--input", str(req), "--output", str(pred), "--config.tasks=squad",
+                      "--config.model.hidden_dropout=0.0", f"--config.data.data_root={tmp_path}",
+                      "--config.data.buckets=()", "--config.data.max_length=48"])
+    finally:
+        T.register_task(spec, overwrite=True)
+    assert set(results["squad"]) == {"exact_match", "f1", "loss"}
+    assert 0.0 <= results["squad"]["exact_match"] <= results["squad"]["f1"] <= 1.0
+    rows = [json.loads(line) for line in pred.read_text().splitlines()]
+    assert [r["question"] for r in rows] == [q for q, _ in qas]
+    for r in rows:  # text cut from the context, at most 30 word pieces
+        assert isinstance(r["prediction"], str) and r["prediction"] and r["prediction"] in r["context"]

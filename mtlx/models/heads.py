@@ -297,6 +297,11 @@ def packed_task_losses(outputs: dict, batch, segments, tasks: Sequence[TaskHead]
     return jnp.where(counts > 0, sums / jnp.maximum(counts, 1e-9), 0.0), counts
 
 
+# Start and end candidates per window kept for decoding span answers (Hugging Face run_qa.py's
+# n_best_size).
+SPAN_N_BEST = 20
+
+
 def predictions(outputs: dict, batch, tasks: Sequence[TaskHead]) -> dict:
     """Per-kind predictions for evaluation (argmax classes, values, spans, chosen rows)."""
     preds = {}
@@ -318,8 +323,14 @@ def predictions(outputs: dict, batch, tasks: Sequence[TaskHead]) -> dict:
             jnp.where(valid, outputs["token_classification"], NEG_INF), -1)
     if "span" in kinds:
         tok_ok = batch.attention_mask.astype(bool)
-        preds["span_start"] = jnp.argmax(jnp.where(tok_ok, outputs["span_start"], NEG_INF), -1)
-        preds["span_end"] = jnp.argmax(jnp.where(tok_ok, outputs["span_end"], NEG_INF), -1)
+        start = jnp.where(tok_ok, outputs["span_start"], NEG_INF)
+        end = jnp.where(tok_ok, outputs["span_end"], NEG_INF)
+        preds["span_start"] = jnp.argmax(start, -1)
+        preds["span_end"] = jnp.argmax(end, -1)
+        # The n-best candidates that text answers are decoded from (mtlx.train.spans).
+        k = min(SPAN_N_BEST, start.shape[-1])
+        preds["span_start_top_logits"], preds["span_start_top"] = jax.lax.top_k(start, k)
+        preds["span_end_top_logits"], preds["span_end_top"] = jax.lax.top_k(end, k)
     if "multiple_choice" in kinds:
         preds["multiple_choice"] = outputs["multiple_choice"]
     if "seq2seq" in kinds:

@@ -50,17 +50,19 @@ def task_inputs(spec, preds: Mapping[str, Any], batch, rows: np.ndarray):
         return _choice_predictions(np.asarray(preds["multiple_choice"]), np.asarray(batch.labels),
                                    np.asarray(batch.group_ids), rows)
     if kind == "span":
-        # Token-level exact span match (SQuAD's text EM/F1 needs the character offsets;
-        # see BUILD_NOTES.md known gaps).
+        # Token-level exact span match: the fallback when no SpanReferences (context text and
+        # gold answers) are given; with them evaluate_tasks scores SQuAD's text EM/F1.
         hit = ((preds["span_start"][rows] == np.asarray(batch.start_positions)[rows])
                & (preds["span_end"][rows] == np.asarray(batch.end_positions)[rows]))
         return hit.astype(np.int64), np.ones_like(hit, np.int64)
     raise ValueError(f"task {spec.name!r}: evaluation of head kind {kind!r} is not supported")
 
 
-def metric_names(spec) -> tuple:
+def metric_names(spec, text_answers: bool = False) -> tuple:
+    """The metrics a task is scored with. Span tasks: SQuAD's ('exact_match', 'f1') when its
+    answers are decoded to text (`text_answers`), else token-level exact span match."""
     if spec.head == "span":
-        return ("accuracy",)  # exact span match, see task_inputs
+        return ("exact_match", "f1") if text_answers else ("accuracy",)
     if spec.head == "multiple_choice":
         return ("accuracy",)
     return tuple(spec.metrics) or ("accuracy",)
@@ -68,21 +70,29 @@ def metric_names(spec) -> tuple:
 
 def evaluate_tasks(eval_fn: Callable, params: Any, specs: Sequence, eval_data: Mapping[str, Any],
                    make_batches: Callable, place: Callable = lambda b: b,
-                   max_batches: Optional[int] = None) -> dict:
+                   max_batches: Optional[int] = None,
+                   references: Optional[Mapping[str, Any]] = None) -> dict:
     """{task: {metric: value, 'loss': mean loss}} over each task's evaluation split.
 
     make_batches(task_name, task_id) yields mtlx.data EvalBatch objects; place(batch) puts a
     batch on the mesh; eval_fn(params, batch) -> (predictions, losses [T], counts [T]).
+    references: {span task: mtlx.train.spans.SpanReferences}: those tasks' answers are decoded
+    to text and scored with SQuAD's exact match and F1 (mtlx.train.spans).
     """
+    from mtlx.train.spans import SpanDecoder
+    references = references or {}
     results = {}
     for task_id, spec in enumerate(specs):
         if spec.name not in eval_data:
             continue
         options = {}
-        names = metric_names(spec)
+        decoder = None
+        if spec.head == "span" and spec.name in references:
+            decoder = SpanDecoder(eval_data[spec.name], references[spec.name])
+        names = metric_names(spec, text_answers=decoder is not None)
         if "entity_f1" in names:
             options["label_names"] = list(spec.labels)
-        acc = M.MetricAccumulator(names, **options)
+        acc = M.MetricAccumulator(names, **options) if decoder is None else None
         loss_sum = weight = 0.0
         for i, eb in enumerate(make_batches(spec.name, task_id)):
             if max_batches is not None and i >= max_batches:
@@ -93,13 +103,21 @@ def evaluate_tasks(eval_fn: Callable, params: Any, specs: Sequence, eval_data: M
             rows = np.flatnonzero(np.asarray(eb.example_index) >= 0)
             if rows.size == 0:
                 continue
-            p, r = task_inputs(spec, preds, batch, rows)
-            acc.update(p, r)
+            if decoder is not None:
+                decoder.add(preds, np.asarray(eb.example_index), np.asarray(eb.row_index), rows)
+            else:
+                p, r = task_inputs(spec, preds, batch, rows)
+                acc.update(p, r)
             loss_sum += float(losses[task_id]) * float(counts[task_id])
             weight += float(counts[task_id])
-        if acc.num_examples == 0:
+        if decoder is not None:
+            res = decoder.scores()
+            if not res:
+                continue
+        elif acc.num_examples == 0:
             continue
-        res = acc.compute()
+        else:
+            res = acc.compute()
         res["loss"] = loss_sum / max(weight, 1e-9)
         results[spec.name] = res
     return results

@@ -29,6 +29,7 @@ from mtlx.models.multitask import MultiTaskModel, init_params, with_backbone
 from mtlx.train import distributed, evaluate as E, optim, sharding
 from mtlx.train.checkpoint import Checkpointer, install_preemption_handler
 from mtlx.train.logs import RunLogger, atomic_write_text
+from mtlx.train.spans import SpanReferences
 from mtlx.train.step import (count_compilations, create_state, default_weighting_tx,
                              finite_or_raise, init_weighting, make_affinity_probe, unpack_batch,
                              make_eval_step, make_train_step, strategy_from_config)
@@ -147,6 +148,9 @@ class RunData:
     eval: dict
     tokenizer: Any
     layout: Any
+    # {span task: mtlx.train.spans.SpanReferences}: contexts and gold answers of the eval
+    # split, so evaluation decodes text answers and scores SQuAD's EM/F1.
+    eval_refs: dict = dataclasses.field(default_factory=dict)
 
 
 def load_data(cfg, backbone_cfg=None, train: bool = True) -> RunData:
@@ -159,7 +163,7 @@ def load_data(cfg, backbone_cfg=None, train: bool = True) -> RunData:
     shard = (jax.process_index(), jax.process_count())
     root = dc.get("data_root", None)
     on_error = dc.get("on_error", "raise")
-    train_data, evals = {}, {}
+    train_data, evals, refs = {}, {}, {}
     for spec in specs:
         if train:
             split = D.load_split(spec, spec.train_split, data_root=root, on_error=on_error)
@@ -167,8 +171,10 @@ def load_data(cfg, backbone_cfg=None, train: bool = True) -> RunData:
         if spec.eval_splits:
             ev = D.load_split(spec, spec.eval_splits[0], data_root=root, on_error=on_error)
             evals[spec.name] = D.tokenize_split(ev, tokenizer, max_length=dc.max_length)
+            if spec.head == "span":
+                refs[spec.name] = SpanReferences.from_split(ev)
     layout = D.BatchLayout.for_heads([(s.head, s.num_labels) for s in specs])
-    return RunData(specs, train_data, evals, tokenizer, layout)
+    return RunData(specs, train_data, evals, tokenizer, layout, refs)
 
 
 @dataclasses.dataclass
@@ -335,6 +341,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path,
 
     def run_eval(params):
         return E.evaluate_tasks(eval_step, params, run.specs, run.eval, s.eval_batches, place_eval,
+                                references=run.eval_refs,
                                 max_batches=cfg.get("eval_max_batches", None))
 
     logger = RunLogger(workdir, enabled=is_main)
