@@ -1,6 +1,8 @@
 """Packed rows through the multi-task model: per-segment heads and losses equal the unpacked
 examples run one per row."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from mtlx.models import heads as H
 from mtlx.models.bert import BertConfig
 from mtlx.models.heads import TaskHead
 from mtlx.models.multitask import MultiTaskModel, init_params
+from mtlx.models.t5 import T5Config
 
 NAMES = ("sst2", "stsb", "ud_pos")
 TASKS = (TaskHead("sst2", "classification", 2), TaskHead("stsb", "regression"),
@@ -53,9 +56,22 @@ def unpack(pb):
                             task_ids=task_ids, labels=labels, label_values=values, token_labels=tok)
 
 
-def test_packed_outputs_and_losses_equal_unpacked(packed):
-    model = MultiTaskModel(BertConfig(vocab_size=30522, hidden_size=32, num_layers=2, num_heads=2,
-                                      intermediate_size=64), TASKS, head_dropout=0.0)
+BACKBONES = {
+    "bert": lambda: BertConfig(vocab_size=30522, hidden_size=32, num_layers=2, num_heads=2,
+                               intermediate_size=64),
+    # T5: relative position bias from per-segment positions, mean pooling per segment.
+    "t5": lambda: T5Config(vocab_size=30522, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                           num_heads=4, relative_attention_num_buckets=8,
+                           relative_attention_max_distance=16, feed_forward_proj="gated-gelu"),
+    "t5_remat": lambda: T5Config(vocab_size=30522, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                 num_heads=4, relative_attention_num_buckets=8,
+                                 relative_attention_max_distance=16, remat="full"),
+}
+
+
+@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+def test_packed_outputs_and_losses_equal_unpacked(packed, backbone):
+    model = MultiTaskModel(BACKBONES[backbone](), TASKS, head_dropout=0.0)
     rows, flat = unpack(packed)
     assert len(rows) > packed.batch.input_ids.shape[0]  # really packed: more examples than rows
     assert len({int(t) for t in flat.task_ids}) >= 2
@@ -83,17 +99,19 @@ def test_packing_refuses_unpackable_heads(packed):
         H.packed_task_losses({}, packed.batch, packed.segments, TASKS + (TaskHead("qa", "span"),))
 
 
-@pytest.mark.parametrize("weighting", [None, "mgda"])
-def test_train_step_on_packed_rows_equals_the_step_on_the_examples(packed, weighting):
+@pytest.mark.parametrize("weighting,backbone", [(None, "bert"), ("mgda", "bert"), (None, "t5"),
+                                               (None, "t5_remat")])
+def test_train_step_on_packed_rows_equals_the_step_on_the_examples(packed, weighting, backbone):
     """The ONE train step takes packed batches: per-task losses, counts and the updated
     parameters equal the step on the same examples one per row (no dropout); with a per-task
     strategy too. The representation option refuses packed rows."""
     import optax
     from mtlx import weighting as W
     from mtlx.train import step as S
-    cfg = BertConfig(vocab_size=30522, hidden_size=32, num_layers=2, num_heads=2,
-                     intermediate_size=64, hidden_dropout=0.0, attention_dropout=0.0)
-    model = MultiTaskModel(cfg, TASKS, head_dropout=0.0)
+    cfg = BACKBONES[backbone]()
+    no_dropout = ({"dropout_rate": 0.0} if backbone.startswith("t5")
+                  else {"hidden_dropout": 0.0, "attention_dropout": 0.0})
+    model = MultiTaskModel(dataclasses.replace(cfg, **no_dropout), TASKS, head_dropout=0.0)
     _, flat = unpack(packed)
     params = init_params(model, jax.random.key(0), flat)
     tx = optax.sgd(0.1)

@@ -163,12 +163,18 @@ def test_packed_training_runs_resumes_and_evaluates(tmp_path):
     _, resumed = train_and_evaluate(cfg, wd, progress=False, return_state=True)
     for a, b in zip(leaves(resumed), leaves(full)):
         np.testing.assert_array_equal(a, b)
-    bad = local_cfg("--config.data.packing=True")
-    bad.model.family = "t5"
-    bad.model.config = dict(vocab_size=30522, d_model=16, d_kv=8, d_ff=32, num_layers=1,
-                            num_heads=2)
-    with pytest.raises(ValueError, match="config.data.packing=True needs a BERT/RoBERTa"):
-        LP.setup(bad)
+    # The T5 encoder trains packed rows too (segment ids + per-segment relative positions).
+    t5 = local_cfg("--config.data.packing=True", "--config.data.packing_max_segments=4",
+                   "--config.optim.num_train_steps=3", "--config.eval_every=3",
+                   "--config.checkpoint.every=3")
+    t5.model.family = "t5"
+    t5.model.config = dict(vocab_size=30522, d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                           num_heads=2)
+    s = LP.setup(t5)
+    assert isinstance(s.init_batch, PackedBatch) and s.backbone_cfg.model_type == "t5"
+    results = train_and_evaluate(t5, tmp_path / "t5", progress=False)
+    assert set(results) == {"cola", "stsb", "ud_pos"}
+    assert all(np.isfinite(r["loss"]) for r in results.values())
 
 
 def test_cli_reports_unknown_key():

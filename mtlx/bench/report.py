@@ -169,8 +169,9 @@ def render(results: Dict[str, Any], markdown: bool = False) -> str:
     if results.get("command"):
         parts.append(("command: `" + results["command"] + "`") if markdown else
                      "command: " + results["command"])
-    parts.append("")
-    parts.append(main_table(results, markdown))
+    if results.get("cells"):
+        parts.append("")
+        parts.append(main_table(results, markdown))
     for title, t in (("baseline training the mixed batch (per-task forward/backward, one optimizer step):",
                       split_table(results, markdown)),
                      ("task scaling (step time relative to the fewest tasks, same batch):",

@@ -107,12 +107,10 @@ class MultiTaskModel(nn.Module):
         # Hypernetworks generate every task's weights once per forward pass (not per example).
         routing = Routing(task_ids=batch.task_ids, generated=self.generated_weights())
         is_t5 = type(cfg).__name__ == "T5Config"
-        if segments is not None and is_t5:
-            raise ValueError("packed rows (segments) need a BERT-family backbone; the T5 encoder "
-                             "has no segment_ids support")
         if is_t5:
             enc = self.backbone.encode(batch.input_ids, batch.attention_mask, routing=routing,
-                                       deterministic=deterministic)
+                                       deterministic=deterministic, position_ids=batch.position_ids,
+                                       segment_ids=batch.segment_ids)
         else:
             enc = self.backbone(batch.input_ids, batch.attention_mask, batch.token_type_ids,
                                 position_ids=batch.position_ids, segment_ids=batch.segment_ids,
@@ -126,7 +124,9 @@ class MultiTaskModel(nn.Module):
                 f"{batch.input_ids.shape[1]} to {hidden.shape[1]}; token-level heads {token_kinds} "
                 f"need one output per input token: use prompt tuning with sequence-level tasks only")
         pooled = enc.pooled_output
-        if pooled is None:
+        if is_t5 and segments is not None:  # T5 pools by the mean: per segment on packed rows
+            pooled = segment_mean(hidden, batch.segment_ids, segments.starts.shape[1])
+        elif pooled is None:
             pooled = hidden[:, 0] if segments is None else jnp.take_along_axis(
                 hidden, segments.starts[..., None], axis=1)
         seq_task_ids = batch.task_ids
@@ -160,6 +160,14 @@ class MultiTaskModel(nn.Module):
                 decoder_attention_mask=batch.decoder_attention_mask, routing=routing,
                 deterministic=deterministic)
         return outputs
+
+
+def segment_mean(hidden, segment_ids, num_segments: int):
+    """[B, S, d]: the mean of each segment's tokens (segment k+1 of `segment_ids` [B, L]);
+    zeros for a segment slot without tokens. Sums in float32."""
+    member = (segment_ids[..., None] == jnp.arange(1, num_segments + 1)).astype(jnp.float32)
+    sums = jnp.einsum("bls,bld->bsd", member, hidden.astype(jnp.float32))
+    return (sums / jnp.maximum(member.sum(1)[..., None], 1.0)).astype(hidden.dtype)
 
 
 def greedy_generate(model: MultiTaskModel, params: dict, batch: Batch, max_length: int):

@@ -67,7 +67,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtlx.models.attention import IMPLEMENTATIONS, attend
+from mtlx.models.attention import IMPLEMENTATIONS, attend, padding_mask
 from mtlx.models.remat import check_policy as check_remat_policy, remat_layer
 from mtlx.models.bert import EncoderOutput
 from mtlx.models.layers import (Extension, Projection, Routing, Site, extend_attention_kv,
@@ -270,7 +270,8 @@ class T5SelfAttention(nn.Module):
     layer: int
 
     @nn.compact
-    def __call__(self, h, mask, bias, routing, deterministic: bool = True, cache=None, index=None):
+    def __call__(self, h, mask, bias, routing, deterministic: bool = True, cache=None, index=None,
+                 positions=None):
         cfg = self.config
         proj = _attention_projections(self, cfg, "attention")
         x = T5LayerNorm(cfg, name="layer_norm")(h)
@@ -289,9 +290,12 @@ class T5SelfAttention(nn.Module):
                                  f"position bias; pass it the bias layer 0 returned")
             table = self.param("relative_attention_bias", nn.initializers.normal(cfg.d_model ** -0.5),
                                (cfg.relative_attention_num_buckets, cfg.num_heads), cfg.param_dtype)
-            queries = (jnp.arange(q.shape[1], dtype=jnp.int32) if index is None
-                       else jnp.reshape(index, (1,)).astype(jnp.int32))
-            bias = position_bias(cfg, table, queries, k.shape[1], self.stack == "encoder")
+            if positions is not None:  # packed rows: positions restart in every segment
+                bias = row_position_bias(cfg, table, positions, self.stack == "encoder")
+            else:
+                queries = (jnp.arange(q.shape[1], dtype=jnp.int32) if index is None
+                           else jnp.reshape(index, (1,)).astype(jnp.int32))
+                bias = position_bias(cfg, table, queries, k.shape[1], self.stack == "encoder")
         k, v, mask = extend_attention_kv(cfg.extensions, Site(self.stack, self.layer, "attention"),
                                          k, v, mask, routing)
         ctx = _attention(self, cfg, q, k, v, mask,
@@ -375,9 +379,10 @@ class T5Block(nn.Module):
         self.ffn = T5FeedForward(cfg, self.stack, self.layer)
 
     def __call__(self, h, mask, bias, routing, deterministic: bool = True,
-                 encoder_hidden=None, cross_mask=None):
-        """-> (h, position bias) for the whole sequence (teacher forcing in the decoder)."""
-        h, bias, _ = self.attention(h, mask, bias, routing, deterministic)
+                 encoder_hidden=None, cross_mask=None, positions=None):
+        """-> (h, position bias) for the whole sequence (teacher forcing in the decoder).
+        positions [B, L]: each token's position (packed rows; layer 0 builds the bias from it)."""
+        h, bias, _ = self.attention(h, mask, bias, routing, deterministic, positions=positions)
         if self.stack == "decoder":
             h = self.cross_attention(h, encoder_hidden, cross_mask, routing, deterministic)
         return self.ffn(h, routing, deterministic), bias
@@ -413,26 +418,49 @@ def position_bias(cfg: T5Config, table, query_positions, key_length: int, bidire
     return jnp.transpose(values, (2, 0, 1))[None]
 
 
+def row_position_bias(cfg: T5Config, table, positions, bidirectional: bool):
+    """[B, H, L, L] float32 bias for rows whose tokens sit at `positions` [B, L] (packed rows:
+    positions restart at 0 in every segment, so each segment gets the bias it would get alone;
+    pairs across segments are masked by the block-diagonal attention mask)."""
+    positions = jnp.asarray(positions, jnp.int32)
+    relative = positions[:, None, :] - positions[:, :, None]  # key - query
+    buckets = relative_position_bucket(relative, bidirectional=bidirectional,
+                                       num_buckets=cfg.relative_attention_num_buckets,
+                                       max_distance=cfg.relative_attention_max_distance)
+    values = jnp.take(table.astype(jnp.float32), buckets, axis=0)  # [B, Lq, Lk, H]
+    return jnp.transpose(values, (0, 3, 1, 2))
+
+
 class T5Encoder(nn.Module):
     """extend_embeddings -> dropout -> layers -> RMS norm -> dropout.
 
     embeddings [B, L, d], attention_mask [B, L] -> (hidden [B, L', d], mask [B, L']); L' > L
     only when an embeddings extension (prompt tuning) prepended positions.
+    Packed rows (several examples a row, mtlx.data.packing): `segment_ids` [B, L] keeps
+    attention block diagonal and `position_ids` [B, L] (restarting at 0 per segment) gives each
+    segment its own relative positions, so every example is encoded as if alone.
     """
     config: T5Config
 
     @nn.compact
-    def __call__(self, embeddings, attention_mask, routing, deterministic: bool = True):
+    def __call__(self, embeddings, attention_mask, routing, deterministic: bool = True,
+                 position_ids=None, segment_ids=None):
         cfg = self.config
         h, attention_mask = extend_embeddings(cfg.extensions, EMBEDDINGS_SITE, embeddings,
                                               attention_mask, routing)
-        mask = attention_mask[:, None, None, :].astype(bool)
+        for name, x in (("segment_ids", segment_ids), ("position_ids", position_ids)):
+            if x is not None and h.shape[1] != x.shape[1]:
+                raise ValueError(f"an embeddings extension changed the sequence length from "
+                                 f"{x.shape[1]} to {h.shape[1]}; it cannot be combined with "
+                                 f"packed rows ({name})")
+        mask = padding_mask(attention_mask, segment_ids)
         h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
         bias = None  # layer 0 computes it, the others reuse it
         block = remat_block(cfg)
         for i in range(cfg.num_layers):
             h, bias = block(cfg, "encoder", i, name=f"layer_{i}")(h, mask, bias, routing,
-                                                                  deterministic)
+                                                                  deterministic, None, None,
+                                                                  position_ids)
         h = T5LayerNorm(cfg, name="final_layer_norm")(h)
         return nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic), attention_mask
 
@@ -531,11 +559,14 @@ class T5Model(nn.Module):
                                     kernel_init=nn.initializers.normal(1.0))
 
     def encode(self, input_ids, attention_mask=None, routing: Optional[Routing] = None,
-               deterministic: bool = True) -> EncoderOutput:
+               deterministic: bool = True, position_ids=None, segment_ids=None) -> EncoderOutput:
+        """pooled_output: the mean over the row's real tokens (packed rows: pool per segment
+        with `segment_mean`)."""
         cfg = self.config
         if attention_mask is None:
             attention_mask = jnp.ones_like(input_ids)
-        h, mask = self.encoder(self.shared(input_ids), attention_mask, routing, deterministic)
+        h, mask = self.encoder(self.shared(input_ids), attention_mask, routing, deterministic,
+                               position_ids, segment_ids)
         m = mask.astype(jnp.float32)[..., None]
         pooled = (h.astype(jnp.float32) * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
         return EncoderOutput(last_hidden_state=h, pooled_output=pooled.astype(cfg.dtype))

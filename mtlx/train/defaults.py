@@ -22,7 +22,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.buckets = (64, 128)       # static padded lengths: one compilation per bucket
     c.data.on_error = "raise"        # or 'skip': skip malformed rows and report counts
     c.data.packing = False           # training rows of the longest bucket, several examples of
-                                     # one task each (mtlx.data.packing; BERT/RoBERTa, heads
+                                     # one task each (mtlx.data.packing; BERT/RoBERTa/T5, heads
                                      # classification/regression/tagging); eval unpacked;
                                      # perf/examples_per_s then counts rows, not examples
     c.data.packing_max_segments = 8  # at most this many examples a packed row

@@ -213,9 +213,9 @@ def make_packed_train_iterator(cfg, run, mixture, backbone_cfg, buckets):
     to config.data.packing_max_segments examples of one task (mtlx.data.packing); evaluation
     stays one example a row."""
     from mtlx.data.packing import make_packed_iterator
-    if getattr(backbone_cfg, "model_type", None) not in ("bert", "roberta"):
-        raise ValueError("config.data.packing=True needs a BERT/RoBERTa encoder (the T5 encoder "
-                         "has no block-diagonal attention for packed rows)")
+    if getattr(backbone_cfg, "model_type", None) not in ("bert", "roberta", "t5"):
+        raise ValueError(f"config.data.packing=True needs a BERT, RoBERTa or T5 encoder, got "
+                         f"{getattr(backbone_cfg, 'model_type', type(backbone_cfg).__name__)!r}")
     row_len = int(buckets[-1]) if buckets else int(cfg.data.max_length)
     offset = backbone_cfg.pad_token_id + 1 if backbone_cfg.model_type == "roberta" else 0
     try:   # the iterator checks the tasks' heads and max_segments; its errors get the key
