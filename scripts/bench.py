@@ -43,11 +43,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 QUICK = {
-    # (config, size, seq_len, num_tasks, batch): tiny everywhere, BERT-base once. 64 tasks only
+    # (config, size, seq_len, num_tasks, batch): tiny everywhere, BERT-base once; 1/8/64 tasks
+    # for the shared encoder, 1/64 for HyperFormer++ (the time budget). 64 tasks only
     # where the compile stays short: per-task adapter/LoRA leaves (64 tasks x sites x 4) make
     # the optimizer update thousands of small programs, minutes of XLA compilation on 2 cores
     # (the full grid has them).
-    "cells": [(c, "tiny", 128, t, 16) for c in ("shared", "hyperformer++") for t in (1, 8, 64)]
+    "cells": [("shared", "tiny", 128, t, 16) for t in (1, 8, 64)]
+             + [("hyperformer++", "tiny", 128, t, 16) for t in (1, 64)]
              + [(c, "tiny", 128, 1, 16) for c in ("adapters", "lora")]
              + [("adapters", "base", 128, 8, 4)],
     "features": ("shared", "tiny", 128, 1, 16),
@@ -56,6 +58,7 @@ QUICK = {
     "packing": None,
     # Real GLUE lengths: config, size, examples per task, packed rows per step.
     "real_lengths": ("adapters", "tiny", 32, 8),
+    "real_lengths_sides": ("mtlx[packed]", "torch[longest]", "torch[128]"),
     "repeats": 3,
     "block_seconds": 0.3,
 }
@@ -125,8 +128,10 @@ def parse_args(argv=None):
                    help="'config/size/per_task/rows': real GLUE inputs (embedded sample), mtlx "
                         "packed vs torch per-task batches padded to the longest and to 128; "
                         "'none' to skip")
-    p.add_argument("--real-lengths-unpadded", action="store_true",
-                   help="leave the two 128-padded sides out of the real-length cell")
+    p.add_argument("--real-lengths-sides", default=None,
+                   help="comma-separated sides of the real-length cell (default all: "
+                        "mtlx[packed],mtlx[128],torch[longest],torch[128]; --quick leaves out "
+                        "mtlx[128], whose per-example cost the synthetic L=128 cells show)")
     p.add_argument("--compile-cache-check", default=None,
                    help="cell 'config/size/L/T/B' compiled with a cold then warm persistent cache; 'none' to skip")
     p.add_argument("--compile-cache", default=None,
@@ -290,9 +295,13 @@ def main(argv=None) -> dict:
         if len(parts) != 4:
             raise SystemExit(f"scripts/bench.py: --real-lengths {rl!r} must be config/size/per_task/rows")
         c, s, n, r = parts
+        if args.real_lengths_sides:
+            sides = tuple(_split(args.real_lengths_sides))
+        else:
+            sides = quick["real_lengths_sides"] if quick else HR.REAL_LENGTH_SIDES
         try:
             results["real_lengths"] = timed_phase("real lengths", lambda: HR.measure_real_lengths(
-                c, s, int(n), int(r), features, opts, padded=not args.real_lengths_unpadded))
+                c, s, int(n), int(r), features, opts, sides=sides))
         except Exception as e:  # noqa: BLE001
             _failed(results, "real lengths", e, opts)
     cc = chosen(args.compile_cache_check, "/".join(map(str, quick["features"])) if quick else None)

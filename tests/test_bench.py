@@ -377,7 +377,8 @@ def test_glue_workload_sides_hold_the_same_real_examples():
 
 def test_real_lengths_cell_runs_both_sides():
     opts = HR.Options(repeats=1, verbose=False, torch_threads=(1,))
-    out = HR.measure_real_lengths("adapters", "tiny", 2, 2, W.Features(), opts, padded=False)
+    out = HR.measure_real_lengths("adapters", "tiny", 2, 2, W.Features(), opts,
+                                  sides=("mtlx[packed]", "torch[longest]"))
     assert set(out["ratios"]) == {"mtlx[packed]/torch[longest]"}
     packed, torch = out["mtlx[packed]"], out["torch[longest]"]
     assert packed["batch_shape"] == (2, 128) and torch["steps_per_pass"] == 6

@@ -460,6 +460,9 @@ def measure_packing(config: str, size: str, seq_len: int, num_examples: int, num
     return out
 
 
+REAL_LENGTH_SIDES = ("mtlx[packed]", "mtlx[128]", "torch[longest]", "torch[128]")
+
+
 class EpochRunner:
     """Runs `inner` through all of its batches once per `step()`: one pass over a fixed set of
     examples, however each side splits it into steps."""
@@ -478,7 +481,8 @@ class EpochRunner:
 
 
 def measure_real_lengths(config: str, size: str, per_task: int, rows: int, features: W.Features,
-                         opts: Options, padded: bool = True, max_segments: int = 16) -> dict:
+                         opts: Options, sides: Sequence[str] = REAL_LENGTH_SIDES,
+                         max_segments: int = 16) -> dict:
     """Examples/s on real GLUE inputs (the embedded sample: CoLA, SST-2, MRPC, QNLI, RTE, WNLI,
     `per_task` examples each, bert-base-uncased word pieces, rows of 128) instead of full-length
     synthetic rows: the same examples, one pass, each side as its users would feed them.
@@ -490,23 +494,27 @@ def measure_real_lengths(config: str, size: str, per_task: int, rows: int, featu
                       (mtlx.data.packing, as config.data.packing trains);
       mtlx[128]       the mixed stream in steps of `per_task` rows padded to 128.
 
-    padded=False leaves out the two 128-padded sides (their per-example cost is the synthetic
-    cells' at L=128). Timed in ABBA turns, one untimed step before each pass; figures are per
-    pass (examples_per_s: examples of the pass / its seconds)."""
+    `sides`: which of the four to run (mtlx[packed] always runs: the ratios are its own).
+    Timed in ABBA turns, one untimed step before each pass; figures are per pass
+    (examples_per_s: examples of the pass / its seconds)."""
     from mtlx.bench import torch_baseline as TB
     w = W.glue_workload(per_task, 128, opts.seed)
     n, real = w.num_examples, w.real_tokens
     cell = W.Cell(config, size, 128, len(w.tasks), per_task, features)
     log(opts, f"[bench] real lengths: {n} GLUE examples ({real} word pieces) of {len(w.tasks)} "
               f"tasks, {config}/{size}")
-    sides = {"mtlx[packed]": W.glue_packed_batches(w, rows, max_segments)}
-    if padded:
-        sides["mtlx[128]"] = W.glue_padded_batches(w, per_task)
+    unknown = sorted(set(sides) - set(REAL_LENGTH_SIDES))
+    if unknown:
+        raise ValueError(f"mtlx/bench/harness.py: unknown real-length sides {unknown}; known: "
+                         f"{list(REAL_LENGTH_SIDES)}")
+    mtlx_sides = {"mtlx[packed]": W.glue_packed_batches(w, rows, max_segments)}
+    if "mtlx[128]" in sides:
+        mtlx_sides["mtlx[128]"] = W.glue_padded_batches(w, per_task)
     out = {"workload": {"tasks": [t.name for t in w.tasks], "per_task": per_task,
                         "examples": n, "real_tokens": real, "packed_rows": rows,
                         "max_segments": max_segments}}
     runners = []
-    for name, batches in sides.items():
+    for name, batches in mtlx_sides.items():
         setup = W.build_mtlx(cell, seed=opts.seed, heads=w.tasks, batches=batches)
         inner = MtlxRunner(setup, name)
         first, _ = _first_step(inner)
@@ -520,7 +528,9 @@ def measure_real_lengths(config: str, size: str, per_task: int, rows: int, featu
                   f"{first.compile_seconds:.1f} s")
     methods = W.CONFIGS[config]
     threads = opts.torch_threads or (None,)
-    for pad in ("longest", "max_length") if padded else ("longest",):
+    for name, pad in (("torch[longest]", "longest"), ("torch[128]", "max_length")):
+        if name not in sides:
+            continue
         arrays = W.glue_torch_arrays(w, pad)
         cfg = W.backbone_config(cell, [t.name for t in w.tasks])
         base = TB.TorchBaseline(cfg, w.tasks, config, methods[0] if methods else {}, arrays,
@@ -529,7 +539,6 @@ def measure_real_lengths(config: str, size: str, per_task: int, rows: int, featu
                                 attention_dropout=features.attention_dropout,
                                 head_dropout=W.HEAD_DROPOUT, seed=opts.seed, lr=W.LEARNING_RATE,
                                 weight_decay=W.WEIGHT_DECAY, clip_norm=W.CLIP_NORM)
-        name = "torch[longest]" if pad == "longest" else "torch[128]"
         # One thread count: the fastest of opts.torch_threads on one per-task step each.
         best = None
         for th in threads:
@@ -567,7 +576,7 @@ def measure_real_lengths(config: str, size: str, per_task: int, rows: int, featu
     ref = out["mtlx[packed]"]["examples_per_s"]
     out["ratios"] = {f"mtlx[packed]/{k}": ref / out[k]["examples_per_s"]
                      for k in out if k.startswith("torch[")}
-    if "mtlx[128]" in out:
+    if "mtlx[128]" in out and "torch[128]" in out:
         out["ratios"]["mtlx[128]/torch[128]"] = (out["mtlx[128]"]["examples_per_s"]
                                                  / out["torch[128]"]["examples_per_s"])
     out["config"], out["size"], out["dtype"] = config, size, features.dtype

@@ -151,7 +151,8 @@ def _real_lengths_title(results: Dict[str, Any]) -> str:
             f"word pieces, {w['real_tokens']} in all), one pass each side; torch per-task batches "
             f"of {w['per_task']} padded to the longest (DataCollatorWithPadding) or to 128 "
             f"(run_glue.py's default); mtlx mixed, packed into steps of {w['packed_rows']} rows "
-            f"of 128, or {w['per_task']} rows of 128:")
+            f"of 128" + (f", or in steps of {w['per_task']} rows padded to 128" if "mtlx[128]" in r
+                         else "") + ":")
 
 
 def render(results: Dict[str, Any], markdown: bool = False) -> str:
