@@ -9,8 +9,9 @@ Each input line names its task and gives the task's text fields, e.g.
     {"task": "ud_pos", "tokens": ["The", "cat", "sat"]}
     {"task": "squad", "question": "...", "context": "..."}
 Each output line repeats the input with "prediction" added: the label name (classification),
-the value (regression), one tag per word (token classification), or the answer text cut from
-the context (span tasks: the best start/end pair over the context's windows,
+the value (regression), one tag per word (token classification; words past data.max_length
+get none, and the line then has "words_without_prediction" and stderr names it), or the answer
+text cut from the context (span tasks: the best start/end pair over the context's windows,
 mtlx.train.spans).
 """
 import argparse
@@ -106,6 +107,13 @@ def main(argv=None):
                 else:
                     first = np.asarray(eb.batch.token_labels)[j] >= 0  # first subword of each word
                     value = [spec.labels[int(t)] for t in preds["token_classification"][j][first]]
+                    missing = len(rec["tokens"]) - len(value)
+                    if missing > 0:  # words past data.max_length were cut by the tokenizer
+                        print(f"{args.input}:{n}: task {task!r}: {missing} of {len(rec['tokens'])} "
+                              f"words are past config.data.max_length={cfg.data.max_length} "
+                              f"tokens and get no tag", file=sys.stderr)
+                        outputs[n] = dict(rec, prediction=value, words_without_prediction=missing)
+                        continue
                 outputs[n] = dict(rec, prediction=value)
         if decoder is not None:
             for ex, text in decoder.answers().items():

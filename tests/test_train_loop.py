@@ -201,6 +201,7 @@ def test_evaluate_and_predict_scripts(uninterrupted, tmp_path):
     req = tmp_path / "req.jsonl"
     # More requests of one task than an evaluation batch holds (64): rows of later batches.
     many = [json.dumps({"task": "ud_pos", "tokens": ["word"] * (k % 50 + 1)}) for k in range(70)]  # within max_length 64
+    many.append(json.dumps({"task": "ud_pos", "tokens": ["word"] * 80}))  # 18 words past 64 tokens
     req.write_text('{"task": "cola", "sentence": "The cat sat."}\n'
                    '{"task": "stsb", "sentence1": "A dog runs.", "sentence2": "A dog is running."}\n'
                    '{"task": "ud_pos", "tokens": ["The", "cat", "sat", "."]}\n' + "\n".join(many) + "\n")
@@ -212,7 +213,11 @@ def test_evaluate_and_predict_scripts(uninterrupted, tmp_path):
     assert rows[0]["prediction"] in ("unacceptable", "acceptable")
     assert isinstance(rows[1]["prediction"], float)
     assert len(rows[2]["prediction"]) == 4
-    assert len(rows) == 73 and all(len(r["prediction"]) == len(r["tokens"]) for r in rows[2:])
+    assert len(rows) == 74 and all(len(r["prediction"]) == len(r["tokens"]) for r in rows[2:-1])
+    cut = rows[-1]
+    assert len(cut["prediction"]) + cut["words_without_prediction"] == 80
+    assert cut["words_without_prediction"] == 18  # [CLS] + 62 words + [SEP] fill 64 tokens
+    assert f"req.jsonl:74: task 'ud_pos': 18 of 80 words are past" in r.stderr
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"task": "nope", "sentence": "x"}\n')
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "predict.py"), *common, "--input", str(bad),

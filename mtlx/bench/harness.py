@@ -539,7 +539,7 @@ def measure_real_lengths(config: str, size: str, per_task: int, rows: int, featu
                                 attention_dropout=features.attention_dropout,
                                 head_dropout=W.HEAD_DROPOUT, seed=opts.seed, lr=W.LEARNING_RATE,
                                 weight_decay=W.WEIGHT_DECAY, clip_norm=W.CLIP_NORM)
-        # One thread count: the fastest of opts.torch_threads on one per-task step each.
+        # The fastest of opts.torch_threads over one pass each (after one untimed step).
         best = None
         for th in threads:
             tr = TorchRunner(base, cell, name, th)
