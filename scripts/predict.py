@@ -86,8 +86,7 @@ def main(argv=None):
         decoder = None
         if spec.head == "span":
             from mtlx.train.spans import SpanDecoder, SpanReferences
-            decoder = SpanDecoder(tok, SpanReferences([ex.texts[1] for ex in examples],
-                                                      [[] for _ in examples]))
+            decoder = SpanDecoder(tok, SpanReferences.from_split(split))  # contexts; no golds
         for eb in D.eval_batches(tok, task_id, batch_size=cfg.get("eval_batch_size", 32),
                                  layout=s.run.layout, buckets=s.buckets):
             preds, _, _ = jax.device_get(eval_step(params, eb.batch))

@@ -31,7 +31,7 @@ import numpy as np
 
 from mtlx.bench import memory as MEM
 from mtlx.bench import workload as W
-from mtlx.train.step import count_compilations
+from mtlx.train.step import count_compilations, unpack_batch
 
 # --------------------------------------------------------------------------- compile events
 
@@ -518,7 +518,7 @@ def measure_real_lengths(config: str, size: str, per_task: int, rows: int, featu
         setup = W.build_mtlx(cell, seed=opts.seed, heads=w.tasks, batches=batches)
         inner = MtlxRunner(setup, name)
         first, _ = _first_step(inner)
-        shape = tuple(_rows(batches[0]).input_ids.shape)
+        shape = tuple(unpack_batch(batches[0])[0].input_ids.shape)
         r = EpochRunner(inner, len(batches), n, real, name)
         out[name] = {"steps_per_pass": len(batches), "batch_shape": shape,
                      "tokens_computed": len(batches) * shape[0] * shape[1],
@@ -581,11 +581,6 @@ def measure_real_lengths(config: str, size: str, per_task: int, rows: int, featu
                                                  / out["torch[128]"]["examples_per_s"])
     out["config"], out["size"], out["dtype"] = config, size, features.dtype
     return out
-
-
-def _rows(batch):
-    """The plain Batch of a plain or packed batch."""
-    return getattr(batch, "batch", batch)
 
 
 def measure_compile_cache(cell: W.Cell, opts: Options) -> dict:

@@ -407,15 +407,21 @@ def remat_block(cfg: T5Config):
     return remat_layer(T5Block, cfg.remat, static_argnums=(5,))
 
 
+def _bias_of_relative(cfg: T5Config, table, relative, bidirectional: bool):
+    """[..., H, Lq, Lk] float32 bias from the bucket table [buckets, H] for relative positions
+    (key - query) [..., Lq, Lk]."""
+    buckets = relative_position_bucket(relative, bidirectional=bidirectional,
+                                       num_buckets=cfg.relative_attention_num_buckets,
+                                       max_distance=cfg.relative_attention_max_distance)
+    values = jnp.take(table.astype(jnp.float32), buckets, axis=0)  # [..., Lq, Lk, H]
+    return jnp.moveaxis(values, -1, -3)
+
+
 def position_bias(cfg: T5Config, table, query_positions, key_length: int, bidirectional: bool):
     """[1, H, Lq, Lk] float32 bias from the bucket table [buckets, H] for queries at
     `query_positions` [Lq] over keys 0..key_length-1."""
     relative = jnp.arange(key_length, dtype=jnp.int32)[None, :] - query_positions[:, None]
-    buckets = relative_position_bucket(relative, bidirectional=bidirectional,
-                                       num_buckets=cfg.relative_attention_num_buckets,
-                                       max_distance=cfg.relative_attention_max_distance)
-    values = jnp.take(table.astype(jnp.float32), buckets, axis=0)  # [Lq, Lk, H]
-    return jnp.transpose(values, (2, 0, 1))[None]
+    return _bias_of_relative(cfg, table, relative, bidirectional)[None]
 
 
 def row_position_bias(cfg: T5Config, table, positions, bidirectional: bool):
@@ -424,11 +430,7 @@ def row_position_bias(cfg: T5Config, table, positions, bidirectional: bool):
     pairs across segments are masked by the block-diagonal attention mask)."""
     positions = jnp.asarray(positions, jnp.int32)
     relative = positions[:, None, :] - positions[:, :, None]  # key - query
-    buckets = relative_position_bucket(relative, bidirectional=bidirectional,
-                                       num_buckets=cfg.relative_attention_num_buckets,
-                                       max_distance=cfg.relative_attention_max_distance)
-    values = jnp.take(table.astype(jnp.float32), buckets, axis=0)  # [B, Lq, Lk, H]
-    return jnp.transpose(values, (0, 3, 1, 2))
+    return _bias_of_relative(cfg, table, relative, bidirectional)
 
 
 class T5Encoder(nn.Module):
