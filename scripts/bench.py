@@ -258,12 +258,32 @@ def main(argv=None) -> dict:
 
     phases = results["phase_seconds"] = {}
 
-    def timed_phase(name, fn):
+    def save_partial():
+        # An unattended run (a GPU lease) killed at its time limit still leaves every finished
+        # phase's figures in --json, marked partial; the end of main overwrites it whole.
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(dict(results, partial=True), indent=1,
+                                                  default=_json_default))
+
+    def timed_phase(name, fn, key=None):
+        """Runs fn, records its seconds; its value goes to results[key] (a list extends it)
+        before the partial --json is written."""
         t0 = time.perf_counter()
         try:
-            return fn()
+            value = fn()
+            if key is not None:
+                if isinstance(results.get(key), list):
+                    results[key] += value
+                else:
+                    results[key] = value
+            return value
         finally:
             phases[name] = round(time.perf_counter() - t0, 1)
+            try:
+                save_partial()
+            except Exception as e:  # noqa: BLE001 - never lose the run over the partial file
+                HR.log(opts, f"[bench] could not write the partial --json: {e}")
 
     groups = HR.group_by_tasks(cells)
     for i, group in enumerate(groups):
@@ -272,8 +292,8 @@ def main(argv=None) -> dict:
         if not in_budget(" ".join(c.label for c in group)):
             continue
         try:
-            results["cells"] += timed_phase(" ".join(c.label for c in group),
-                                            lambda: HR.measure_group(group, opts, peaks))
+            timed_phase(" ".join(c.label for c in group),
+                        lambda: HR.measure_group(group, opts, peaks), key="cells")
         except Exception as e:  # noqa: BLE001 - an unattended run records the failure, goes on
             _failed(results, " ".join(c.label for c in group), e, opts)
             continue
@@ -285,8 +305,8 @@ def main(argv=None) -> dict:
     if pk and in_budget("packing"):
         c, s, l, n, t = pk.split("/")
         try:
-            results["packing"] = timed_phase("packing", lambda: HR.measure_packing(
-                c, s, int(l), int(n), int(t), features, opts, peaks))
+            timed_phase("packing", lambda: HR.measure_packing(
+                c, s, int(l), int(n), int(t), features, opts, peaks), key="packing")
         except Exception as e:  # noqa: BLE001
             _failed(results, "packing", e, opts)
     rl = chosen(args.real_lengths, "/".join(map(str, quick["real_lengths"])) if quick else None)
@@ -300,15 +320,15 @@ def main(argv=None) -> dict:
         else:
             sides = quick["real_lengths_sides"] if quick else HR.REAL_LENGTH_SIDES
         try:
-            results["real_lengths"] = timed_phase("real lengths", lambda: HR.measure_real_lengths(
-                c, s, int(n), int(r), features, opts, sides=sides))
+            timed_phase("real lengths", lambda: HR.measure_real_lengths(
+                c, s, int(n), int(r), features, opts, sides=sides), key="real_lengths")
         except Exception as e:  # noqa: BLE001
             _failed(results, "real lengths", e, opts)
     cc = chosen(args.compile_cache_check, "/".join(map(str, quick["features"])) if quick else None)
     if cc and in_budget("compile cache"):
         try:
-            results["compile_cache"] = timed_phase(
-                "compile cache", lambda: HR.measure_compile_cache(_cell(cc, features), opts))
+            timed_phase("compile cache", lambda: HR.measure_compile_cache(_cell(cc, features), opts),
+                        key="compile_cache")
         except Exception as e:  # noqa: BLE001
             _failed(results, "compile cache", e, opts)
     HR.remeasure_peaks(peaks)

@@ -56,6 +56,19 @@ try:
     print("torch cuda:", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
 except ImportError:
     pass
+if jax.devices()[0].platform == "gpu":
+    # What this card's matmul reaches through JAX (bf16, 8192^3), beside the datasheet peak
+    # that MFU divides by.
+    import time
+    import jax.numpy as jnp
+    n = 8192
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)  # random: zeros run faster
+    f = jax.jit(lambda x: (x @ x) * 0.01)
+    f(a).block_until_ready()
+    best = 0.0
+    for _ in range(5):
+        t = time.perf_counter(); f(a).block_until_ready(); best = max(best, 2 * n ** 3 / (time.perf_counter() - t))
+    print(f"measured bf16 matmul {n}^3 through jax: {best / 1e12:.0f} TFLOP/s (best of 5)")
 if missing:
     print("MISSING:", "; ".join(missing), "-- carry wheels (see .library/device/README.md) or set PYTHON")
     sys.exit(1)

@@ -545,3 +545,50 @@ def test_profile_step_script_sums_op_kinds(capsys):
     assert 1 <= len(rows) <= 5
     with pytest.raises(SystemExit, match="must be config/size/L/T/B"):
         profile_step.main(["--cell", "shared/tiny/16"])
+
+
+def test_a_run_stopped_after_a_phase_leaves_the_finished_figures_in_json(tmp_path, monkeypatch):
+    """A GPU lease can kill the run at its time limit: each finished phase is already in --json
+    (marked partial)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import bench
+    from mtlx.bench import harness as HR
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt("time limit")
+
+    monkeypatch.setattr(HR, "measure_packing", stop)
+    out = tmp_path / "bench.json"
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["--cells", "shared/tiny/16/1/2", "--repeats", "1", "--block-seconds", "0.01",
+                    "--baseline-modes", "none", "--features", "none",
+                    "--packing", "shared/tiny/16/8/2", "--real-lengths", "none",
+                    "--compile-cache-check", "none", "--json", str(out), "--quiet"])
+    saved = json.loads(out.read_text())
+    assert saved["partial"] is True
+    assert [c["cell"] for c in saved["cells"]] == ["shared/tiny/L16/T1/B2"]
+    assert saved["cells"][0]["mtlx"]["examples_per_s"] > 0
+    assert "packing" in saved["phase_seconds"] and "packing" not in saved
+
+
+def test_correctness_checks_pass_on_padded_rows_and_catch_a_wrong_model(monkeypatch):
+    from mtlx.bench import checks
+    seen = {}
+    real_ref = checks._torch_reference
+
+    def ref(cell, cfg, tasks, arrays, params, device):
+        seen["mask"] = arrays["attention_mask"]
+        return real_ref(cell, cfg, tasks, arrays, params, device)
+
+    monkeypatch.setattr(checks, "_torch_reference", ref)
+    out = checks.run_checks(seq_len=32, batch=3)
+    assert [c["status"] for c in out] == ["pass", "pass", "skipped"], out
+    assert sorted(seen["mask"].sum(-1)) == [8, 20, 32]      # right-padded rows, three lengths
+
+    def wrong(*a, **k):
+        loss, logits = real_ref(*a, **k)
+        return loss, logits + 1.0
+    monkeypatch.setattr(checks, "_torch_reference", wrong)
+    out = checks.run_checks(seq_len=32, batch=3)
+    assert [c["status"] for c in out[:2]] == ["fail", "fail"]
+    assert checks.summary(out) == {"pass": 0, "fail": 2, "skipped": 1}

@@ -31,6 +31,13 @@ def _setup(config: str, size: str, seq_len: int, batch: int, num_tasks: int, see
     cfg = dataclasses.replace(W.backbone_config(cell), hidden_dropout=0.0, attention_dropout=0.0)
     tasks = W.task_heads(num_tasks)
     arrays = W.synthetic_arrays(batch, seq_len, W.SIZES[size]["vocab_size"], seed)
+    # Right-padded rows of several lengths, so padding is compared too (cuDNN's padding mode
+    # against XLA's boolean mask, and both against the reference).
+    lengths = np.linspace(max(2, seq_len // 4), seq_len, batch).astype(int)
+    real = np.arange(seq_len)[None] < lengths[:, None]
+    arrays = dict(arrays, attention_mask=real.astype(np.int32),
+                  input_ids=np.where(real, arrays["input_ids"], 0).astype(np.int32),
+                  token_type_ids=np.where(real, arrays["token_type_ids"], 0).astype(np.int32))
     b = make_batch(task_ids=np.full(batch, 1 % num_tasks), **arrays)
     model = MultiTaskModel(cfg, tasks, head_dropout=0.0)
     params = jax.jit(lambda r, x: init_params(model, r, x))(jax.random.key(seed), b)

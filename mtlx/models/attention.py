@@ -3,6 +3,12 @@
 The implementation is selectable: None lets JAX pick (XLA everywhere), 'xla' forces the XLA
 path, 'cudnn' asks for cuDNN's fused kernel (GPU only; needs bf16/fp16 inputs and no arbitrary
 bias, so T5's relative-position bias stays on XLA).
+
+cuDNN and padding: a boolean mask reaches cuDNN as a dense additive [B, H, Lq, Lk] bias, whose
+gradient (dbias) cuDNN also computes in the backward pass. When the caller knows the mask is
+plain right padding (each row's real keys first, then padding: what mtlx's tokenization and
+Hugging Face tokenizers with padding_side='right' produce), it passes `key_lengths` instead and
+cuDNN runs in its padding mode (per-row key lengths, no bias tensor): see `right_padding_lengths`.
 """
 
 from __future__ import annotations
@@ -29,15 +35,32 @@ def padding_mask(attention_mask, segment_ids=None, kv_attention_mask=None):
     return mask
 
 
+def right_padding_lengths(mask):
+    """Per-row key lengths [B] int32 of a key-only boolean mask [B, 1, 1, Lk] (True = real key).
+
+    Only meaningful for right padding (True...True False...False per row); the caller vouches
+    for that (see the module docstring)."""
+    if mask.ndim != 4 or mask.shape[1:3] != (1, 1):
+        raise ValueError(f"right_padding_lengths needs a key-only mask [B, 1, 1, Lk], got shape {mask.shape}")
+    return jnp.sum(mask[:, 0, 0, :], axis=-1, dtype=jnp.int32)
+
+
 def attend(q, k, v, *, mask=None, bias=None, scale: Optional[float] = None,
-           is_causal: bool = False, implementation: Optional[str] = None):
+           is_causal: bool = False, implementation: Optional[str] = None, key_lengths=None):
     """q [B, Lq, H, D], k/v [B, Lk, H, D] -> [B, Lq, H, D].
 
     `mask` is boolean broadcastable to [B, H, Lq, Lk]; `bias` is added to the logits.
     Rows whose keys are all masked (fully padded queries) come back finite.
+    `key_lengths` [B] (optional): the same mask as right-padding lengths; with
+    implementation='cudnn' it replaces `mask` (cuDNN's padding mode), elsewhere it is ignored
+    and `mask` is used.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    if implementation == "cudnn" and key_lengths is not None and bias is None:
+        return jax.nn.dot_product_attention(
+            q, k, v, scale=scale, is_causal=is_causal, implementation=implementation,
+            key_value_seq_lengths=jnp.asarray(key_lengths, jnp.int32))
     if mask is not None:
         # Broadcast [B,1,Lq,Lk] over heads explicitly: the cuDNN path wants a full mask.
         mask = jnp.broadcast_to(mask, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))

@@ -69,7 +69,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtlx.models.attention import IMPLEMENTATIONS, attend, padding_mask
+from mtlx.models.attention import IMPLEMENTATIONS, attend, padding_mask, right_padding_lengths
 from mtlx.models.remat import check_policy as check_remat_policy, remat_layer
 from mtlx.models.layers import (Extension, Projection, Routing, Site, extend_attention_kv,
                                 extend_embeddings, extend_layer_norm, extend_sublayer)
@@ -132,7 +132,10 @@ class BertConfig:
     eos_token_id: Optional[int] = None
     dtype: Any = jnp.float32               # compute dtype (bf16 allowed)
     param_dtype: Any = jnp.float32
-    attention_impl: Optional[str] = None   # None | 'xla' | 'cudnn' (mtlx.models.attention)
+    # None | 'xla' | 'cudnn' (mtlx.models.attention). cudnn reads a plain padding mask as per-row
+    # key lengths, so attention_mask must be right padding (real tokens first), as mtlx's
+    # tokenization and HF tokenizers' default padding_side='right' give.
+    attention_impl: Optional[str] = None
     extensions: Tuple[Extension, ...] = ()
     remat: str = "none"                    # activation checkpointing policy (mtlx.models.remat)
     scan_layers: bool = False              # run the layers with jax.lax.scan (module docstring)
@@ -256,8 +259,15 @@ class BertSelfAttention(nn.Module):
             return y.reshape(b, l, cfg.num_heads, cfg.head_dim)
 
         q, k, v = heads("query"), heads("key"), heads("value")
+        key_mask = mask
         k, v, mask = extend_attention_kv(cfg.extensions, Site("encoder", self.layer, "attention"),
                                          k, v, mask, routing)
+        key_lengths = None
+        if cfg.attention_impl == "cudnn" and mask is key_mask and mask.shape[1:3] == (1, 1):
+            # A key-only [B, 1, 1, L] mask is the encoder's plain right padding (BertEncoder
+            # widens any other mask to [B, 1, L, L]), untouched by a prefix extension (whose
+            # columns open per example): cuDNN's padding mode, no dense bias and no dbias.
+            key_lengths = right_padding_lengths(mask)
         if not deterministic and cfg.attention_dropout > 0.0:
             if cfg.attention_impl == "cudnn":
                 raise ValueError(
@@ -268,7 +278,8 @@ class BertSelfAttention(nn.Module):
             ctx = attend_with_prob_dropout(q, k, v, mask, cfg.attention_dropout,
                                            self.make_rng("dropout"))
         else:
-            ctx = attend(q, k, v, mask=mask, implementation=cfg.attention_impl)
+            ctx = attend(q, k, v, mask=mask, implementation=cfg.attention_impl,
+                         key_lengths=key_lengths)
         ctx = ctx.astype(cfg.dtype).reshape(b, l, cfg.hidden_size)
         out = _projection(cfg, cfg.hidden_size, Site("encoder", self.layer, "attention.output"),
                           "output")(ctx, routing)
@@ -346,6 +357,7 @@ class BertEncoder(nn.Module):
             position_ids = default_position_ids(input_ids, cfg)
         h = BertEmbeddings(cfg, name="embeddings")(input_ids, token_type_ids, position_ids,
                                                    deterministic)
+        input_mask = attention_mask
         h, attention_mask = extend_embeddings(cfg.extensions, EMBEDDINGS_SITE, h, attention_mask,
                                               routing)
         if segment_ids is not None and h.shape[1] != segment_ids.shape[1]:
@@ -353,6 +365,11 @@ class BertEncoder(nn.Module):
                 f"an embeddings extension changed the sequence length from {segment_ids.shape[1]} "
                 f"to {h.shape[1]}; it cannot be combined with packed rows (segment_ids)")
         mask = padding_mask(attention_mask, segment_ids)
+        if cfg.attention_impl == "cudnn" and attention_mask is not input_mask:
+            # A prompt extension inserted columns masked per example: not plain right padding.
+            # Widened to [B, 1, L, L], the mask reaches cuDNN as a bias (BertSelfAttention
+            # takes key lengths only from a key-only [B, 1, 1, L] mask).
+            mask = jnp.broadcast_to(mask, (mask.shape[0], 1, h.shape[1], mask.shape[-1]))
         layer_cls = remat_layer(BertLayer, cfg.remat, static_argnums=(4,))  # 4: deterministic
         if cfg.scan_layers:
             check_scan_layers(cfg)
