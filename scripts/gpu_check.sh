@@ -96,7 +96,7 @@ elif [ "$CHECK_RC" != "0" ]; then
 fi
 
 echo "== 3. benchmark (budget ${BUDGET}s of phases)" | tee -a "$LOG"
-# Group 1 (headline and task scaling), then the features, then the rest.
+# Groups 1-2 (headline, task scaling; shared encoder and adapters), then the features, then the rest.
 CELLS="shared/$SIZE/$L/1/$B;shared/$SIZE/$L/8/$B;shared/$SIZE/$L/64/$B"
 CELLS="$CELLS;adapters/$SIZE/$L/1/$B;adapters/$SIZE/$L/8/$B"
 CELLS="$CELLS;hyperformer++/$SIZE/$L/1/$B;hyperformer++/$SIZE/$L/64/$B"
@@ -104,7 +104,7 @@ CELLS="$CELLS;lora/$SIZE/$L/1/$B;lora/$SIZE/$L/8/$B"
 CELLS="$CELLS;shared/$SIZE/$L2/8/$B2"
 "$PYTHON" scripts/bench.py --cells "$CELLS" --dtype "$DTYPE" --attention "$ATT" \
   --repeats "$REP" --block-seconds "$BLOCK" --features "$FEAT" --short-features \
-  --features-after-groups 1 \
+  --features-after-groups 2 \
   --packing "$PACK" --real-lengths "$REAL" --compile-cache-check "shared/tiny/128/1/16" \
   --time-budget "$BUDGET" --json "$OUT/bench.json" --markdown "$OUT/bench.md" \
   --plot "$OUT/bench_tasks.png" 2>&1 | grep --line-buffered -v "Warning\|warnings.warn" | tee -a "$LOG"
