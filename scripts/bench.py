@@ -209,7 +209,8 @@ def main(argv=None) -> dict:
     opts = HR.Options(repeats=quick["repeats"] if quick else args.repeats, steps=args.steps,
                       block_seconds=quick["block_seconds"] if quick else args.block_seconds,
                       warmup=args.warmup, baseline_modes=modes, torch_device=torch_device,
-                      torch_threads=threads, verbose=not args.quiet)
+                      torch_threads=threads, verbose=not args.quiet,
+                      deadline=None if args.time_budget is None else t_start + args.time_budget)
 
     results = {"command": "python scripts/bench.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
                "environment": HR.environment(opts)}
@@ -292,12 +293,16 @@ def main(argv=None) -> dict:
         if not in_budget(" ".join(c.label for c in group)):
             continue
         try:
+            n_before = len(results["cells"])
             timed_phase(" ".join(c.label for c in group),
                         lambda: HR.measure_group(group, opts, peaks), key="cells")
+            done = {r["cell"] for r in results["cells"][n_before:]}
+            results["skipped"] += [f"{c.label}: time budget {args.time_budget:.0f} s spent"
+                                   for c in group if c.label not in done]
         except Exception as e:  # noqa: BLE001 - an unattended run records the failure, goes on
             _failed(results, " ".join(c.label for c in group), e, opts)
             continue
-        _print_last(results["cells"][-len(group):], opts)
+        _print_last(results["cells"][n_before:], opts)
     if args.features_after_groups is None or args.features_after_groups >= len(groups):
         timed_phase("features", run_features)
     results["task_scaling"] = HR.task_scaling(results["cells"])

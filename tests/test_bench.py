@@ -592,3 +592,28 @@ def test_correctness_checks_pass_on_padded_rows_and_catch_a_wrong_model(monkeypa
     out = checks.run_checks(seq_len=32, batch=3)
     assert [c["status"] for c in out[:2]] == ["fail", "fail"]
     assert checks.summary(out) == {"pass": 0, "fail": 2, "skipped": 1}
+
+
+def test_a_spent_time_budget_stops_building_runners(monkeypatch):
+    """Past opts.deadline, a group keeps the cells it built and a features phase the variants
+    it built; the rest are skipped, not built."""
+    import time as _time
+    built = []
+    real_build = HR._build_mtlx_runner
+
+    def build(cell, opts, name):
+        built.append(name)
+        return real_build(cell, opts, name)
+
+    monkeypatch.setattr(HR, "_build_mtlx_runner", build)
+    opts = HR.Options(repeats=1, block_seconds=0.01, verbose=False, baseline_modes=(),
+                      deadline=_time.perf_counter() - 1)
+    peaks = HR.Peaks(opts)
+    peaks["float32"] = PK.Peak(1e10, "datasheet: x", "x", "float32")
+    cells = [W.Cell("shared", "tiny", 16, t, 2) for t in (1, 2)]
+    res = HR.measure_group(cells, opts, peaks)
+    assert [r["cell"] for r in res] == [cells[0].label] and len(built) == 1
+    out = HR.measure_features(cells[0], opts, peaks, short=True)["variants"]
+    assert out["reference"]["available"] is True
+    skipped = [k for k, v in out.items() if v.get("reason") == "skipped: time budget spent"]
+    assert skipped and all(k != "reference" for k in skipped) and len(built) == 2

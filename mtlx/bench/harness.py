@@ -186,6 +186,14 @@ class Options:
     torch_threads: tuple = ()
     seed: int = 0
     verbose: bool = True
+    # time.perf_counter() after which no further runner is built (scripts/bench.py
+    # --time-budget): a group keeps the cells already built, a features phase the variants
+    # already built; the rest are recorded as skipped. None = no limit.
+    deadline: Optional[float] = None
+
+
+def past_deadline(opts: Options) -> bool:
+    return opts.deadline is not None and time.perf_counter() > opts.deadline
 
 
 _T0 = time.perf_counter()
@@ -301,7 +309,10 @@ def measure_group(cells: Sequence[W.Cell], opts: Options, peaks: Dict[str, Any])
     """Cells that differ only in the number of tasks: every mtlx and baseline runner of the
     group is built, then all are timed interleaved. Returns one result dict per cell."""
     runners, infos, cell_flops = [], {}, {}
-    for cell in cells:
+    for i, cell in enumerate(cells):
+        if i and past_deadline(opts):
+            log(opts, f"[bench] skipped {cell.label} (time budget)")
+            continue
         log(opts, f"[bench] build {cell.label} mtlx")
         r, info = _build_mtlx_runner(cell, opts, f"mtlx {cell.label}")
         runners.append(r)
@@ -319,6 +330,8 @@ def measure_group(cells: Sequence[W.Cell], opts: Options, peaks: Dict[str, Any])
         times = interleave(runners, opts.repeats, opts.steps, opts.block_seconds)
     results = []
     for cell in cells:
+        if cell not in cell_flops:       # skipped (time budget)
+            continue
         res = {"cell": cell.label, "config": cell.config, "size": cell.size,
                "seq_len": cell.seq_len, "num_tasks": cell.num_tasks,
                "batch_size": cell.batch_size, "features": dataclasses.asdict(cell.features)}
@@ -397,6 +410,10 @@ def measure_features(cell: W.Cell, opts: Options, peaks: Dict[str, Any], short: 
     for name, feat in variants.items():
         if isinstance(feat, str):
             out[name] = {"available": False, "reason": feat}
+            continue
+        if runners and past_deadline(opts):
+            out[name] = {"available": False, "reason": "skipped: time budget spent"}
+            log(opts, f"[bench] feature {name}: skipped (time budget)")
             continue
         c = dataclasses.replace(cell, features=feat)
         log(opts, f"[bench] feature {name}: build {c.label}")

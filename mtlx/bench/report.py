@@ -24,11 +24,20 @@ def _pct(x: Optional[float]) -> str:
 
 
 def _mem(side: dict) -> Optional[float]:
+    """A side's memory figure: the device allocator's peak for the cell (torch on a GPU), else
+    the growth of the process's RSS (CPU), else the compiled step's planned bytes (mtlx on a
+    GPU, whose allocator peak is process-wide, not per cell). MEMORY_NOTE says so in tables."""
     m = side.get("memory") or {}
     for key in ("device_peak", "rss_delta"):
         if m.get(key) is not None:
             return m[key]
-    return None
+    total = (m.get("compiled") or {}).get("total")
+    return total if total is not None else None
+
+
+MEMORY_NOTE = ("memory: torch on a GPU = torch.cuda.max_memory_allocated over the cell; on a CPU "
+               "= RSS growth while building and running; mtlx on a GPU = the compiled step's "
+               "planned bytes (arguments + outputs + temporaries - donated)")
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]], markdown: bool) -> str:
@@ -170,9 +179,13 @@ def render(results: Dict[str, Any], markdown: bool = False) -> str:
     if results.get("command"):
         parts.append(("command: `" + results["command"] + "`") if markdown else
                      "command: " + results["command"])
+    if results.get("partial"):
+        parts.append("PARTIAL: the run stopped before its end (a time limit); finished phases: "
+                     + ", ".join(results.get("phase_seconds", {})))
     if results.get("cells"):
         parts.append("")
         parts.append(main_table(results, markdown))
+        parts.append(MEMORY_NOTE)
     for title, t in (("baseline training the mixed batch (per-task forward/backward, one optimizer step):",
                       split_table(results, markdown)),
                      ("task scaling (step time relative to the fewest tasks, same batch):",
