@@ -111,7 +111,7 @@ def make_step(method: str, num_tasks: int, impl: str, args):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--methods", default="adapter,lora,hyperformer++")
-    ap.add_argument("--impls", default="gather,ragged")
+    ap.add_argument("--impls", default="gather,ragged,onehot")
     ap.add_argument("--tasks", type=int, default=8)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)

@@ -6,7 +6,8 @@
 #   3. the benchmark (scripts/bench.py, one process), in priority order under a time budget:
 #      BERT-base L=128 bf16 with cuDNN attention, batch 128 (the MFU >= 50% goal), against
 #      PyTorch eager (+ PEFT) on the same card, with 1/8/64 tasks (task scaling); features
-#      on/off (float32, XLA attention, attention dropout, remat, donation, scan over layers); the
+#      on/off on adapters with 8 tasks (routing implementation, float32, XLA attention, remat,
+#      donation, scan over layers); the
 #      PEFT configurations; L=512; packing; real GLUE lengths (adapters, mtlx packed vs torch
 #      padded to the longest and to 128); persistent compilation cache cold vs warm.
 #      If only the cuDNN check failed, the benchmark runs with XLA attention (exit code 4).
@@ -18,7 +19,8 @@
 # Environment: PYTHON (default: .venv/bin/python if present, else python3; on the GPU image
 # plain python3 holds jax[cuda], torch, transformers, peft), GPU_CHECK_BUDGET_S (default 270:
 # seconds after which the benchmark builds no further runner; what is left is recorded as
-# skipped), GPU_CHECK_CELLS (the cells, in priority order, instead of the default list).
+# skipped), GPU_CHECK_CELLS (the cells, in priority order, instead of the default list),
+# GPU_CHECK_FEATURES (the cell whose features are switched on and off).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu_check_out}
@@ -79,11 +81,11 @@ if [ "${PIPESTATUS[0]}" != "0" ]; then echo "environment check failed" | tee -a 
 if [ "${MTLX_GPU_CHECK_CPU:-0}" = "1" ]; then
   # Logic test on a CPU: tiny model, short sequences, small batches, short budget.
   SIZE=tiny; L=32; L2=64; B=4; B2=4; DTYPE=float32; ATT=default; REP=2; BLOCK=0.05
-  FEAT="shared/tiny/32/1/4"; PACK="shared/tiny/32/16/2"; REAL="adapters/tiny/4/4"; BUDGET=${GPU_CHECK_BUDGET_S:-150}
+  FEAT="adapters/tiny/32/4/4"; PACK="shared/tiny/32/16/2"; REAL="adapters/tiny/4/4"; BUDGET=${GPU_CHECK_BUDGET_S:-150}
   CHECK_ARGS=""
 else
   SIZE=base; L=128; L2=512; B=128; B2=32; DTYPE=bfloat16; ATT=cudnn; REP=5; BLOCK=0.5
-  FEAT="shared/base/128/1/64"; PACK="shared/base/128/512/4"; REAL="adapters/base/32/8"
+  FEAT="adapters/base/128/8/64"; PACK="shared/base/128/512/4"; REAL="adapters/base/32/8"
   CHECK_ARGS=""
 fi
 
@@ -107,6 +109,9 @@ CELLS="$CELLS;hyperformer++/$SIZE/$L/1/$B;hyperformer++/$SIZE/$L/64/$B"
 CELLS="$CELLS;lora/$SIZE/$L/1/$B;lora/$SIZE/$L/8/$B"
 CELLS="$CELLS;shared/$SIZE/$L2/8/$B2"
 CELLS=${GPU_CHECK_CELLS:-$CELLS}
+# The features cell: adapters with 8 tasks, so the routing implementations are among the
+# switches (timed first after the reference); GPU_CHECK_FEATURES overrides it.
+FEAT=${GPU_CHECK_FEATURES:-$FEAT}
 "$PYTHON" scripts/bench.py --cells "$CELLS" --dtype "$DTYPE" --attention "$ATT" \
   --repeats "$REP" --block-seconds "$BLOCK" --features "$FEAT" --short-features \
   --features-after-groups 1 \

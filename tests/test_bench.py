@@ -452,6 +452,21 @@ def test_feature_variants_say_what_is_unavailable():
     g = HR.feature_variants(W.Features(), "gpu")
     assert g["attention=cudnn (attention_dropout=0)"].attention == "cudnn"
     assert "attention_dropout=0" in HR.feature_variants(W.Features(), "gpu", short=True)
+    assert not any(k.startswith("routing") for k in v)
+    routed = list(HR.feature_variants(W.Features(), "gpu", routed=True))
+    assert routed[1:3] == ["routing=ragged", "routing=onehot"]   # first after the reference
+    assert [k for k in HR.feature_variants(W.Features(), "gpu", short=True, routed=True)
+            if k.startswith("routing")] == ["routing=onehot"]
+
+
+def test_routing_feature_reaches_every_method():
+    cell = W.Cell("adapters", "tiny", 16, 4, 2, W.Features(routing="onehot"))
+    cfg = W.backbone_config(cell)
+    assert cfg.extensions and all(e.impl == "onehot" for e in cfg.extensions)
+    plain = W.backbone_config(W.Cell("adapters", "tiny", 16, 4, 2))
+    assert all(e.impl == "gather" for e in plain.extensions)
+    with pytest.raises(ValueError, match="Features.routing"):
+        W.Features(routing="loop")
 
 
 def _fake_results():

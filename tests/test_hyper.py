@@ -576,13 +576,15 @@ def test_param_counts_script_lora_row_equals_hf_peft_count():
     assert rep["per_task"]["rte"]["trainable_amortised"] == ref["trainable"]
 
 
+@pytest.mark.parametrize("impl", ["ragged", "onehot"])
 @pytest.mark.parametrize("kind", ["hyperformer++", pytest.param("hyper_lora", marks=pytest.mark.heavy)])
-def test_ragged_routing_equals_gather(kind):
-    """impl='ragged' (grouped matmul over examples sorted by task) gives the same outputs as the
-    default per-example gather, with the same generated weights."""
+def test_ragged_routing_equals_gather(kind, impl):
+    """impl='ragged' (grouped matmul over examples sorted by task) and impl='onehot' (one dense
+    product over all tasks' weights) give the same outputs as the default per-example gather,
+    with the same generated weights."""
     batch = a_batch()
     _, _, model, params = build(kind, tiny_bert(), BERT_TASKS, batch)
-    _, _, ragged, _ = build(kind, tiny_bert(), BERT_TASKS, batch, impl="ragged")
+    _, _, ragged, _ = build(kind, tiny_bert(), BERT_TASKS, batch, impl=impl)
     a, b = run(model, params, batch), run(ragged, params, batch)
     for key in a:
         np.testing.assert_allclose(a[key], b[key], atol=ATOL, rtol=0, err_msg=key)

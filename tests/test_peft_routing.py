@@ -79,10 +79,11 @@ def test_adding_a_task_keeps_every_other_weight():
 # ------------------------------------------------------------------ routing functions alone
 
 @pytest.mark.parametrize("impl", R.IMPLEMENTATIONS)
-def test_routed_matmul_equals_per_example_loop(impl):
+@pytest.mark.parametrize("k,n", [(4, 7), (7, 4)])   # onehot: input spread (k <= n) or output select
+def test_routed_matmul_equals_per_example_loop(impl, k, n):
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(6, 5, 4)).astype(np.float32)
-    w = rng.normal(size=(3, 4, 7)).astype(np.float32)
+    x = rng.normal(size=(6, 5, k)).astype(np.float32)
+    w = rng.normal(size=(3, k, n)).astype(np.float32)
     group = np.array([2, 0, 2, 1, 0, 2])
     got = np.asarray(R.routed_matmul(x, w, group, impl))
     want = np.stack([x[i] @ w[g] for i, g in enumerate(group)])

@@ -365,17 +365,26 @@ def measure_group(cells: Sequence[W.Cell], opts: Options, peaks: Dict[str, Any])
 
 # --------------------------------------------------------------------------- features
 
-def feature_variants(base: W.Features, platform_name: str, short: bool = False) -> Dict[str, Any]:
+def feature_variants(base: W.Features, platform_name: str, short: bool = False,
+                     routed: bool = False) -> Dict[str, Any]:
     """{variant name: Features, or a string saying why it is not available}, each to be timed
     against 'reference' (= base). short (--quick, --short-features): one remat policy ('dots'),
     no PRNG variant, and attention_dropout=0 (the XLA counterpart of cuDNN attention, which
-    cannot drop probabilities) only where cuDNN attention is available."""
+    cannot drop probabilities) only where cuDNN attention is available. routed (a PEFT cell
+    with several tasks): the other routing implementations first (short: 'onehot' only), as a
+    time budget may stop the phase early."""
+    from mtlx.peft.routing import DEFAULT_IMPL, IMPLEMENTATIONS as ROUTINGS
     rep = dataclasses.replace
     other_dtype = "bfloat16" if base.dtype == "float32" else "float32"
     # cuDNN attention takes bf16/fp16 only: a float32 variant of a cuDNN reference uses XLA's.
     other_attention = "xla" if (base.attention == "cudnn" and other_dtype == "float32") else base.attention
-    out: Dict[str, Any] = {"reference": base,
-                           f"dtype={other_dtype}": rep(base, dtype=other_dtype, attention=other_attention)}
+    out: Dict[str, Any] = {"reference": base}
+    if routed:
+        own = base.routing or DEFAULT_IMPL
+        for impl in (("onehot",) if short else ROUTINGS):
+            if impl != own:
+                out[f"routing={impl}"] = rep(base, routing=impl)
+    out[f"dtype={other_dtype}"] = rep(base, dtype=other_dtype, attention=other_attention)
     if base.attention != "cudnn":
         if not short or platform_name == "gpu":
             out["attention_dropout=0"] = rep(base, attention_dropout=0.0, attention="xla")
@@ -405,7 +414,8 @@ def measure_features(cell: W.Cell, opts: Options, peaks: Dict[str, Any], short: 
     compiled step's memory."""
     import jax
     platform_name = jax.devices()[0].platform
-    variants = feature_variants(cell.features, platform_name, short)
+    variants = feature_variants(cell.features, platform_name, short,
+                                routed=bool(W.CONFIGS[cell.config]) and cell.num_tasks > 1)
     runners, infos, out = [], {}, {}
     for name, feat in variants.items():
         if isinstance(feat, str):

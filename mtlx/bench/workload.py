@@ -68,10 +68,14 @@ class Features:
     attention_dropout: float = ATTENTION_DROPOUT
     prng: str = "threefry2x32"          # dropout's random bits: JAX's PRNG implementation
     scan_layers: bool = False         # BertConfig.scan_layers: the layers as one lax.scan
+    routing: Optional[str] = None     # the PEFT methods' 'impl' (mtlx.peft.routing); None: theirs
 
     def __post_init__(self):
         from mtlx.models.attention import IMPLEMENTATIONS
         from mtlx.models.remat import check_policy
+        if self.routing is not None:
+            from mtlx.peft.routing import check_impl
+            check_impl(self.routing, "Features.routing")
         if self.dtype not in DTYPES:
             raise ValueError(f"mtlx/bench/workload.py: Features.dtype must be one of {DTYPES}, "
                              f"got {self.dtype!r}")
@@ -90,7 +94,8 @@ class Features:
     def describe(self) -> str:
         return (f"{self.dtype}, attention={self.attention or 'default'}, remat={self.remat}, "
                 f"donate={'on' if self.donate else 'off'}, attention_dropout={self.attention_dropout}, "
-                f"prng={self.prng}, scan_layers={'on' if self.scan_layers else 'off'}")
+                f"prng={self.prng}, scan_layers={'on' if self.scan_layers else 'off'}"
+                + (f", routing={self.routing}" if self.routing else ""))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +143,8 @@ def backbone_config(cell: Cell, task_names: Optional[Sequence[str]] = None):
                      param_dtype=jnp.float32, attention_impl=f.attention, remat=f.remat,
                      scan_layers=f.scan_layers)
     methods = CONFIGS[cell.config]
+    if methods and f.routing:
+        methods = tuple(dict(m, impl=f.routing) for m in methods)
     if methods:
         names = task_names or [t.name for t in task_heads(cell.num_tasks)]
         cfg = registry.attach(cfg, methods, list(names))

@@ -85,7 +85,7 @@ class TaskExtension(Extension):
     tasks:      the tasks that own weights of this method (None: all); the others get the
                 identity.
     name:       the parameter scope name at each site (unique among a model's extensions).
-    impl:       'gather' | 'ragged' (mtlx.peft.routing).
+    impl:       'gather' | 'ragged' | 'onehot' (mtlx.peft.routing).
     """
     task_names: Tuple[str, ...]
     tasks: Optional[Tuple[str, ...]] = None

@@ -9,7 +9,7 @@
 A method config is a mapping (dict or ml_collections.ConfigDict) with 'method' and the method
 dataclass's fields (see each class); every other key is an error naming it. Common keys:
 'name' (parameter scope, default the method name), 'tasks' (the tasks owning weights, default
-all), 'impl' ('gather' | 'ragged'). Errors name the config entry (``peft[1].rank``).
+all), 'impl' ('gather' | 'ragged' | 'onehot'). Errors name the config entry (``peft[1].rank``).
 
 Helpers around a model with extensions: `check_coverage` (every target pattern matches a site
 of THIS model), `check_task_order` (extensions route with the model's task ids),

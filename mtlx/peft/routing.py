@@ -11,6 +11,14 @@ group index (its task's row in that stack). Two ways to multiply, both exact:
   'ragged'  examples are sorted by group, the rows of each group form one contiguous block,
             `jax.lax.ragged_dot` multiplies each block by its group's matrix (a grouped GEMM,
             as MegaBlocks / Punica's SGMV), and the result is unsorted.
+  'onehot'  one dense GEMM over ALL groups' matrices side by side, each example keeping only
+            its own group's part: with k <= n the input is spread into its group's slot
+            ([B, ..., G, k], zeros elsewhere) and contracted with w as one [G k, n] matrix;
+            with k > n every group's output is computed ([B, ..., G, n]) and the example's own
+            is selected. G times the FLOPs of the routed product, but one large tensor-core
+            GEMM instead of B small ones and no scatter-add of per-example weight gradients:
+            meant for accelerators with few tasks (adapters, LoRA: G k or G n of a few
+            hundred). Exact: the other groups contribute exact zeros.
 
 With a single group (one task) both fall back to one plain matmul, so a one-task model pays
 no routing cost. `scripts/bench_routing.py` measures the two on the machine at hand; the
@@ -28,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-IMPLEMENTATIONS = ("gather", "ragged")
+IMPLEMENTATIONS = ("gather", "ragged", "onehot")
 # Chosen by scripts/bench_routing.py on CPU (its docstring has the numbers): with 'gather' 8
 # routed tasks cost the same as 1 task within noise (ratio 0.89-1.04), 'ragged' 1.2-1.6x.
 DEFAULT_IMPL = "gather"
@@ -106,7 +114,20 @@ def routed_matmul(x, w, group, impl: str = DEFAULT_IMPL, precision=None):
         return y.reshape(x.shape[:-1] + (w.shape[-1],))
     if impl == "ragged":
         return _ragged_matmul(x, w, group, precision)
+    if impl == "onehot":
+        return _onehot_matmul(x, w, group, precision)
     check_impl(impl)
+
+
+def _onehot_matmul(x, w, group, precision):
+    g, k, n = w.shape
+    onehot = jax.nn.one_hot(group, g, dtype=x.dtype)                     # [B, G]
+    onehot = onehot.reshape((x.shape[0],) + (1,) * (x.ndim - 2) + (g,))  # [B, 1.., G]
+    if k <= n:
+        spread = x[..., None, :] * onehot[..., None]                     # [B, ..., G, k]
+        return jnp.einsum("...gk,gkn->...n", spread, w, precision=precision)
+    every = jnp.einsum("...k,gkn->...gn", x, w, precision=precision)     # [B, ..., G, n]
+    return jnp.sum(every * onehot[..., None], axis=-2)
 
 
 def _ragged_matmul(x, w, group, precision):
