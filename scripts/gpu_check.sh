@@ -81,7 +81,7 @@ if [ "${PIPESTATUS[0]}" != "0" ]; then echo "environment check failed" | tee -a 
 if [ "${MTLX_GPU_CHECK_CPU:-0}" = "1" ]; then
   # Logic test on a CPU: tiny model, short sequences, small batches, short budget.
   SIZE=tiny; L=32; L2=64; B=4; B2=4; DTYPE=float32; ATT=default; REP=2; BLOCK=0.05
-  FEAT="adapters/tiny/32/4/4"; PACK="shared/tiny/32/16/2"; REAL="adapters/tiny/4/4"; BUDGET=${GPU_CHECK_BUDGET_S:-150}
+  FEAT="adapters/tiny/32/4/4"; PACK="shared/tiny/32/16/2"; REAL="adapters/tiny/4/4"; BUDGET=${GPU_CHECK_BUDGET_S:-210}
   CHECK_ARGS=""
 else
   SIZE=base; L=128; L2=512; B=128; B2=32; DTYPE=bfloat16; ATT=cudnn; REP=5; BLOCK=0.5

@@ -384,7 +384,8 @@ def feature_variants(base: W.Features, platform_name: str, short: bool = False,
         for impl in (("onehot",) if short else ROUTINGS):
             if impl != own:
                 out[f"routing={impl}"] = rep(base, routing=impl)
-    out[f"dtype={other_dtype}"] = rep(base, dtype=other_dtype, attention=other_attention)
+    # Order = priority under a time budget: attention and dropout's random bits (the likely
+    # costs on a GPU) before the dtype, remat, donation and scan.
     if base.attention != "cudnn":
         if not short or platform_name == "gpu":
             out["attention_dropout=0"] = rep(base, attention_dropout=0.0, attention="xla")
@@ -396,12 +397,15 @@ def feature_variants(base: W.Features, platform_name: str, short: bool = False,
                 f"not available on {platform_name}: cuDNN fused attention needs an NVIDIA GPU")
     else:
         out["attention=xla"] = rep(base, attention="xla")
+    # Threefry bits for dropout are costly on accelerators (rbg is the usual answer there; on
+    # this CPU it was slower: BUILD_NOTES.md): in the short list on a GPU only.
+    if base.prng == "threefry2x32" and (not short or platform_name == "gpu"):
+        out["prng=rbg (dropout random bits)"] = rep(base, prng="rbg")
+    out[f"dtype={other_dtype}"] = rep(base, dtype=other_dtype, attention=other_attention)
     for policy in (("dots",) if short else ("full", "dots", "dots_no_batch")):
         if base.remat != policy:
             out[f"remat={policy}"] = rep(base, remat=policy)
     out[f"donate={'off' if base.donate else 'on'}"] = rep(base, donate=not base.donate)
-    if base.prng == "threefry2x32" and not short:
-        out["prng=rbg (dropout random bits)"] = rep(base, prng="rbg")
     # BertConfig.scan_layers: one traced layer body in a lax.scan (compile time vs the per-step
     # stacking copy of the layers' weights)
     out[f"scan_layers={'off' if base.scan_layers else 'on'}"] = rep(base, scan_layers=not base.scan_layers)
