@@ -11,13 +11,15 @@
 #      PEFT configurations; L=512; packing; real GLUE lengths (adapters, mtlx packed vs torch
 #      padded to the longest and to 128); persistent compilation cache cold vs warm.
 #      If only the cuDNN check failed, the benchmark runs with XLA attention (exit code 4).
-# Writes OUT_DIR/{env.txt, checks.json, bench.json, bench.md, bench_tasks.png, log.txt}.
+#   4. a profile of the headline cell's step (kernels by name; scripts/profile_step.py).
+# Writes OUT_DIR/{env.txt, checks.json, bench.json, bench.md, bench_tasks.png, profile.txt,
+# log.txt}; bench.json holds every finished phase even if the run is stopped.
 #
 #   bash scripts/gpu_check.sh [OUT_DIR]          # default OUT_DIR: gpu_check_out
 #   MTLX_GPU_CHECK_CPU=1 bash scripts/gpu_check.sh /tmp/g   # the same logic on a CPU, tiny
 #                                                          # sizes (tests the script itself)
 # Environment: PYTHON (default: .venv/bin/python if present, else python3; on the GPU image
-# plain python3 holds jax[cuda], torch, transformers, peft), GPU_CHECK_BUDGET_S (default 270:
+# plain python3 holds jax[cuda], torch, transformers, peft), GPU_CHECK_BUDGET_S (default 210:
 # seconds after which the benchmark builds no further runner; what is left is recorded as
 # skipped), GPU_CHECK_CELLS (the cells, in priority order, instead of the default list),
 # GPU_CHECK_FEATURES (the cell whose features are switched on and off).
@@ -34,7 +36,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 # JAX and PyTorch share the card: no up-front grab of 75% of its memory by JAX.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-3}
-BUDGET=${GPU_CHECK_BUDGET_S:-270}
+BUDGET=${GPU_CHECK_BUDGET_S:-210}
 LOG="$OUT/log.txt"
 : > "$LOG"
 START=$(date +%s)
@@ -120,5 +122,18 @@ FEAT=${GPU_CHECK_FEATURES:-$FEAT}
   --plot "$OUT/bench_tasks.png" 2>&1 | grep --line-buffered -v "Warning\|warnings.warn" | tee -a "$LOG"
 RC=${PIPESTATUS[0]}
 if [ "$RC" = "0" ] && [ "$CHECK_RC" = "4" ]; then RC=4; fi
+
+# 4. Where the headline cell's step time goes: kernels summed by name over traced steps
+# (scripts/profile_step.py), bounded by GPU_CHECK_PROFILE_S (default 100; 0 skips it). A
+# failure here is logged and leaves the exit code alone.
+PROFILE_S=${GPU_CHECK_PROFILE_S:-100}
+if [ "$PROFILE_S" != "0" ]; then
+  echo "== 4. profile shared/$SIZE/$L/1/$B (limit ${PROFILE_S}s)" | tee -a "$LOG"
+  timeout "$PROFILE_S" "$PYTHON" scripts/profile_step.py --cell "shared/$SIZE/$L/1/$B" \
+    --dtype "$DTYPE" --attention "$ATT" --steps 3 --top 25 > "$OUT/profile.txt" 2>&1
+  P_RC=$?
+  grep -v "Warning\|warnings.warn" "$OUT/profile.txt" | tail -30 | tee -a "$LOG"
+  echo "profile exit $P_RC" | tee -a "$LOG"
+fi
 echo "== done in $(( $(date +%s) - START )) s, exit $RC; results in $OUT" | tee -a "$LOG"
 exit "$RC"

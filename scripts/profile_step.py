@@ -2,6 +2,8 @@
 
     python scripts/profile_step.py --cell adapters/base/128/8/4          # op kinds of the step
     python scripts/profile_step.py --matmul                              # jnp.dot vs torch.mm
+    python scripts/profile_step.py --cell shared/base/128/1/128 --dtype bfloat16 --attention cudnn
+                                                                  # a GPU cell (gpu_check.sh)
 
 --cell: builds the cell's step exactly as scripts/bench.py does (mtlx.bench.workload), warms it
 up, traces `--steps` steps with `jax.profiler`, and sums the traced XLA ops by kind (the op name
@@ -29,7 +31,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def profile_cell(text: str, steps: int, top: int) -> None:
+def profile_cell(text: str, steps: int, top: int, dtype: str = "float32",
+                 attention: str = "default") -> None:
     import jax
     from jax._src.lib import _profile_data
     from mtlx.bench import workload as W
@@ -37,7 +40,10 @@ def profile_cell(text: str, steps: int, top: int) -> None:
     if len(parts) != 5:
         raise SystemExit(f"scripts/profile_step.py: --cell {text!r} must be config/size/L/T/B")
     c, s, l, t, b = parts
-    setup = W.build_mtlx(W.Cell(c, s, int(l), int(t), int(b)), num_batches=2)
+    att = None if attention == "default" else attention
+    features = W.Features(dtype=dtype, attention=att,
+                          attention_dropout=0.0 if att == "cudnn" else W.ATTENTION_DROPOUT)
+    setup = W.build_mtlx(W.Cell(c, s, int(l), int(t), int(b), features), num_batches=2)
     state = setup.state
     for i in range(2):
         state, m = setup.step(state, setup.batches[i % 2])
@@ -65,8 +71,9 @@ def profile_cell(text: str, steps: int, top: int) -> None:
                 kinds[k] += ev.duration_ns
                 counts[k] += 1
     total = sum(kinds.values())
-    print(f"{text}: {steps} traced steps, {1e3 * wall:.1f} ms/step wall (traced), "
-          f"op time {total / 1e6 / steps:.1f} ms/step over all worker threads")
+    print(f"{text} ({features.describe()}): {steps} traced steps, {1e3 * wall:.1f} ms/step "
+          f"wall (traced), op time {total / 1e6 / steps:.1f} ms/step over all worker threads "
+          f"(on a GPU: its streams' kernels)")
     print(f"{'op kind':40s} {'ms/step':>9s} {'share':>7s} {'ops/step':>9s}")
     for k, v in kinds.most_common(top):
         print(f"{k[:40]:40s} {v / 1e6 / steps:9.1f} {100 * v / max(total, 1):6.1f}% "
@@ -110,6 +117,8 @@ def main(argv=None):
     p.add_argument("--cell", default=None, help="config/size/L/T/B, e.g. adapters/base/128/8/4")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--top", type=int, default=20)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--attention", default="default", choices=("default", "xla", "cudnn"))
     p.add_argument("--matmul", action="store_true")
     args = p.parse_args(argv)
     if not args.cell and not args.matmul:
@@ -117,7 +126,7 @@ def main(argv=None):
     if args.matmul:
         matmul()
     if args.cell:
-        profile_cell(args.cell, args.steps, args.top)
+        profile_cell(args.cell, args.steps, args.top, args.dtype, args.attention)
 
 
 if __name__ == "__main__":
