@@ -134,3 +134,17 @@ def test_packed_rows_reach_cudnn_as_block_masks(cudnn_calls):
     for call in cudnn_calls:
         assert call["key_value_seq_lengths"] is None and call["mask"] is not None
     np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=1e-6)
+
+
+def test_a_row_without_real_tokens_stays_finite_on_the_cudnn_path(cudnn_calls):
+    """Filler rows (no real token) reach cuDNN with one key, not zero (0/0 in a fused softmax);
+    the other rows are unchanged."""
+    rng = np.random.default_rng(1)
+    q, k, v = (jnp.asarray(rng.normal(size=(3, 5, 2, 4)), jnp.float32) for _ in range(3))
+    lengths = np.array([5, 0, 3])
+    mask = jnp.asarray(np.arange(5)[None] < lengths[:, None])[:, None, None, :]
+    got = attend(q, k, v, mask=mask, implementation="cudnn", key_lengths=right_padding_lengths(mask))
+    np.testing.assert_array_equal(np.asarray(cudnn_calls[0]["key_value_seq_lengths"]), [5, 1, 3])
+    ref = attend(q, k, v, mask=mask, implementation="xla")
+    assert np.isfinite(np.asarray(got)).all()
+    np.testing.assert_allclose(np.asarray(got)[[0, 2]], np.asarray(ref)[[0, 2]], atol=1e-6)

@@ -58,9 +58,13 @@ def attend(q, k, v, *, mask=None, bias=None, scale: Optional[float] = None,
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     if implementation == "cudnn" and key_lengths is not None and bias is None:
+        # At least one key a row: a batch's filler rows have no real token, and a softmax over
+        # no key is 0/0 in a fused kernel. Such a row attends to its first (padding) key
+        # instead; its outputs are ignored downstream like every padding position's.
+        lengths = jnp.maximum(jnp.asarray(key_lengths, jnp.int32), 1)
         return jax.nn.dot_product_attention(
             q, k, v, scale=scale, is_causal=is_causal, implementation=implementation,
-            key_value_seq_lengths=jnp.asarray(key_lengths, jnp.int32))
+            key_value_seq_lengths=lengths)
     if mask is not None:
         # Broadcast [B,1,Lq,Lk] over heads explicitly: the cuDNN path wants a full mask.
         mask = jnp.broadcast_to(mask, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))

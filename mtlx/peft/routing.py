@@ -2,7 +2,7 @@
 
 A mixed-task batch holds examples of several tasks; each example must use ITS task's weights.
 Weights of G tasks are stacked along a leading axis ([G, ...]) and every example carries a
-group index (its task's row in that stack). Two ways to multiply, both exact:
+group index (its task's row in that stack). Three ways to multiply, all exact:
 
   'gather'  every example gathers its own weight matrix (``w[group]``, [B, k, n]) and one
             batched matmul runs over the batch. Cost and memory grow with B, not with G: the
@@ -18,10 +18,10 @@ group index (its task's row in that stack). Two ways to multiply, both exact:
             is selected. G times the FLOPs of the routed product, but one large tensor-core
             GEMM instead of B small ones and no scatter-add of per-example weight gradients:
             meant for accelerators with few tasks (adapters, LoRA: G k or G n of a few
-            hundred). Exact: the other groups contribute exact zeros.
+            hundred). The other groups contribute zeros (gather's result up to rounding).
 
-With a single group (one task) both fall back to one plain matmul, so a one-task model pays
-no routing cost. `scripts/bench_routing.py` measures the two on the machine at hand; the
+With a single group (one task) all fall back to one plain matmul, so a one-task model pays
+no routing cost. `scripts/bench_routing.py` measures them on the machine at hand; the
 measured choice is the default (`DEFAULT_IMPL`).
 
 The functions here are plain functions of arrays: the hypernetworks (mtlx.peft.hyper) call
