@@ -22,7 +22,11 @@
 # plain python3 holds jax[cuda], torch, transformers, peft), GPU_CHECK_BUDGET_S (default 210:
 # seconds after which the benchmark builds no further runner; what is left is recorded as
 # skipped), GPU_CHECK_CELLS (the cells, in priority order, instead of the default list),
-# GPU_CHECK_FEATURES (the cell whose features are switched on and off).
+# GPU_CHECK_FEATURES (the cell whose features are switched on and off), GPU_CHECK_LIMIT_S
+# (default 470: the benchmark and the profile are stopped so that the script ends by then).
+# Exit: 0 done; 2 environment; 3 a correctness check failed (no benchmark); 4 only the cuDNN
+# check failed (benchmarked with XLA attention); 5 a benchmark phase failed (the others ran);
+# 124 the benchmark was stopped at the limit (bench.json/bench.md hold what it finished).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu_check_out}
@@ -37,6 +41,9 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-3}
 BUDGET=${GPU_CHECK_BUDGET_S:-210}
+# The whole script's wall-clock limit: the benchmark and the profile are stopped (timeout) so
+# that it ends by then; bench.json keeps every phase finished before the stop.
+LIMIT=${GPU_CHECK_LIMIT_S:-470}
 LOG="$OUT/log.txt"
 : > "$LOG"
 START=$(date +%s)
@@ -114,20 +121,42 @@ CELLS=${GPU_CHECK_CELLS:-$CELLS}
 # The features cell: adapters with 8 tasks, so the routing implementations are among the
 # switches (timed first after the reference); GPU_CHECK_FEATURES overrides it.
 FEAT=${GPU_CHECK_FEATURES:-$FEAT}
-"$PYTHON" scripts/bench.py --cells "$CELLS" --dtype "$DTYPE" --attention "$ATT" \
+PROFILE_S=${GPU_CHECK_PROFILE_S:-100}
+LEFT=$(( LIMIT - ($(date +%s) - START) - PROFILE_S ))
+if [ "$LEFT" -lt 30 ]; then LEFT=30; fi
+echo "(stopped after ${LEFT}s at the latest: GPU_CHECK_LIMIT_S=${LIMIT})" | tee -a "$LOG"
+timeout "$LEFT" "$PYTHON" scripts/bench.py --cells "$CELLS" --dtype "$DTYPE" --attention "$ATT" \
   --repeats "$REP" --block-seconds "$BLOCK" --features "$FEAT" --short-features \
   --features-after-groups 1 \
   --packing "$PACK" --real-lengths "$REAL" --compile-cache-check "shared/tiny/128/1/16" \
   --time-budget "$BUDGET" --json "$OUT/bench.json" --markdown "$OUT/bench.md" \
   --plot "$OUT/bench_tasks.png" 2>&1 | grep --line-buffered -v "Warning\|warnings.warn" | tee -a "$LOG"
 RC=${PIPESTATUS[0]}
+if [ "$RC" = "124" ]; then
+  echo "benchmark stopped at the time limit: $OUT/bench.json holds the phases it finished" | tee -a "$LOG"
+fi
+if [ ! -s "$OUT/bench.md" ] && [ -s "$OUT/bench.json" ]; then
+  # A stopped run wrote no table: render the finished phases (marked PARTIAL).
+  "$PYTHON" - "$OUT" <<'PYEOF' 2>&1 | tee -a "$LOG"
+import json, sys
+from pathlib import Path
+from mtlx.bench import harness as HR, report as R
+out = Path(sys.argv[1])
+res = json.loads((out / "bench.json").read_text())
+res.setdefault("task_scaling", HR.task_scaling(res.get("cells", [])))
+(out / "bench.md").write_text(R.render(res, markdown=True))
+print(R.render(res))
+print("plot:", R.plot_tasks(res, str(out / "bench_tasks.png")))
+PYEOF
+fi
 if [ "$RC" = "0" ] && [ "$CHECK_RC" = "4" ]; then RC=4; fi
 
 # 4. Where the headline cell's step time goes: kernels summed by name over traced steps
-# (scripts/profile_step.py), bounded by GPU_CHECK_PROFILE_S (default 100; 0 skips it). A
-# failure here is logged and leaves the exit code alone.
-PROFILE_S=${GPU_CHECK_PROFILE_S:-100}
-if [ "$PROFILE_S" != "0" ]; then
+# (scripts/profile_step.py), bounded by GPU_CHECK_PROFILE_S (default 100; 0 skips it) and by
+# what is left of GPU_CHECK_LIMIT_S. A failure here is logged and leaves the exit code alone.
+P_LEFT=$(( LIMIT - ($(date +%s) - START) ))
+if [ "$P_LEFT" -lt "$PROFILE_S" ]; then PROFILE_S=$P_LEFT; fi
+if [ "$PROFILE_S" -gt 20 ]; then
   echo "== 4. profile shared/$SIZE/$L/1/$B (limit ${PROFILE_S}s)" | tee -a "$LOG"
   timeout "$PROFILE_S" "$PYTHON" scripts/profile_step.py --cell "shared/$SIZE/$L/1/$B" \
     --dtype "$DTYPE" --attention "$ATT" --steps 3 --top 25 > "$OUT/profile.txt" 2>&1

@@ -556,7 +556,8 @@ def test_profile_step_script_sums_op_kinds(capsys):
     import profile_step
     profile_step.main(["--cell", "shared/tiny/16/2/2", "--steps", "1", "--top", "5"])
     out = capsys.readouterr().out
-    assert "shared/tiny/16/2/2: 1 traced steps" in out and "op kind" in out
+    assert "shared/tiny/16/2/2 (float32, attention=default" in out and "): 1 traced steps" in out
+    assert "op kind" in out
     rows = [l for l in out.splitlines() if l.endswith(tuple("0123456789")) and "%" in l]
     assert 1 <= len(rows) <= 5
     with pytest.raises(SystemExit, match="must be config/size/L/T/B"):
