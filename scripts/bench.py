@@ -191,10 +191,8 @@ def main(argv=None) -> dict:
         threads = tuple(dict.fromkeys((os.cpu_count() or 1, 1)))
     else:
         threads = ()
-    features = W.Features(dtype=args.dtype,
-                          attention=None if args.attention == "default" else args.attention,
-                          remat=args.remat, donate=not args.no_donate,
-                          attention_dropout=0.0 if args.attention == "cudnn" else W.ATTENTION_DROPOUT)
+    features = W.features_for(args.dtype, args.attention, remat=args.remat,
+                              donate=not args.no_donate)
     quick = QUICK if args.quick else None
     if args.cells == "none":
         cells = []
@@ -223,9 +221,7 @@ def main(argv=None) -> dict:
             HR.log(opts, f"[bench]   {c['status']:7s} {c['name']}: "
                          + ", ".join(f"{k}={v:.3g}" for k, v in c.items() if isinstance(v, float)))
         if args.checks_only:
-            if args.json:
-                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.json).write_text(json.dumps(results, indent=1, default=_json_default))
+            _write_outputs(results, args.json)
             failed = [c for c in results["checks"] if c["status"] == "fail"]
             only_cudnn = failed and all("cudnn" in c["name"] for c in failed)
             # 4: only cuDNN attention is wrong (benchmark with XLA attention); 1: anything else.
@@ -261,11 +257,10 @@ def main(argv=None) -> dict:
 
     def save_partial():
         # An unattended run (a GPU lease) killed at its time limit still leaves every finished
-        # phase's figures in --json, marked partial; the end of main overwrites it whole.
-        if args.json:
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(dict(results, partial=True), indent=1,
-                                                  default=_json_default))
+        # phase's figures in --json / --markdown / --plot, marked partial; the end of main
+        # overwrites them whole.
+        _write_outputs(dict(results, partial=True, task_scaling=HR.task_scaling(results["cells"])),
+                       args.json, args.markdown, args.plot)
 
     def timed_phase(name, fn, key=None):
         """Runs fn, records its seconds; its value goes to results[key] (a list extends it)
@@ -284,7 +279,7 @@ def main(argv=None) -> dict:
             try:
                 save_partial()
             except Exception as e:  # noqa: BLE001 - never lose the run over the partial file
-                HR.log(opts, f"[bench] could not write the partial --json: {e}")
+                HR.log(opts, f"[bench] could not write the partial results: {e}")
 
     groups = HR.group_by_tasks(cells)
     for i, group in enumerate(groups):
@@ -342,18 +337,9 @@ def main(argv=None) -> dict:
     results["environment"]["load_average_end"] = list(os.getloadavg())
     results["wall_s"] = time.perf_counter() - t_start
 
-    text = R.render(results)
-    print(text)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=1, default=_json_default))
-    if args.markdown:
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(R.render(results, markdown=True))
-    where = None
+    print(R.render(results))
+    where = _write_outputs(results, args.json, args.markdown, args.plot)
     if args.plot:
-        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-        where = R.plot_tasks(results, args.plot)
         HR.log(opts, f"[bench] plot: {where or 'not written (no configuration at several task counts)'}")
     if args.notes:
         update_notes(args.notes, R.render(results, markdown=True),
@@ -364,6 +350,22 @@ def main(argv=None) -> dict:
     if results.get("failed"):
         raise SystemExit(5)
     return results
+
+
+def _write_outputs(results, json_path=None, markdown_path=None, plot_path=None):
+    """Writes the results as JSON, the Markdown report and the task-scaling plot (each where a
+    path is given); returns the plot's path, or None when none was drawn."""
+    from mtlx.bench import report as R
+    for path, write in ((json_path, lambda p: p.write_text(
+                            json.dumps(results, indent=1, default=_json_default))),
+                        (markdown_path, lambda p: p.write_text(R.render(results, markdown=True)))):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            write(Path(path))
+    if plot_path:
+        Path(plot_path).parent.mkdir(parents=True, exist_ok=True)
+        return R.plot_tasks(results, plot_path)
+    return None
 
 
 def _failed(results, what, err, opts):

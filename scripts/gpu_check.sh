@@ -13,7 +13,7 @@
 #      If only the cuDNN check failed, the benchmark runs with XLA attention (exit code 4).
 #   4. a profile of the headline cell's step (kernels by name; scripts/profile_step.py).
 # Writes OUT_DIR/{env.txt, checks.json, bench.json, bench.md, bench_tasks.png, profile.txt,
-# log.txt}; bench.json holds every finished phase even if the run is stopped.
+# log.txt}; bench.json and bench.md hold every finished phase even if the run is stopped.
 #
 #   bash scripts/gpu_check.sh [OUT_DIR]          # default OUT_DIR: gpu_check_out
 #   MTLX_GPU_CHECK_CPU=1 bash scripts/gpu_check.sh /tmp/g   # the same logic on a CPU, tiny
@@ -42,7 +42,7 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false
 export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-3}
 BUDGET=${GPU_CHECK_BUDGET_S:-210}
 # The whole script's wall-clock limit: the benchmark and the profile are stopped (timeout) so
-# that it ends by then; bench.json keeps every phase finished before the stop.
+# that it ends by then; bench.json and bench.md keep every phase finished before the stop.
 LIMIT=${GPU_CHECK_LIMIT_S:-470}
 LOG="$OUT/log.txt"
 : > "$LOG"
@@ -134,21 +134,7 @@ timeout "$LEFT" "$PYTHON" scripts/bench.py --cells "$CELLS" --dtype "$DTYPE" --a
   --plot "$OUT/bench_tasks.png" 2>&1 | grep --line-buffered -v "Warning\|warnings.warn" | tee -a "$LOG"
 RC=${PIPESTATUS[0]}
 if [ "$RC" = "124" ]; then
-  echo "benchmark stopped at the time limit: $OUT/bench.json holds the phases it finished" | tee -a "$LOG"
-fi
-if [ ! -s "$OUT/bench.md" ] && [ -s "$OUT/bench.json" ]; then
-  # A stopped run wrote no table: render the finished phases (marked PARTIAL).
-  "$PYTHON" - "$OUT" <<'PYEOF' 2>&1 | tee -a "$LOG"
-import json, sys
-from pathlib import Path
-from mtlx.bench import harness as HR, report as R
-out = Path(sys.argv[1])
-res = json.loads((out / "bench.json").read_text())
-res.setdefault("task_scaling", HR.task_scaling(res.get("cells", [])))
-(out / "bench.md").write_text(R.render(res, markdown=True))
-print(R.render(res))
-print("plot:", R.plot_tasks(res, str(out / "bench_tasks.png")))
-PYEOF
+  echo "benchmark stopped at the time limit: $OUT/bench.{json,md} hold the phases it finished (PARTIAL)" | tee -a "$LOG"
 fi
 if [ "$RC" = "0" ] && [ "$CHECK_RC" = "4" ]; then RC=4; fi
 

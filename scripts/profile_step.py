@@ -40,9 +40,7 @@ def profile_cell(text: str, steps: int, top: int, dtype: str = "float32",
     if len(parts) != 5:
         raise SystemExit(f"scripts/profile_step.py: --cell {text!r} must be config/size/L/T/B")
     c, s, l, t, b = parts
-    att = None if attention == "default" else attention
-    features = W.Features(dtype=dtype, attention=att,
-                          attention_dropout=0.0 if att == "cudnn" else W.ATTENTION_DROPOUT)
+    features = W.features_for(dtype, attention)
     setup = W.build_mtlx(W.Cell(c, s, int(l), int(t), int(b), features), num_batches=2)
     state = setup.state
     for i in range(2):

@@ -580,9 +580,12 @@ def test_a_run_stopped_after_a_phase_leaves_the_finished_figures_in_json(tmp_pat
         bench.main(["--cells", "shared/tiny/16/1/2", "--repeats", "1", "--block-seconds", "0.01",
                     "--baseline-modes", "none", "--features", "none",
                     "--packing", "shared/tiny/16/8/2", "--real-lengths", "none",
-                    "--compile-cache-check", "none", "--json", str(out), "--quiet"])
+                    "--compile-cache-check", "none", "--json", str(out),
+                    "--markdown", str(tmp_path / "bench.md"), "--quiet"])
     saved = json.loads(out.read_text())
     assert saved["partial"] is True
+    md = (tmp_path / "bench.md").read_text()
+    assert md.startswith("machine:") and "PARTIAL" in md and "| shared | tiny | 16 | 1 | 2 |" in md
     assert [c["cell"] for c in saved["cells"]] == ["shared/tiny/L16/T1/B2"]
     assert saved["cells"][0]["mtlx"]["examples_per_s"] > 0
     assert "packing" in saved["phase_seconds"] and "packing" not in saved

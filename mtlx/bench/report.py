@@ -31,8 +31,7 @@ def _mem(side: dict) -> Optional[float]:
     for key in ("device_peak", "rss_delta"):
         if m.get(key) is not None:
             return m[key]
-    total = (m.get("compiled") or {}).get("total")
-    return total if total is not None else None
+    return (m.get("compiled") or {}).get("total")
 
 
 MEMORY_NOTE = ("memory: torch on a GPU = torch.cuda.max_memory_allocated over the cell; on a CPU "

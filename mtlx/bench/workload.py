@@ -98,6 +98,15 @@ class Features:
                 + (f", routing={self.routing}" if self.routing else ""))
 
 
+def features_for(dtype: str, attention: str = "default", **kw) -> Features:
+    """Features from command-line choices (scripts/bench.py, scripts/profile_step.py):
+    attention 'default' | 'xla' | 'cudnn'; cuDNN's fused kernel cannot drop attention
+    probabilities, so 'cudnn' comes with attention_dropout=0."""
+    att = None if attention == "default" else attention
+    return Features(dtype=dtype, attention=att,
+                    attention_dropout=0.0 if att == "cudnn" else ATTENTION_DROPOUT, **kw)
+
+
 @dataclasses.dataclass(frozen=True)
 class Cell:
     config: str
