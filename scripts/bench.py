@@ -58,7 +58,7 @@ QUICK = {
     "packing": None,
     # Real GLUE lengths: config, size, examples per task, packed rows per step.
     "real_lengths": ("adapters", "tiny", 32, 8),
-    "real_lengths_sides": ("mtlx[packed]", "torch[longest]", "torch[128]"),
+    "real_lengths_sides": ("mtlx[packed]", "mtlx[mixed]", "torch[longest]", "torch[128]"),
     "repeats": 3,
     "block_seconds": 0.3,
 }
@@ -130,7 +130,7 @@ def parse_args(argv=None):
                         "'none' to skip")
     p.add_argument("--real-lengths-sides", default=None,
                    help="comma-separated sides of the real-length cell (default all: "
-                        "mtlx[packed],mtlx[128],torch[longest],torch[128]; --quick leaves out "
+                        "mtlx[packed],mtlx[mixed],mtlx[128],torch[longest],torch[128]; --quick leaves out "
                         "mtlx[128], whose per-example cost the synthetic L=128 cells show)")
     p.add_argument("--compile-cache-check", default=None,
                    help="cell 'config/size/L/T/B' compiled with a cold then warm persistent cache; 'none' to skip")

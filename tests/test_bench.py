@@ -371,6 +371,17 @@ def test_glue_workload_sides_hold_the_same_real_examples():
     assert sorted(got) == want
     real = sum(len(x[1]) for x in want)
     assert real == w.real_tokens and real > 0.5 * len(batches) * 4 * 128  # packing fills rows
+    # Rows mixing tasks: the same examples, in no more steps.
+    mixed = W.glue_packed_batches(w, rows=4, max_segments=16, mix_tasks=True)
+    got = []
+    for pb in mixed:
+        b, seg = pb.batch, pb.segments
+        assert seg.mixed and (np.asarray(b.task_ids) == -1).all()
+        for row in range(4):
+            for j in range(int(seg.mask[row].sum())):
+                ids = b.input_ids[row][b.segment_ids[row] == j + 1]
+                got.append((int(seg.task_ids[row, j]), tuple(ids.tolist()), int(seg.labels[row, j])))
+    assert sorted(got) == want and len(mixed) <= len(batches)
     padded = W.glue_padded_batches(w, 8)
     assert len(padded) == 6 and sum(int(b.example_mask.sum()) for b in padded) == 48
 
@@ -378,9 +389,15 @@ def test_glue_workload_sides_hold_the_same_real_examples():
 def test_real_lengths_cell_runs_both_sides():
     opts = HR.Options(repeats=1, verbose=False, torch_threads=(1,))
     out = HR.measure_real_lengths("adapters", "tiny", 2, 2, W.Features(), opts,
-                                  sides=("mtlx[packed]", "torch[longest]"))
-    assert set(out["ratios"]) == {"mtlx[packed]/torch[longest]"}
+                                  sides=("mtlx[packed]", "mtlx[mixed]", "torch[longest]"))
+    assert set(out["ratios"]) == {"mtlx[packed]/torch[longest]", "mtlx[mixed]/torch[longest]"}
     packed, torch = out["mtlx[packed]"], out["torch[longest]"]
+    mixed = out["mtlx[mixed]"]
+    # Rows mixing tasks hold the same examples in no more steps, with no more padding.
+    assert mixed["steps_per_pass"] <= packed["steps_per_pass"]
+    assert mixed["padding_fraction"] <= packed["padding_fraction"] and mixed["examples_per_s"] > 0
+    table = R.real_lengths_table({"real_lengths": out}, markdown=True)
+    assert "mtlx[mixed] / side" in table and "| mtlx[mixed] |" in table
     assert packed["batch_shape"] == (2, 128) and torch["steps_per_pass"] == 6
     assert packed["examples_per_s"] > 0 and torch["examples_per_s"] > 0
     assert 0 <= packed["padding_fraction"] < 1 and torch["tokens_computed"] >= out["workload"]["real_tokens"]

@@ -31,24 +31,30 @@ def test_first_fit():
     assert first_fit([6, 6, 3, 2, 1], [0, 0, 1, 0, 1], 2, 8, 4) == [(0, 0, 0), (1, 1, 0), (3, 0, 6)]
     # Every row closed: nothing more is looked at.
     assert first_fit([8, 1, 1], [0, 1, 0], 1, 8, 4) == [(0, 0, 0)]
+    # Mixed rows: any task may join a row (task 1's 3 tokens go next to task 0's).
+    assert first_fit([3, 3, 3], [0, 1, 0], 2, 10, 4, mix_tasks=True) == \
+        [(0, 0, 0), (1, 0, 3), (2, 0, 6)]
+    assert first_fit([6, 6, 3, 2, 1], [0, 0, 1, 0, 1], 2, 8, 4, mix_tasks=True) == \
+        [(0, 0, 0), (1, 1, 0), (3, 0, 6)]   # task 1 still waits for its 3 tokens
 
 
-def test_first_fit_fills_past_a_misfit_like_a_reference():
+@pytest.mark.parametrize("mix", [False, True])
+def test_first_fit_fills_past_a_misfit_like_a_reference(mix):
     """Against a direct transcription of the rule over random draws: placements are valid
-    (no overlap, one task a row, at most S segments) and each task's placed segments are a
-    prefix of its draws."""
+    (no overlap, one task a row unless `mix`, at most S segments) and each task's placed
+    segments are a prefix of its draws."""
     rng = np.random.default_rng(0)
     for _ in range(200):
         n, rows, length, s = int(rng.integers(1, 40)), int(rng.integers(1, 6)), 32, int(rng.integers(1, 5))
         lengths = rng.integers(1, 33, n).tolist()
         tasks = rng.integers(0, 3, n).tolist()
-        placed = first_fit(lengths, tasks, rows, length, s)
+        placed = first_fit(lengths, tasks, rows, length, s, mix_tasks=mix)
         fill = [[] for _ in range(rows)]
         for i, r, o in placed:
             fill[r].append((o, lengths[i], tasks[i]))
         for segs in fill:
             segs.sort()
-            assert len(segs) <= s and len({t for _, _, t in segs}) <= 1
+            assert len(segs) <= s and (mix or len({t for _, _, t in segs}) <= 1)
             end = 0
             for o, m, _ in segs:
                 assert o == end  # contiguous from the row start, no overlap
@@ -68,13 +74,15 @@ def test_first_fit_fills_past_a_misfit_like_a_reference():
                     used[r] += lengths[i]
                     task[r] = tasks[i]
                     count[r] += 1
-                assert not any(used[r] + lengths[miss] <= length and task[r] in (-1, t)
+                assert not any(used[r] + lengths[miss] <= length and (mix or task[r] in (-1, t))
                                and count[r] < s for r in range(rows))
 
 
-def test_packed_rows(data):
+@pytest.mark.parametrize("mixed", [False, True])
+def test_packed_rows(data, mixed):
     mix = mixture_for(data, Uniform())
-    it = make_packed_iterator(data, mix, batch_size=8, seed=0, row_len=128, max_segments=6)
+    it = make_packed_iterator(data, mix, batch_size=8, seed=0, row_len=128, max_segments=6,
+                              mix_tasks=mixed)
     total_real = 0
     for _ in range(20):
         units = it.units_at(it.step, it.counts)
@@ -91,7 +99,10 @@ def test_packed_rows(data):
             if k == 0:
                 assert b.example_mask[row] == 0 and b.task_ids[row] == -1
                 continue
-            assert set(seg.task_ids[row, :k].tolist()) == {b.task_ids[row]}   # one task a row
+            if mixed:   # no task a row; the segments say each token's task
+                assert b.task_ids[row] == -1 and (seg.task_ids[row, :k] >= 0).all()
+            else:
+                assert set(seg.task_ids[row, :k].tolist()) == {b.task_ids[row]}   # one task a row
             for j in range(k):
                 tokens = np.nonzero(b.segment_ids[row] == j + 1)[0]
                 start = seg.starts[row, j]
@@ -107,7 +118,7 @@ def test_packed_rows(data):
         for t, u in units:
             d = it.data[t]
             toks = d.row_tokens(u)
-            rows = np.nonzero(b.task_ids == t)[0]
+            rows = np.nonzero((seg.task_ids == t).any(1))[0]
             hits = [(r, j) for r in rows for j in range(int(seg.mask[r].sum()))
                     if np.array_equal(b.input_ids[r][b.segment_ids[r] == j + 1], toks)]
             assert hits, (d.task, u)
@@ -126,17 +137,29 @@ def test_packed_rows(data):
     assert packed_fill > 0.7 and packed_fill > 2.5 * one_per_row
 
 
-def test_packed_resume_and_epochs(data):
+def test_mixed_rows_fill_better_than_rows_of_one_task(data):
+    def fill(mixed):
+        it = make_packed_iterator(data, mixture_for(data, Uniform()), batch_size=8, seed=0,
+                                  row_len=128, max_segments=6, mix_tasks=mixed)
+        return np.mean([np.asarray(next(it).batch.attention_mask).mean() for _ in range(40)])
+    one, mixed = fill(False), fill(True)
+    assert mixed > one + 0.03, (one, mixed)
+
+
+@pytest.mark.parametrize("mixed", [False, True])
+def test_packed_resume_and_epochs(data, mixed):
     mix = mixture_for(data)
-    it = make_packed_iterator(data, mix, batch_size=4, seed=1, row_len=128, max_segments=8)
+    it = make_packed_iterator(data, mix, batch_size=4, seed=1, row_len=128, max_segments=8,
+                              mix_tasks=mixed)
     batches = [next(it) for _ in range(30)]
     for s in (0, 7, 29):
         resumed = make_packed_iterator(data, mix, batch_size=4, seed=1, row_len=128,
-                                       max_segments=8, start_step=s)
+                                       max_segments=8, start_step=s, mix_tasks=mixed)
         got = next(resumed)
         assert all(np.array_equal(x, y) for x, y in
                    zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(batches[s])))
-    fresh = make_packed_iterator(data, mix, batch_size=4, seed=1, row_len=128, max_segments=8)
+    fresh = make_packed_iterator(data, mix, batch_size=4, seed=1, row_len=128, max_segments=8,
+                                 mix_tasks=mixed)
     sizes = [d.num_units for d in fresh.data]
     seen = {t: [] for t in range(3)}
     while any(len(seen[t]) < sizes[t] for t in range(3)):

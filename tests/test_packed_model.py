@@ -1,5 +1,6 @@
 """Packed rows through the multi-task model: per-segment heads and losses equal the unpacked
-examples run one per row."""
+examples run one per row; with rows of one task and with rows that mix tasks (per-token
+routing of the task-specific modules and token-level heads)."""
 
 import dataclasses
 
@@ -21,13 +22,32 @@ TASKS = (TaskHead("sst2", "classification", 2), TaskHead("stsb", "regression"),
          TaskHead("ud_pos", "token_classification", 17))
 
 
-@pytest.fixture(scope="module")
-def packed():
+def _packed(mix_tasks: bool):
     tok = load_tokenizer(sample_root() / "vocab" / "bert-base-uncased" / "vocab.txt")
     data = {t: tokenize_split(load_split(t, "train"), tok) for t in NAMES}
     it = make_packed_iterator(data, mixture_for(data, tasks=NAMES), batch_size=4, seed=0,
-                              row_len=128, max_segments=6)
+                              row_len=128, max_segments=6, mix_tasks=mix_tasks)
     return next(it)
+
+
+@pytest.fixture(scope="module")
+def packed():
+    return _packed(False)
+
+
+@pytest.fixture(scope="module")
+def mixed():
+    pb = _packed(True)
+    seg = np.asarray(pb.segments.task_ids)
+    # Really mixed: some row holds segments of two or more tasks, one a token-level task.
+    assert max(len(set(r[r >= 0].tolist())) for r in seg) >= 2
+    assert pb.segments.mixed and (np.asarray(pb.batch.task_ids) == -1).all()
+    return pb
+
+
+@pytest.fixture(params=["one_task_rows", "mixed_rows"])
+def layout(request, packed, mixed):
+    return packed if request.param == "one_task_rows" else mixed
 
 
 def unpack(pb):
@@ -70,7 +90,8 @@ BACKBONES = {
 
 
 @pytest.mark.parametrize("backbone", sorted(BACKBONES))
-def test_packed_outputs_and_losses_equal_unpacked(packed, backbone):
+def test_packed_outputs_and_losses_equal_unpacked(layout, backbone):
+    packed = layout
     model = MultiTaskModel(BACKBONES[backbone](), TASKS, head_dropout=0.0)
     rows, flat = unpack(packed)
     assert len(rows) > packed.batch.input_ids.shape[0]  # really packed: more examples than rows
@@ -99,15 +120,19 @@ def test_packing_refuses_unpackable_heads(packed):
         H.packed_task_losses({}, packed.batch, packed.segments, TASKS + (TaskHead("qa", "span"),))
 
 
-@pytest.mark.parametrize("weighting,backbone", [(None, "bert"), ("mgda", "bert"), (None, "t5"),
-                                               (None, "t5_remat")])
-def test_train_step_on_packed_rows_equals_the_step_on_the_examples(packed, weighting, backbone):
+@pytest.mark.parametrize("weighting,backbone,rows", [
+    (None, "bert", "one_task"), ("mgda", "bert", "one_task"), (None, "t5", "one_task"),
+    (None, "t5_remat", "one_task"), (None, "bert", "mixed"), ("mgda", "bert", "mixed"),
+    (None, "t5", "mixed")])
+def test_train_step_on_packed_rows_equals_the_step_on_the_examples(packed, mixed, weighting,
+                                                                   backbone, rows):
     """The ONE train step takes packed batches: per-task losses, counts and the updated
     parameters equal the step on the same examples one per row (no dropout); with a per-task
     strategy too. The representation option refuses packed rows."""
     import optax
     from mtlx import weighting as W
     from mtlx.train import step as S
+    packed = mixed if rows == "mixed" else packed
     cfg = BACKBONES[backbone]()
     no_dropout = ({"dropout_rate": 0.0} if backbone.startswith("t5")
                   else {"hidden_dropout": 0.0, "attention_dropout": 0.0})
@@ -133,3 +158,57 @@ def test_train_step_on_packed_rows_equals_the_step_on_the_examples(packed, weigh
         state = S.create_state(params, tx, jax.random.key(1), S.init_weighting(strategy, model, params))
         with pytest.raises(ValueError, match="cannot be combined with packed rows"):
             rep(state, packed)
+
+
+# Every routed PEFT method on rows that mix tasks: each token gets its own task's weights. A
+# subset of tasks owning weights checks that the others' tokens see the plain model.
+PEFT = {
+    "houlsby": [{"method": "adapter", "variant": "houlsby", "reduction_factor": 4}],
+    "houlsby_ragged": [{"method": "adapter", "variant": "houlsby", "reduction_factor": 4,
+                        "impl": "ragged", "layer_norm": "post"}],
+    "lora_subset": [{"method": "lora", "rank": 2, "alpha": 4.0, "tasks": ["sst2", "ud_pos"]}],
+    "compacter": [{"method": "compacter", "reduction_factor": 4, "phm_dim": 2}],
+    "ia3_and_parallel": [{"method": "ia3", "tasks": ["stsb"]},
+                         {"method": "adapter", "variant": "parallel", "reduction_factor": 4}],
+    "fusion": [{"method": "fusion", "reduction_factor": 4, "sources": list(NAMES) + ["src"]}],
+    "hyperformer++": [{"method": "hyperformer++", "reduction_factor": 4}],
+    "hyper_lora": [{"method": "hyper_lora", "rank": 2}],
+}
+
+
+@pytest.mark.parametrize("method", sorted(PEFT))
+def test_mixed_rows_route_every_token_to_its_task(mixed, method):
+    from mtlx.peft import registry
+    from tests.peft_common import random_params
+    cfg = registry.attach(BACKBONES["bert"](), PEFT[method], NAMES)
+    model = MultiTaskModel(cfg, TASKS, head_dropout=0.0)
+    rows, flat = unpack(mixed)
+    params = random_params(model, flat, scale=0.2)
+    apply = jax.jit(lambda p, b, s=None: model.apply({"params": p}, b, segments=s))
+    out_p, out_f = apply(params, mixed.batch, mixed.segments), apply(params, flat)
+    s = mixed.segments.mask.shape[1]
+    for i, (r, k, idx) in enumerate(rows):
+        kind = TASKS[int(flat.task_ids[i])].kind
+        if kind == "token_classification":
+            got = np.asarray(out_p[kind])[r, idx]
+            want = np.asarray(out_f[kind])[i, : len(idx)]
+        else:
+            got, want = out_p[kind][r * s + k], out_f[kind][i]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5, err_msg=f"{method}: example {i} ({kind})")
+    lp, cp = H.packed_task_losses(out_p, mixed.batch, mixed.segments, TASKS)
+    lf, cf = H.task_losses(out_f, flat, TASKS)
+    np.testing.assert_allclose(cp, cf)
+    np.testing.assert_allclose(lp, lf, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_mixed_rows_refuse_prompt_and_prefix_tuning(mixed, method):
+    from mtlx.peft import registry
+    cfg = registry.attach(BACKBONES["bert"](), [{"method": method, "length": 2}], NAMES)
+    # Prompt tuning lengthens the input: sequence-level heads only.
+    tasks = TASKS[:2] + (TaskHead("ud_pos", "classification", 2),)
+    model = MultiTaskModel(cfg, tasks, head_dropout=0.0)
+    _, flat = unpack(mixed)
+    params = init_params(model, jax.random.key(0), flat)
+    with pytest.raises(ValueError, match=f"{method} tuning gives each ROW .*packing_mix_tasks=False"):
+        model.apply({"params": params}, mixed.batch, segments=mixed.segments)

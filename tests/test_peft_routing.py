@@ -96,6 +96,38 @@ def test_routed_matmul_equals_per_example_loop(impl, k, n):
     np.testing.assert_allclose(gw, rw, atol=1e-4)
 
 
+@pytest.mark.parametrize("impl", R.IMPLEMENTATIONS)
+@pytest.mark.parametrize("k,n", [(4, 7), (7, 4)])
+def test_per_token_routed_matmul_equals_a_loop_over_tokens(impl, k, n):
+    """Rows that mix tasks: group [B, L] routes every token (x [B, L, ..., k]); 'gather' runs
+    as 'onehot' there. Values and gradients against a loop over tokens."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(3, 4, 2, k)).astype(np.float32)   # an inner axis as fusion's sources
+    w = rng.normal(size=(3, k, n)).astype(np.float32)
+    group = rng.integers(0, 3, size=(3, 4))
+    got = np.asarray(R.routed_matmul(x, w, group, impl))
+    want = np.stack([np.stack([x[b, l] @ w[group[b, l]] for l in range(4)]) for b in range(3)])
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    ref = lambda a, b: (jax.numpy.einsum("blik,blkn->blin", a, b[group]) ** 2).sum()  # noqa: E731
+    gx, gw = jax.grad(lambda a, b: (R.routed_matmul(a, b, group, impl) ** 2).sum(), (0, 1))(x, w)
+    rx, rw = jax.grad(ref, (0, 1))(x, w)
+    np.testing.assert_allclose(gx, rx, atol=1e-4)
+    np.testing.assert_allclose(gw, rw, atol=1e-4)
+
+
+def test_per_token_bias_scale_and_members():
+    rng = np.random.default_rng(3)
+    y = rng.normal(size=(2, 5, 4)).astype(np.float32)
+    bias, scale = rng.normal(size=(3, 4)), rng.normal(size=(3, 4))
+    group = rng.integers(0, 3, size=(2, 5))
+    np.testing.assert_allclose(R.add_bias(y, bias, group), y + bias[group], atol=1e-6)
+    np.testing.assert_allclose(R.scale_rows(y, scale, group), y * scale[group], atol=1e-6)
+    member = group != 1
+    np.testing.assert_array_equal(R.keep_members(member, y + 1, y),
+                                  np.where(member[..., None], y + 1, y))
+    assert R.per_example(np.ones((1, 4)), group).shape == (2, 5, 4)
+
+
 def test_task_layer_norm_matches_numpy():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(3, 2, 8)).astype(np.float32)

@@ -491,7 +491,7 @@ def measure_packing(config: str, size: str, seq_len: int, num_examples: int, num
     return out
 
 
-REAL_LENGTH_SIDES = ("mtlx[packed]", "mtlx[128]", "torch[longest]", "torch[128]")
+REAL_LENGTH_SIDES = ("mtlx[packed]", "mtlx[mixed]", "mtlx[128]", "torch[longest]", "torch[128]")
 
 
 class EpochRunner:
@@ -521,11 +521,14 @@ def measure_real_lengths(config: str, size: str, per_task: int, rows: int, featu
       torch[longest]  per-task batches of `per_task`, padded to the batch's longest input
                       (transformers' DataCollatorWithPadding);
       torch[128]      the same batches padded to 128 (run_glue.py's default pad_to_max_length);
-      mtlx[packed]    the mixed stream packed into steps of `rows` rows of 128
-                      (mtlx.data.packing, as config.data.packing trains);
+      mtlx[packed]    the mixed stream packed into steps of `rows` rows of 128, one task a
+                      row (mtlx.data.packing, as config.data.packing trains);
+      mtlx[mixed]     the same, rows mixing tasks (config.data.packing_mix_tasks: fuller
+                      rows, task-specific modules routed per token);
       mtlx[128]       the mixed stream in steps of `per_task` rows padded to 128.
 
-    `sides`: which of the four to run (mtlx[packed] always runs: the ratios are its own).
+    `sides`: which to run (mtlx[packed] always runs). Ratios: every mtlx side against every
+    torch side.
     Timed in ABBA turns, one untimed step before each pass; figures are per pass
     (examples_per_s: examples of the pass / its seconds)."""
     from mtlx.bench import torch_baseline as TB
@@ -539,6 +542,8 @@ def measure_real_lengths(config: str, size: str, per_task: int, rows: int, featu
         raise ValueError(f"mtlx/bench/harness.py: unknown real-length sides {unknown}; known: "
                          f"{list(REAL_LENGTH_SIDES)}")
     mtlx_sides = {"mtlx[packed]": W.glue_packed_batches(w, rows, max_segments)}
+    if "mtlx[mixed]" in sides:
+        mtlx_sides["mtlx[mixed]"] = W.glue_packed_batches(w, rows, max_segments, mix_tasks=True)
     if "mtlx[128]" in sides:
         mtlx_sides["mtlx[128]"] = W.glue_padded_batches(w, per_task)
     out = {"workload": {"tasks": [t.name for t in w.tasks], "per_task": per_task,
@@ -604,12 +609,8 @@ def measure_real_lengths(config: str, size: str, per_task: int, rows: int, featu
         out[r.name].update({"pass_s": med, "pass_s_repeats": times[r.name],
                             "examples_per_s": n / med, "real_tokens_per_s": real / med,
                             "padding_fraction": 1.0 - real / out[r.name]["tokens_computed"]})
-    ref = out["mtlx[packed]"]["examples_per_s"]
-    out["ratios"] = {f"mtlx[packed]/{k}": ref / out[k]["examples_per_s"]
-                     for k in out if k.startswith("torch[")}
-    if "mtlx[128]" in out and "torch[128]" in out:
-        out["ratios"]["mtlx[128]/torch[128]"] = (out["mtlx[128]"]["examples_per_s"]
-                                                 / out["torch[128]"]["examples_per_s"])
+    out["ratios"] = {f"{m}/{k}": out[m]["examples_per_s"] / out[k]["examples_per_s"]
+                     for m in mtlx_sides for k in out if k.startswith("torch[")}
     out["config"], out["size"], out["dtype"] = config, size, features.dtype
     return out
 

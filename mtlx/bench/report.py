@@ -119,8 +119,9 @@ def real_lengths_table(results: Dict[str, Any], markdown: bool = False) -> Optio
     if not r:
         return None
     ref = r["mtlx[packed]"]["examples_per_s"]
+    mixed = (r.get("mtlx[mixed]") or {}).get("examples_per_s")
     rows = []
-    for name in ("mtlx[packed]", "mtlx[128]", "torch[longest]", "torch[128]"):
+    for name in ("mtlx[packed]", "mtlx[mixed]", "mtlx[128]", "torch[longest]", "torch[128]"):
         v = r.get(name)
         if not v:
             continue
@@ -129,9 +130,11 @@ def real_lengths_table(results: Dict[str, Any], markdown: bool = False) -> Optio
             str(s[1]) for s in v["batch_shapes"])
         rows.append([name, str(v["steps_per_pass"]), shape, f"{v['tokens_computed']}",
                      f"{100 * v['padding_fraction']:.0f}%", f"{v['examples_per_s']:.3g}",
-                     _si(v["real_tokens_per_s"]), f"{ref / v['examples_per_s']:.2f}x"])
+                     _si(v["real_tokens_per_s"]), f"{ref / v['examples_per_s']:.2f}x"]
+                    + ([f"{mixed / v['examples_per_s']:.2f}x"] if mixed else []))
     return _table(["side", "steps", "batch (rows x length)", "tokens computed", "padding",
-                   "ex/s", "real tok/s", "mtlx[packed] / side"], rows, markdown)
+                   "ex/s", "real tok/s", "mtlx[packed] / side"]
+                  + (["mtlx[mixed] / side"] if mixed else []), rows, markdown)
 
 
 def extras(results: Dict[str, Any]) -> List[str]:
@@ -159,8 +162,10 @@ def _real_lengths_title(results: Dict[str, Any]) -> str:
             f"word pieces, {w['real_tokens']} in all), one pass each side; torch per-task batches "
             f"of {w['per_task']} padded to the longest (DataCollatorWithPadding) or to 128 "
             f"(run_glue.py's default); mtlx mixed, packed into steps of {w['packed_rows']} rows "
-            f"of 128" + (f", or in steps of {w['per_task']} rows padded to 128" if "mtlx[128]" in r
-                         else "") + ":")
+            f"of 128 (one task a row" + ("; mtlx[mixed]: rows mixing tasks" if "mtlx[mixed]" in r
+                                         else "") + ")"
+            + (f", or in steps of {w['per_task']} rows padded to 128" if "mtlx[128]" in r
+               else "") + ":")
 
 
 def render(results: Dict[str, Any], markdown: bool = False) -> str:

@@ -453,21 +453,24 @@ def glue_padded_batches(w: GlueWorkload, batch_size: int) -> list:
             for i in range(0, len(w.stream), batch_size)]
 
 
-def glue_packed_batches(w: GlueWorkload, rows: int, max_segments: int = 16) -> list:
+def glue_packed_batches(w: GlueWorkload, rows: int, max_segments: int = 16,
+                        mix_tasks: bool = False) -> list:
     """The mixed stream packed into PackedBatches of `rows` rows of `row_len` by the training
-    loop's placement (mtlx.data.packing.first_fit: one task a row, each task's examples in
-    order); what a batch leaves out goes to the next one."""
+    loop's placement (mtlx.data.packing.first_fit: one task a row, or any tasks with
+    `mix_tasks`; each task's examples in order); what a batch leaves out goes to the next
+    one."""
     from mtlx.data.packing import first_fit, pack
     from mtlx.data.pipeline import BatchLayout
     out, rest = [], list(w.stream)
     while rest:
         lengths = [int(s.row_starts[r + 1] - s.row_starts[r]) for s, r, _ in rest]
-        placed = first_fit(lengths, [t for _, _, t in rest], rows, w.row_len, max_segments)
+        placed = first_fit(lengths, [t for _, _, t in rest], rows, w.row_len, max_segments,
+                           mix_tasks)
         if not placed:
             raise ValueError(f"mtlx/bench/workload.py: an example of {lengths[0]} tokens fits no "
                              f"row of {w.row_len}")
         taken = {i for i, _, _ in placed}
         out.append(pack([rest[i] for i, _, _ in placed], [(r, o) for _, r, o in placed], rows,
-                        w.row_len, max_segments, BatchLayout()))
+                        w.row_len, max_segments, BatchLayout(), mix_tasks=mix_tasks))
         rest = [x for i, x in enumerate(rest) if i not in taken]
     return out

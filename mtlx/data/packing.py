@@ -12,12 +12,22 @@ Packing without Cross-contamination"):
   token_labels  [B, L]  token classification: each segment's labels in place.
 
 Segment-level fields (`PackedSegments`, [B, S] for at most S segments a row): each segment's
-task id, class label, regression value, first-token position (its [CLS]) and a mask. A row
-holds segments of ONE task (Batch.task_ids stays per row, so the heads and the task-specific
-modules route per row); mixing tasks inside a row would need per-token task routing in the
-model. Sequence-level heads pool each segment at its first token and take their targets from
+task id, class label, regression value, first-token position (its [CLS]) and a mask.
+Sequence-level heads pool each segment at its first token and take their targets from
 `PackedSegments` (`mtlx.models.heads.packed_task_sums`), so `Batch.labels` is IGNORE_INDEX on
 packed rows; token classification reads its labels in place.
+
+Two layouts:
+  one task a row (default)  `Batch.task_ids` stays per row, so the task-specific modules and
+                        token-level heads route per row, exactly as on unpacked rows.
+  mixed rows (`mix_tasks=True`, config.data.packing_mix_tasks)  any segment may go to any row,
+                        so rows fill better (a task's last short examples no longer leave a
+                        row part-empty). Each TOKEN then carries its segment's task
+                        (`mtlx.models.heads.token_task_ids`); adapters, LoRA, hypernetworks and token-level heads
+                        route per token (mtlx.peft.routing), and `Batch.task_ids` is -1 (a
+                        row has no single task). `PackedSegments.mixed` (static) tells the
+                        model. Prompt and prefix tuning, which give a whole row its task's
+                        virtual tokens, refuse mixed rows.
 
 Placement is first fit in draw order (`first_fit`): a segment that fits no row is left out with
 its task's later segments of the step, and the other tasks go on filling the rows. Which
@@ -47,6 +57,8 @@ class PackedSegments:
     label_values: Any  # float32 regression target, 0 where none
     starts: Any        # int32 position of the segment's first token, 0 where none
     mask: Any          # float32 1 for a real segment
+    # Static: rows may mix tasks, so task-specific modules route per token (token_task_ids).
+    mixed: bool = flax.struct.field(pytree_node=False, default=False)
 
 
 @flax.struct.dataclass
@@ -56,11 +68,11 @@ class PackedBatch:
 
 
 def first_fit(lengths: Sequence[int], tasks: Sequence[int], num_rows: int, row_len: int,
-              max_segments: int) -> list:
+              max_segments: int, mix_tasks: bool = False) -> list:
     """(index, row, offset) of the segments placed, in draw order.
 
-    A segment goes to the first row with enough room, the same task (or no task yet) and fewer
-    than `max_segments` segments. A segment that fits no row is left out, and so is every later
+    A segment goes to the first row with enough room, the same task (or no task yet; any task
+    with `mix_tasks`) and fewer than `max_segments` segments. A segment that fits no row is left out, and so is every later
     segment of its task, so each task's examples are still taken in order (the iterator draws
     what was left out again); the other tasks' segments go on filling the rows.
     """
@@ -73,7 +85,7 @@ def first_fit(lengths: Sequence[int], tasks: Sequence[int], num_rows: int, row_l
         if t in blocked:
             continue
         for r in range(num_rows):
-            if used[r] + n <= row_len and task[r] in (-1, t) and count[r] < max_segments:
+            if used[r] + n <= row_len and (mix_tasks or task[r] in (-1, t)) and count[r] < max_segments:
                 out.append((i, r, used[r]))
                 used[r] += n
                 task[r] = t
@@ -81,7 +93,7 @@ def first_fit(lengths: Sequence[int], tasks: Sequence[int], num_rows: int, row_l
                 break
         else:
             blocked.add(t)
-            if all(u == row_len or c == max_segments or k != -1 and k in blocked
+            if all(u == row_len or c == max_segments or not mix_tasks and k != -1 and k in blocked
                    for u, c, k in zip(used, count, task)):
                 break  # no row can take anything more
     return out
@@ -89,8 +101,11 @@ def first_fit(lengths: Sequence[int], tasks: Sequence[int], num_rows: int, row_l
 
 def pack(segments: Sequence[tuple], placements: Sequence[tuple], num_rows: int, row_len: int,
          max_segments: int, layout: BatchLayout, pad_id: int = 0,
-         position_offset: int = 0) -> PackedBatch:
-    """Builds a PackedBatch from (split, row, task id) segments and their (row, offset)."""
+         position_offset: int = 0, mix_tasks: bool = False) -> PackedBatch:
+    """Builds a PackedBatch from (split, row, task id) segments and their (row, offset).
+
+    Without `mix_tasks` every row's segments must share a task (ValueError otherwise); with it
+    `Batch.task_ids` is -1 and the segments say each token's task."""
     b, l, s = num_rows, row_len, max_segments
     input_ids = np.full((b, l), pad_id, np.int32)
     type_ids = np.zeros((b, l), np.int32)
@@ -114,7 +129,10 @@ def pack(segments: Sequence[tuple], placements: Sequence[tuple], num_rows: int, 
         position_ids[row, off: off + n] = position_offset + np.arange(n)
         if token_labels is not None and split.token_labels is not None:
             token_labels[row, off: off + n] = split.token_labels[a:e]
-        task_ids[row] = t
+        if not mix_tasks and task_ids[row] not in (-1, t):
+            raise ValueError(f"row {row} would hold segments of tasks {int(task_ids[row])} and "
+                             f"{t}; pass mix_tasks=True to mix tasks in a row")
+        task_ids[row] = -1 if mix_tasks else t
         seg["task_ids"][row, k] = t
         seg["labels"][row, k] = split.labels[r]
         seg["label_values"][row, k] = split.label_values[r]
@@ -125,11 +143,12 @@ def pack(segments: Sequence[tuple], placements: Sequence[tuple], num_rows: int, 
     batch = make_batch(input_ids=input_ids, attention_mask=attention, token_type_ids=type_ids,
                        task_ids=task_ids, example_mask=(count > 0).astype(np.float32),
                        segment_ids=segment_ids, position_ids=position_ids, **extra)
-    return PackedBatch(batch, PackedSegments(**seg))
+    return PackedBatch(batch, PackedSegments(**seg, mixed=bool(mix_tasks)))
 
 
 class PackedIterator(DataIterator):
-    """Like DataIterator, but each row holds several examples of one task.
+    """Like DataIterator, but each row holds several examples: of one task, or of any tasks
+    with `mix_tasks`.
 
     Each process draws up to `max_segments` x its rows slots per step from the mixture and
     places them by first fit into rows of `row_len` tokens. Because how many examples a step
@@ -139,7 +158,8 @@ class PackedIterator(DataIterator):
     """
 
     def __init__(self, data, mixture, *, batch_size: int, seed: int, row_len: int,
-                 max_segments: int = 8, start_step: int = 0, position_offset: int = 0):
+                 max_segments: int = 8, start_step: int = 0, position_offset: int = 0,
+                 mix_tasks: bool = False):
         bad = [d.task for d in data if d.head not in PACKABLE]
         if bad:
             raise ValueError(f"task(s) {bad} cannot be packed (heads {PACKABLE} can): multiple "
@@ -147,6 +167,7 @@ class PackedIterator(DataIterator):
         if max_segments < 1:
             raise ValueError(f"max_segments must be >= 1, got {max_segments}")
         self.max_segments, self.position_offset = int(max_segments), int(position_offset)
+        self.mix_tasks = bool(mix_tasks)
         self._anchor = (0, None)
         super().__init__(data, mixture, batch_size=batch_size, seed=seed, start_step=start_step,
                          buckets=(row_len,))
@@ -167,7 +188,8 @@ class PackedIterator(DataIterator):
             lengths.append(int(d.row_starts[u + 1] - d.row_starts[u]))
             units.append((int(t), u))
             c[t] += 1
-        placed = first_fit(lengths, tasks, self.local_rows, self.buckets[-1], self.max_segments)
+        placed = first_fit(lengths, tasks, self.local_rows, self.buckets[-1], self.max_segments,
+                           self.mix_tasks)
         return [units[i] for i, _, _ in placed], [(r, o) for _, r, o in placed]
 
     def counts_before(self, step: int) -> np.ndarray:
@@ -187,7 +209,7 @@ class PackedIterator(DataIterator):
     def _collate(self, units, placements) -> PackedBatch:
         segments = [(self.data[t], int(self.data[t].unit_starts[u]), t) for t, u in units]
         return pack(segments, placements, self.local_rows, self.buckets[-1], self.max_segments,
-                    self.layout, self.pad_id, self.position_offset)
+                    self.layout, self.pad_id, self.position_offset, self.mix_tasks)
 
     def __next__(self) -> PackedBatch:
         units, placements = self._place(self.step, self.counts)
@@ -203,9 +225,9 @@ class PackedIterator(DataIterator):
 
 def make_packed_iterator(data, mixture, *, batch_size: int, seed: int, row_len: int,
                          max_segments: int = 8, start_step: int = 0,
-                         position_offset: int = 0) -> PackedIterator:
+                         position_offset: int = 0, mix_tasks: bool = False) -> PackedIterator:
     if isinstance(data, dict):
         data = list(data.values())
     return PackedIterator(data, mixture, batch_size=batch_size, seed=seed, row_len=row_len,
                           max_segments=max_segments, start_step=start_step,
-                          position_offset=position_offset)
+                          position_offset=position_offset, mix_tasks=mix_tasks)

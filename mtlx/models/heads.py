@@ -130,7 +130,14 @@ def apply_kind(features, kernel, bias, local):
     """Each example multiplies by its own task's kernel (gathered per example).
 
     features [B, d] or [B, L, d]; kernel [m, d, c]; bias [m, c]; local [B] -> [B, c] / [B, L, c].
+    Per token (rows mixing tasks): local [B, L]; every kind's kernel is applied to every token
+    and each token keeps its own (m is the few tasks of one head kind; a kernel per token would
+    be B L d c numbers).
     """
+    if local.ndim == 2:
+        every = jnp.einsum("bld,mdc->blmc", features, kernel)
+        own = jnp.take_along_axis(every, local[:, :, None, None], axis=2)[:, :, 0]
+        return own + bias[local]
     w, b = kernel[local], bias[local]
     if features.ndim == 2:
         return jnp.einsum("bd,bdc->bc", features, w) + b
@@ -260,6 +267,32 @@ def per_task_sums(loss_sum, weight, task_ids, num_tasks: int):
     return sums, jax.ops.segment_sum(weight, seg, num_segments=num_tasks)
 
 
+def token_task_ids(segment_ids, segment_task_ids):
+    """[B, L]: each token's task on packed rows (its segment's), -1 on padding."""
+    s = segment_task_ids.shape[1]
+    tasks = jnp.take_along_axis(segment_task_ids, jnp.clip(segment_ids - 1, 0, s - 1), axis=1)
+    return jnp.where(segment_ids > 0, tasks, -1).astype(jnp.int32)
+
+
+def token_rows(outputs: dict, batch, segments):
+    """Rows that mix tasks as (outputs, batch) of B*L one-token pseudo-rows, each with its
+    token's task, for token-level losses (only the fields those read are real)."""
+    from mtlx.batch import Batch
+    b, l = batch.input_ids.shape
+    n = b * l
+    tasks = token_task_ids(batch.segment_ids, segments.task_ids).reshape(n)
+    labels = batch.token_labels if batch.token_labels is not None else jnp.full((b, l), IGNORE_INDEX)
+    outs = {k: v.reshape((n, 1) + v.shape[2:]) for k, v in outputs.items()
+            if k == "token_classification"}
+    one = jnp.ones((n, 1), jnp.int32)
+    rows = Batch(input_ids=one, attention_mask=one, token_type_ids=0 * one, task_ids=tasks,
+                 example_mask=(tasks >= 0).astype(jnp.float32),
+                 labels=jnp.full((n,), IGNORE_INDEX, jnp.int32),
+                 label_values=jnp.zeros((n,), jnp.float32),
+                 token_labels=labels.reshape(n, 1))
+    return outs, rows
+
+
 def segment_rows(batch, segments):
     """Packed rows' segments as a batch of B*S pseudo-rows for sequence-level heads.
 
@@ -277,7 +310,7 @@ def segment_rows(batch, segments):
 
 def packed_task_sums(outputs: dict, batch, segments, tasks: Sequence[TaskHead]):
     """(per-task loss sums [T], weights [T]) for packed rows: sequence-level heads per segment,
-    token-level heads per row."""
+    token-level heads per row (per token on rows that mix tasks)."""
     unpackable = sorted({t.kind for t in tasks} & {"multilabel", "multiple_choice", "span", "seq2seq"})
     if unpackable:
         raise ValueError(f"packed rows do not support head kinds {unpackable}; "
@@ -286,6 +319,8 @@ def packed_task_sums(outputs: dict, batch, segments, tasks: Sequence[TaskHead]):
     seg_batch = segment_rows(batch, segments)
     ls, w = example_losses(outputs, seg_batch, tasks, kinds=SEQUENCE_KINDS)
     s1, c1 = per_task_sums(ls, w, seg_batch.task_ids, t)
+    if segments.mixed:
+        outputs, batch = token_rows(outputs, batch, segments)
     ls, w = example_losses(outputs, batch, tasks, kinds=TOKEN_KINDS)
     s2, c2 = per_task_sums(ls, w, batch.task_ids, t)
     return s1 + s2, c1 + c2

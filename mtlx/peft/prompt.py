@@ -36,6 +36,14 @@ from mtlx.peft.base import (TaskExtension, check_patterns, check_positive, match
                             stacked_task_params, uniform)
 
 
+def _per_example_only(group, method: str) -> None:
+    if group.ndim != 1:
+        raise ValueError(
+            f"{method} gives each ROW its task's virtual tokens, but these rows mix tasks (per-"
+            f"token task ids {tuple(group.shape)}, from packing with config.data."
+            f"packing_mix_tasks=True): pack one task a row (packing_mix_tasks=False) instead")
+
+
 def prepend_prefix(k, v, mask, prefix_key, prefix_value, group, member=None):
     """Prepends each example's task prefix to keys/values and opens the mask for it.
 
@@ -43,6 +51,7 @@ def prepend_prefix(k, v, mask, prefix_key, prefix_value, group, member=None):
     [G, n, H, D]; member [B] bool or None (all examples have prefixes). Returns
     (k [B, n+L, H, D], v, mask [B, 1, Lq, n+L]). The plain function of weights.
     """
+    _per_example_only(group, "prefix tuning")
     b = k.shape[0]
     n = prefix_key.shape[1]
     pk = R.per_example(prefix_key, group).astype(k.dtype)
@@ -62,6 +71,7 @@ def insert_prompt(emb, mask, prompt, group, insert_at: int, member=None):
     emb [B, L, d]; mask [B, L]; prompt [G, n, d]; member [B] bool or None. Returns
     (emb [B, L+n, d], mask [B, L+n]); non-members get zero vectors with mask 0.
     """
+    _per_example_only(group, "prompt tuning")
     b, n = emb.shape[0], prompt.shape[1]
     p = R.per_example(prompt, group).astype(emb.dtype)
     visible = jnp.ones((b,), bool) if member is None else member

@@ -24,6 +24,11 @@ With a single group (one task) all fall back to one plain matmul, so a one-task 
 no routing cost. `scripts/bench_routing.py` measures them on the machine at hand; the
 measured choice is the default (`DEFAULT_IMPL`).
 
+Per-token routing. Packed rows that mix tasks (`mtlx.data.packing`, ``mix_tasks``) give each
+TOKEN its task: `group` is then [B, L] instead of [B], and x [B, L, ..., k]. Every function
+here takes either. 'gather' has no per-token form (a weight matrix per token would be
+B L k n numbers), so per-token routing runs 'gather' as 'onehot'; 'ragged' sorts the tokens.
+
 The functions here are plain functions of arrays: the hypernetworks (mtlx.peft.hyper) call
 them with weights they generate, the extension modules with weights they own.
 """
@@ -62,7 +67,8 @@ def group_tables(task_names: Sequence[str], active: Sequence[str]) -> Tuple[np.n
 
 
 def route(task_ids, task_names: Sequence[str], active: Sequence[str]):
-    """task_ids [B] (model task ids, -1 = padding) -> (group [B] int32, member [B] bool).
+    """task_ids [B] or per token [B, L] (model task ids, -1 = padding) -> (group, member) of
+    the same shape (int32, bool).
 
     Padding rows (-1) are clipped to task 0 (their outputs are ignored downstream) and marked
     members when task 0 has weights, so that a model whose tasks all have weights never needs
@@ -74,15 +80,17 @@ def route(task_ids, task_names: Sequence[str], active: Sequence[str]):
 
 
 def per_example(values, group):
-    """values [G, ...] -> [B, ...] (each example's own row); no gather when G == 1."""
+    """values [G, ...] -> [*group.shape, ...] (each example's or token's own row); no gather
+    when G == 1."""
     if values.shape[0] == 1:
-        return jnp.broadcast_to(values, (group.shape[0],) + values.shape[1:])
+        return jnp.broadcast_to(values, tuple(group.shape) + values.shape[1:])
     return jnp.take(values, group, axis=0)
 
 
 def broadcast_rows(v, like):
-    """Per-example v [B, n] reshaped to broadcast against like [B, ..., n]."""
-    return v.reshape((v.shape[0],) + (1,) * (like.ndim - 2) + v.shape[1:])
+    """Per-example v [B, n] (per token [B, L, n]) reshaped to broadcast against like
+    [B, ..., n]."""
+    return v.reshape(v.shape[:-1] + (1,) * (like.ndim - v.ndim) + v.shape[-1:])
 
 
 def add_bias(y, bias, group):
@@ -102,11 +110,15 @@ def scale_rows(y, scale, group):
 def routed_matmul(x, w, group, impl: str = DEFAULT_IMPL, precision=None):
     """x [B, ..., k] times each example's own w[group[b]] ([G, k, n]) -> [B, ..., n].
 
-    The compute dtype is x's (w is cast). `group` must lie in [0, G).
+    Per token: group [B, L] and x [B, L, ..., k]; 'gather' then runs as 'onehot'. The compute
+    dtype is x's (w is cast). `group` must lie in [0, G).
     """
     w = w.astype(x.dtype)
     if w.shape[0] == 1:
         return jnp.einsum("...k,kn->...n", x, w[0], precision=precision)
+    check_impl(impl)
+    if impl == "gather" and group.ndim > 1:
+        impl = "onehot"
     if impl == "gather":
         wb = jnp.take(w, group, axis=0)  # [B, k, n]
         flat = x.reshape(x.shape[0], -1, x.shape[-1])
@@ -114,15 +126,13 @@ def routed_matmul(x, w, group, impl: str = DEFAULT_IMPL, precision=None):
         return y.reshape(x.shape[:-1] + (w.shape[-1],))
     if impl == "ragged":
         return _ragged_matmul(x, w, group, precision)
-    if impl == "onehot":
-        return _onehot_matmul(x, w, group, precision)
-    check_impl(impl)
+    return _onehot_matmul(x, w, group, precision)
 
 
 def _onehot_matmul(x, w, group, precision):
     g, k, n = w.shape
-    onehot = jax.nn.one_hot(group, g, dtype=x.dtype)                     # [B, G]
-    onehot = onehot.reshape((x.shape[0],) + (1,) * (x.ndim - 2) + (g,))  # [B, 1.., G]
+    onehot = jax.nn.one_hot(group, g, dtype=x.dtype)                     # [*group, G]
+    onehot = onehot.reshape(group.shape + (1,) * (x.ndim - 1 - group.ndim) + (g,))  # [B, 1.., G]
     if k <= n:
         spread = x[..., None, :] * onehot[..., None]                     # [B, ..., G, k]
         return jnp.einsum("...gk,gkn->...n", spread, w, precision=precision)
@@ -131,19 +141,24 @@ def _onehot_matmul(x, w, group, precision):
 
 
 def _ragged_matmul(x, w, group, precision):
-    b, k = x.shape[0], x.shape[-1]
-    inner = int(np.prod(x.shape[1:-1], dtype=np.int64))
+    lead, k = tuple(group.shape), x.shape[-1]
+    b = int(np.prod(lead, dtype=np.int64))  # examples (or tokens) routed
+    inner_shape = x.shape[len(lead):-1]
+    inner = int(np.prod(inner_shape, dtype=np.int64))
+    group = group.reshape(b)
     order = jnp.argsort(group, stable=True)
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(b, dtype=order.dtype))
-    rows = jnp.take(x, order, axis=0).reshape(b * inner, k)
+    rows = jnp.take(x.reshape((b,) + inner_shape + (k,)), order, axis=0).reshape(b * inner, k)
     sizes = (jnp.bincount(group, length=w.shape[0]) * inner).astype(jnp.int32)
     y = jax.lax.ragged_dot(rows, w, sizes, precision=precision)
-    return jnp.take(y.reshape((b,) + x.shape[1:-1] + (w.shape[-1],)), inverse, axis=0)
+    y = jnp.take(y.reshape((b,) + inner_shape + (w.shape[-1],)), inverse, axis=0)
+    return y.reshape(lead + inner_shape + (w.shape[-1],))
 
 
 def keep_members(member, new, old):
-    """new where the example's task has weights, old (the identity) elsewhere; member [B]."""
-    return jnp.where(member.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+    """new where the example's (token's) task has weights, old (the identity) elsewhere;
+    member [B] or [B, L]."""
+    return jnp.where(member.reshape(member.shape + (1,) * (new.ndim - member.ndim)), new, old)
 
 
 def task_layer_norm(x, scale, bias, group, eps: float = 1e-5):

@@ -26,6 +26,9 @@ def base_config() -> ml_collections.ConfigDict:
                                      # classification/regression/tagging); eval unpacked;
                                      # perf/examples_per_s then counts rows, not examples
     c.data.packing_max_segments = 8  # at most this many examples a packed row
+    c.data.packing_mix_tasks = False  # packed rows may hold examples of several tasks (fuller
+                                      # rows; adapters/LoRA/hypernetworks/tagging heads route
+                                      # per token; prompt/prefix tuning refuse it)
 
     c.mixture = ml_collections.ConfigDict()
     c.mixture.strategy = "temperature"   # proportional|uniform|temperature|annealed|round_robin

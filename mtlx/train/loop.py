@@ -210,19 +210,26 @@ class Setup:
 
 def make_packed_train_iterator(cfg, run, mixture, backbone_cfg, buckets):
     """config.data.packing: training rows of the longest bucket (or max_length), each holding up
-    to config.data.packing_max_segments examples of one task (mtlx.data.packing); evaluation
-    stays one example a row."""
+    to config.data.packing_max_segments examples of one task, or of any tasks with
+    config.data.packing_mix_tasks (mtlx.data.packing); evaluation stays one example a row."""
     from mtlx.data.packing import make_packed_iterator
     if getattr(backbone_cfg, "model_type", None) not in ("bert", "roberta", "t5"):
         raise ValueError(f"config.data.packing=True needs a BERT, RoBERTa or T5 encoder, got "
                          f"{getattr(backbone_cfg, 'model_type', type(backbone_cfg).__name__)!r}")
     row_len = int(buckets[-1]) if buckets else int(cfg.data.max_length)
     offset = backbone_cfg.pad_token_id + 1 if backbone_cfg.model_type == "roberta" else 0
+    mix = bool(cfg.data.get("packing_mix_tasks", False))
+    per_row = [e.method for e in getattr(backbone_cfg, "extensions", ())
+               if e.method in ("prompt", "prefix")]
+    if mix and per_row:
+        raise ValueError(f"config.data.packing_mix_tasks=True: {per_row} tuning gives each row "
+                         f"its task's virtual tokens and cannot serve rows that mix tasks; set "
+                         f"config.data.packing_mix_tasks=False")
     try:   # the iterator checks the tasks' heads and max_segments; its errors get the key
         return make_packed_iterator(run.train, mixture, batch_size=cfg.batch_size, seed=cfg.seed,
                                     row_len=row_len,
                                     max_segments=int(cfg.data.get("packing_max_segments", 8)),
-                                    position_offset=offset)
+                                    position_offset=offset, mix_tasks=mix)
     except ValueError as e:
         raise ValueError(f"config.data.packing=True: {e}") from None
 
@@ -245,6 +252,8 @@ def setup(cfg, train: bool = True) -> Setup:
                                 mixed=mc.get("mixed", True), tasks=names)
         if cfg.data.get("packing", False):
             it = make_packed_train_iterator(cfg, run, mixture, backbone_cfg, buckets)
+        elif cfg.data.get("packing_mix_tasks", False):
+            raise ValueError("config.data.packing_mix_tasks=True needs config.data.packing=True")
         else:
             it = D.make_iterator(run.train, mixture, batch_size=cfg.batch_size, seed=cfg.seed,
                                  buckets=buckets)
