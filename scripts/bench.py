@@ -18,7 +18,8 @@ PEFT LoRA, a Houlsby adapter, HyperFormer++, one task per batch; mtlx.bench.torc
 The runners of cells that differ only in their number of tasks are timed together, taking turns
 (ABBA), after warm-up; figures are medians over repeats. Threads: JAX's default CPU client
 (all CPUs); on a CPU the baseline runs with torch.set_num_threads(all CPUs) AND with 1 thread
-(--torch-threads), and the faster is compared (both are in the JSON).
+(--torch-threads), and the faster is compared (both are in the JSON; --quick times one step of
+each after building it and times only the faster, the probe's seconds in the JSON).
 
 The real-length cell (--real-lengths; tiny in --quick) trains on real GLUE inputs of the
 embedded sample instead of full-length synthetic rows: one pass over the same examples, mtlx
@@ -207,7 +208,8 @@ def main(argv=None) -> dict:
     opts = HR.Options(repeats=quick["repeats"] if quick else args.repeats, steps=args.steps,
                       block_seconds=quick["block_seconds"] if quick else args.block_seconds,
                       warmup=args.warmup, baseline_modes=modes, torch_device=torch_device,
-                      torch_threads=threads, verbose=not args.quiet,
+                      torch_threads=threads, torch_threads_probe=bool(quick),
+                      verbose=not args.quiet,
                       deadline=None if args.time_budget is None else t_start + args.time_budget)
 
     results = {"command": "python scripts/bench.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),

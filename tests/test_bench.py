@@ -464,12 +464,14 @@ def test_feature_variants_say_what_is_unavailable():
     assert v["scan_layers=on"].scan_layers is True and v["reference"].scan_layers is False
     assert v["prng=rbg (dropout random bits)"].prng == "rbg"
     short = HR.feature_variants(W.Features(), "cpu", short=True)
-    assert "remat=full" not in short and "remat=dots" in short and "scan_layers=on" in short
+    assert "remat=full" not in short and "remat=dots" in short
+    assert "scan_layers=on" not in short and "donate=off" not in short   # --quick on a CPU
     assert not any(k.startswith(("prng", "attention_dropout")) for k in short)
     g = HR.feature_variants(W.Features(), "gpu")
     assert g["attention=cudnn (attention_dropout=0)"].attention == "cudnn"
     gs = HR.feature_variants(W.Features(), "gpu", short=True)
     assert "attention_dropout=0" in gs and "prng=rbg (dropout random bits)" in gs
+    assert "scan_layers=on" in gs and "donate=off" in gs
     assert not any(k.startswith("routing") for k in v)
     routed = list(HR.feature_variants(W.Features(), "gpu", routed=True))
     assert routed[1:3] == ["routing=ragged", "routing=onehot"]   # first after the reference
@@ -654,3 +656,18 @@ def test_a_spent_time_budget_stops_building_runners(monkeypatch):
     assert out["reference"]["available"] is True
     skipped = [k for k, v in out.items() if v.get("reason") == "skipped: time budget spent"]
     assert skipped and all(k != "reference" for k in skipped) and len(built) == 2
+
+
+def test_threads_probe_times_only_the_faster_setting():
+    """--quick (Options.torch_threads_probe): each thread setting takes one probe step after
+    its build, and only the faster one is timed; the probe's seconds are in the results."""
+    opts = HR.Options(repeats=1, block_seconds=0.01, verbose=False, torch_threads=(1, 2),
+                      torch_threads_probe=True)
+    peaks = HR.Peaks(opts)
+    peaks["float32"] = PK.Peak(1e10, "datasheet: x", "x", "float32")
+    res = HR.measure_group([W.Cell("shared", "tiny", 16, 1, 2)], opts, peaks)[0]
+    (timed_threads,) = res["baseline_by_threads"]["per_task"]          # one setting timed
+    probe = res["baseline"]["per_task"]["threads_probe_step_s"]
+    assert set(probe) == {"1", "2"} and all(v > 0 for v in probe.values())
+    assert timed_threads == min(probe, key=probe.get)
+    assert res["ratio"]["per_task"] > 0

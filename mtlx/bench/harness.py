@@ -184,6 +184,10 @@ class Options:
     # shared, oversubscribed CPU, torch's OpenMP barriers made 2 threads up to 10x slower
     # than 1 for small models). () = torch's default.
     torch_threads: tuple = ()
+    # With several torch_threads: time one rewarmed step of each setting after building it and
+    # keep only the fastest for the interleaved timing (--quick: the slower setting's steps
+    # were a sixth of its 5 minutes). The probe's seconds are kept in the results.
+    torch_threads_probe: bool = False
     seed: int = 0
     verbose: bool = True
     # time.perf_counter() after which no further runner is built (scripts/bench.py
@@ -319,10 +323,19 @@ def measure_group(cells: Sequence[W.Cell], opts: Options, peaks: Dict[str, Any])
         infos[r.name] = (cell, info)
         cell_flops[cell] = info_flops(info)
         for mode in opts.baseline_modes:
+            built = []
             for threads in (opts.torch_threads or (None,)):
                 log(opts, f"[bench] build {cell.label} torch[{mode}] threads={threads or 'default'}")
                 r, info = _build_torch_runner(cell, mode, opts, threads)
                 r.name = f"torch[{mode},threads={threads}] {cell.label}"
+                built.append((r, info))
+            if opts.torch_threads_probe and len(built) > 1:
+                probe = {str(i["torch_threads"]): timed(r, 1, rewarm=True) for r, i in built}
+                built = [min(built, key=lambda ri: probe[str(ri[1]["torch_threads"])])]
+                built[0][1]["threads_probe_step_s"] = probe
+                log(opts, f"[bench] {cell.label} torch[{mode}]: probe step s by threads {probe}, "
+                          f"timing threads={built[0][1]['torch_threads']}")
+            for r, info in built:
                 runners.append(r)
                 infos[r.name] = (cell, info)
     log(opts, f"[bench] timing {len(runners)} runners x {opts.repeats} repeats")
@@ -370,7 +383,8 @@ def feature_variants(base: W.Features, platform_name: str, short: bool = False,
     """{variant name: Features, or a string saying why it is not available}, each to be timed
     against 'reference' (= base). short (--quick, --short-features): one remat policy ('dots'),
     no PRNG variant, and attention_dropout=0 (the XLA counterpart of cuDNN attention, which
-    cannot drop probabilities) only where cuDNN attention is available. routed (a PEFT cell
+    cannot drop probabilities) only where cuDNN attention is available; on a CPU no donation
+    or scan variant either. routed (a PEFT cell
     with several tasks): the other routing implementations first (short: 'onehot' only), as a
     time budget may stop the phase early."""
     from mtlx.peft.routing import DEFAULT_IMPL, IMPLEMENTATIONS as ROUTINGS
@@ -405,6 +419,10 @@ def feature_variants(base: W.Features, platform_name: str, short: bool = False,
     for policy in (("dots",) if short else ("full", "dots", "dots_no_batch")):
         if base.remat != policy:
             out[f"remat={policy}"] = rep(base, remat=policy)
+    if short and platform_name != "gpu":
+        # --quick on a CPU (5 minutes): donation is an accelerator's memory question and scan
+        # a deep model's compile-time question; neither shows on the 2-layer tiny CPU cell.
+        return out
     out[f"donate={'off' if base.donate else 'on'}"] = rep(base, donate=not base.donate)
     # BertConfig.scan_layers: one traced layer body in a lax.scan (compile time vs the per-step
     # stacking copy of the layers' weights)
@@ -662,6 +680,7 @@ def environment(opts: Options) -> dict:
         import torch
         env.update(torch=torch.__version__, torch_default_threads=torch.get_num_threads(),
                    torch_thread_settings=list(opts.torch_threads) or "default",
+                   torch_threads_probe=opts.torch_threads_probe,
                    torch_device=opts.torch_device)
         import transformers
         env["transformers"] = transformers.__version__

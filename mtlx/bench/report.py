@@ -175,7 +175,8 @@ def render(results: Dict[str, Any], markdown: bool = False) -> str:
     head = (f"machine: {env.get('device_kind')} ({env.get('jax_backend')}), {env.get('cpu_count')} "
             f"CPUs, load average {env.get('load_average')}; jax {env.get('jax')}, torch "
             f"{env.get('torch')} (threads {env.get('torch_thread_settings')}, the faster "
-            f"compared), transformers "
+            f"compared{': chosen by a one-step probe' if env.get('torch_threads_probe') else ''}"
+            f"), transformers "
             f"{env.get('transformers')}, peft {env.get('peft')}")
     parts.append(head)
     for dt, p in peaks.items():

@@ -14,10 +14,11 @@ task (segment sums) and divided by the task's count (examples or labelled tokens
 alone: `task_counts`). One forward gives the vector of per-task loss sums; everything below is
 the chain rule applied to it.
 
-Packed batches (`mtlx.data.packing.PackedBatch`: several examples of one task a row, attention
-block diagonal) go through the same step: the model pools each segment (`apply_model`) and the
-per-task sums read sequence-level labels per segment, token labels per row
-(`loss_sums_counts`); a packed batch and the same examples one a row give the same step.
+Packed batches (`mtlx.data.packing.PackedBatch`: several examples a row, of one task or, with
+`segments.mixed`, of several; attention block diagonal) go through the same step: the model
+pools each segment (`apply_model`) and the per-task sums read sequence-level labels per
+segment, token labels per row (per token on mixed rows) (`loss_sums_counts`); a packed batch
+and the same examples one a row give the same step.
 
 Task balancing (`weighting`, a strategy of `mtlx.weighting`; REFERENCE.md section 3):
 
