@@ -23,11 +23,12 @@ Two layouts:
   mixed rows (`mix_tasks=True`, config.data.packing_mix_tasks)  any segment may go to any row,
                         so rows fill better (a task's last short examples no longer leave a
                         row part-empty). Each TOKEN then carries its segment's task
-                        (`mtlx.models.heads.token_task_ids`); adapters, LoRA, hypernetworks and token-level heads
-                        route per token (mtlx.peft.routing), and `Batch.task_ids` is -1 (a
-                        row has no single task). `PackedSegments.mixed` (static) tells the
-                        model. Prompt and prefix tuning, which give a whole row its task's
-                        virtual tokens, refuse mixed rows.
+                        (`mtlx.models.heads.token_task_ids`); adapters, LoRA, hypernetworks
+                        and token-level heads route per token (mtlx.peft.routing), and
+                        `Batch.task_ids` is -1 (a row has no single task).
+                        `PackedSegments.mixed` (static) tells the model. Prompt and prefix
+                        tuning, which give a whole row its task's virtual tokens, refuse
+                        mixed rows.
 
 Placement is first fit in draw order (`first_fit`): a segment that fits no row is left out with
 its task's later segments of the step, and the other tasks go on filling the rows. Which
@@ -72,9 +73,10 @@ def first_fit(lengths: Sequence[int], tasks: Sequence[int], num_rows: int, row_l
     """(index, row, offset) of the segments placed, in draw order.
 
     A segment goes to the first row with enough room, the same task (or no task yet; any task
-    with `mix_tasks`) and fewer than `max_segments` segments. A segment that fits no row is left out, and so is every later
-    segment of its task, so each task's examples are still taken in order (the iterator draws
-    what was left out again); the other tasks' segments go on filling the rows.
+    with `mix_tasks`) and fewer than `max_segments` segments. A segment that fits no row is
+    left out, and so is every later segment of its task, so each task's examples are still
+    taken in order (the iterator draws what was left out again); the other tasks' segments go
+    on filling the rows.
     """
     used = [0] * num_rows
     task = [-1] * num_rows
@@ -85,7 +87,8 @@ def first_fit(lengths: Sequence[int], tasks: Sequence[int], num_rows: int, row_l
         if t in blocked:
             continue
         for r in range(num_rows):
-            if used[r] + n <= row_len and (mix_tasks or task[r] in (-1, t)) and count[r] < max_segments:
+            if (used[r] + n <= row_len and (mix_tasks or task[r] in (-1, t))
+                    and count[r] < max_segments):
                 out.append((i, r, used[r]))
                 used[r] += n
                 task[r] = t

@@ -48,7 +48,8 @@ class Site:
 class Routing:
     """What task-specific extensions need at run time, passed down the layers.
 
-    task_ids:  int32 [B], each example's task (index into the model's task tuple).
+    task_ids:  int32 [B], each example's task (index into the model's task tuple); [B, L],
+               each token's, on packed rows that mix tasks (mtlx.data.packing).
     generated: weights produced once per step outside the layers (hypernetworks), keyed by
                extension name, or None.
     """

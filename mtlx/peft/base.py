@@ -129,7 +129,8 @@ class TaskExtension(Extension):
         return len(self.active) == len(self.task_names)
 
     def route(self, routing, batch_size: int, site: Site):
-        """(group [B], member [B]) for the examples of a forward pass.
+        """(group, member) for the examples of a forward pass: [B], or [B, L] when
+        `routing.task_ids` is per token (packed rows that mix tasks).
 
         Without routing information only a one-task method can run (every example is that
         task); otherwise it is an error naming the site.
