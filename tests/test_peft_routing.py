@@ -100,7 +100,7 @@ def test_routed_matmul_equals_per_example_loop(impl, k, n):
 @pytest.mark.parametrize("k,n", [(4, 7), (7, 4)])
 def test_per_token_routed_matmul_equals_a_loop_over_tokens(impl, k, n):
     """Rows that mix tasks: group [B, L] routes every token (x [B, L, ..., k]); 'gather' runs
-    as 'onehot' there. Values and gradients against a loop over tokens."""
+    as 'onehot' there (few groups). Values and gradients against a loop over tokens."""
     rng = np.random.default_rng(2)
     x = rng.normal(size=(3, 4, 2, k)).astype(np.float32)   # an inner axis as fusion's sources
     w = rng.normal(size=(3, k, n)).astype(np.float32)
@@ -113,6 +113,24 @@ def test_per_token_routed_matmul_equals_a_loop_over_tokens(impl, k, n):
     rx, rw = jax.grad(ref, (0, 1))(x, w)
     np.testing.assert_allclose(gx, rx, atol=1e-4)
     np.testing.assert_allclose(gw, rw, atol=1e-4)
+
+
+def test_per_token_gather_runs_as_onehot_for_few_groups_and_ragged_for_many():
+    def primitives(g):
+        x = np.ones((2, 3, 4), np.float32)
+        w = np.ones((g, 4, 5), np.float32)
+        group = np.zeros((2, 3), np.int32)
+        jaxpr = jax.make_jaxpr(lambda a, b: R.routed_matmul(a, b, group, "gather"))(x, w)
+        return {str(e.primitive) for e in jaxpr.jaxpr.eqns}
+    few, many = primitives(R.PER_TOKEN_ONEHOT_MAX_GROUPS), primitives(R.PER_TOKEN_ONEHOT_MAX_GROUPS + 1)
+    assert "ragged_dot_general" not in few and "gather" not in few
+    assert "ragged_dot_general" in many or "ragged_dot" in many
+    rng = np.random.default_rng(4)
+    g = R.PER_TOKEN_ONEHOT_MAX_GROUPS + 1
+    x, w = rng.normal(size=(2, 5, 3)).astype(np.float32), rng.normal(size=(g, 3, 2)).astype(np.float32)
+    group = rng.integers(0, g, size=(2, 5))
+    np.testing.assert_allclose(R.routed_matmul(x, w, group, "gather"),
+                               np.einsum("blk,blkn->bln", x, w[group]), atol=1e-5)
 
 
 def test_per_token_bias_scale_and_members():

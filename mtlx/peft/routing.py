@@ -27,7 +27,9 @@ measured choice is the default (`DEFAULT_IMPL`).
 Per-token routing. Packed rows that mix tasks (`mtlx.data.packing`, ``mix_tasks``) give each
 TOKEN its task: `group` is then [B, L] instead of [B], and x [B, L, ..., k]. Every function
 here takes either. 'gather' has no per-token form (a weight matrix per token would be
-B L k n numbers), so per-token routing runs 'gather' as 'onehot'; 'ragged' sorts the tokens.
+B L k n numbers), so per-token routing runs 'gather' as 'onehot' for up to
+`PER_TOKEN_ONEHOT_MAX_GROUPS` groups (G x the FLOPs) and as 'ragged' beyond (a sort, no
+G-fold work); 'ragged' and 'onehot' stay what they are.
 
 The functions here are plain functions of arrays: the hypernetworks (mtlx.peft.hyper) call
 them with weights they generate, the extension modules with weights they own.
@@ -45,6 +47,10 @@ IMPLEMENTATIONS = ("gather", "ragged", "onehot")
 # Chosen by scripts/bench_routing.py on CPU (its docstring has the numbers): with 'gather' 8
 # routed tasks cost the same as 1 task within noise (ratio 0.89-1.04), 'ragged' 1.2-1.6x.
 DEFAULT_IMPL = "gather"
+# Per-token routing (rows mixing tasks) has no gather form: 'gather' runs as 'onehot' up to this
+# many groups and as 'ragged' beyond. On the BERT-base adapters step 'onehot' at 6 tasks cost
+# ~7% a step (BUILD_NOTES.md); at 64 tasks it would multiply the adapters' FLOPs by 64.
+PER_TOKEN_ONEHOT_MAX_GROUPS = 16
 
 
 def check_impl(impl: str, key: str = "impl") -> None:
@@ -110,15 +116,16 @@ def scale_rows(y, scale, group):
 def routed_matmul(x, w, group, impl: str = DEFAULT_IMPL, precision=None):
     """x [B, ..., k] times each example's own w[group[b]] ([G, k, n]) -> [B, ..., n].
 
-    Per token: group [B, L] and x [B, L, ..., k]; 'gather' then runs as 'onehot'. The compute
-    dtype is x's (w is cast). `group` must lie in [0, G).
+    Per token: group [B, L] and x [B, L, ..., k]; 'gather' then runs as 'onehot' (at most
+    PER_TOKEN_ONEHOT_MAX_GROUPS groups) or 'ragged'. The compute dtype is x's (w is cast).
+    `group` must lie in [0, G).
     """
     w = w.astype(x.dtype)
     if w.shape[0] == 1:
         return jnp.einsum("...k,kn->...n", x, w[0], precision=precision)
     check_impl(impl)
     if impl == "gather" and group.ndim > 1:
-        impl = "onehot"
+        impl = "onehot" if w.shape[0] <= PER_TOKEN_ONEHOT_MAX_GROUPS else "ragged"
     if impl == "gather":
         wb = jnp.take(w, group, axis=0)  # [B, k, n]
         flat = x.reshape(x.shape[0], -1, x.shape[-1])
