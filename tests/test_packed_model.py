@@ -173,6 +173,7 @@ PEFT = {
     "fusion": [{"method": "fusion", "reduction_factor": 4, "sources": list(NAMES) + ["src"]}],
     "hyperformer++": [{"method": "hyperformer++", "reduction_factor": 4}],
     "hyper_lora": [{"method": "hyper_lora", "rank": 2}],
+    "task_layer_norm": [{"method": "task_layer_norm", "tasks": ["stsb", "ud_pos"]}],
 }
 
 
