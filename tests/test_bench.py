@@ -547,9 +547,10 @@ def test_quick_harness_path_end_to_end(tmp_path):
     assert saved["packing"]["packed"]["rows"] < saved["packing"]["padded"]["rows"]
     assert saved["compile_cache"]["warm"]["cache_hits"] >= 1
     real = saved["real_lengths"]
-    assert set(real["ratios"]) == {"mtlx[packed]/torch[longest]", "mtlx[packed]/torch[128]",
-                                   "mtlx[128]/torch[128]"}
+    assert set(real["ratios"]) == {f"{m}/{t}" for m in ("mtlx[packed]", "mtlx[mixed]", "mtlx[128]")
+                                   for t in ("torch[longest]", "torch[128]")}
     assert real["mtlx[packed]"]["tokens_computed"] < real["mtlx[128]"]["tokens_computed"]
+    assert real["mtlx[mixed]"]["tokens_computed"] <= real["mtlx[packed]"]["tokens_computed"]
     assert {c["status"] for c in saved["checks"]} <= {"pass", "skipped"}
     assert (tmp_path / "t.png").exists() and "| config |" in (tmp_path / "t.md").read_text()
     assert res["wall_s"] > 0
