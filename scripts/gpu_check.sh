@@ -22,7 +22,9 @@
 # plain python3 holds jax[cuda], torch, transformers, peft), GPU_CHECK_BUDGET_S (default 210:
 # seconds after which the benchmark builds no further runner; what is left is recorded as
 # skipped), GPU_CHECK_CELLS (the cells, in priority order, instead of the default list),
-# GPU_CHECK_FEATURES (the cell whose features are switched on and off), GPU_CHECK_LIMIT_S
+# GPU_CHECK_FEATURES (the cell whose features are switched on and off), GPU_CHECK_REAL_SIDES
+# (the real-length cell's sides; default mtlx[packed],mtlx[mixed],torch[longest]: one task a
+# row, rows mixing tasks, torch padded to the longest), GPU_CHECK_LIMIT_S
 # (default 470: the benchmark and the profile are stopped so that the script ends by then).
 # Exit: 0 done; 2 environment; 3 a correctness check failed (no benchmark); 4 only the cuDNN
 # check failed (benchmarked with XLA attention); 5 a benchmark phase failed (the others ran);
@@ -129,7 +131,9 @@ echo "(stopped after ${LEFT}s at the latest: GPU_CHECK_LIMIT_S=${LIMIT})" | tee 
 timeout "$LEFT" "$PYTHON" scripts/bench.py --cells "$CELLS" --dtype "$DTYPE" --attention "$ATT" \
   --repeats "$REP" --block-seconds "$BLOCK" --features "$FEAT" --short-features \
   --features-after-groups 1 \
-  --packing "$PACK" --real-lengths "$REAL" --compile-cache-check "shared/tiny/128/1/16" \
+  --packing "$PACK" --real-lengths "$REAL" \
+  --real-lengths-sides "${GPU_CHECK_REAL_SIDES:-mtlx[packed],mtlx[mixed],torch[longest]}" \
+  --compile-cache-check "shared/tiny/128/1/16" \
   --time-budget "$BUDGET" --json "$OUT/bench.json" --markdown "$OUT/bench.md" \
   --plot "$OUT/bench_tasks.png" 2>&1 | grep --line-buffered -v "Warning\|warnings.warn" | tee -a "$LOG"
 RC=${PIPESTATUS[0]}

@@ -177,11 +177,14 @@ PEFT = {
 }
 
 
-@pytest.mark.parametrize("method", sorted(PEFT))
+@pytest.mark.parametrize("method", sorted(PEFT) + ["houlsby_scan"])
 def test_mixed_rows_route_every_token_to_its_task(mixed, method):
     from mtlx.peft import registry
     from tests.peft_common import random_params
-    cfg = registry.attach(BACKBONES["bert"](), PEFT[method], NAMES)
+    backbone = BACKBONES["bert"]()
+    if method == "houlsby_scan":   # the layers as one lax.scan: the per-token ids reach it too
+        backbone, method = dataclasses.replace(backbone, scan_layers=True), "houlsby"
+    cfg = registry.attach(backbone, PEFT[method], NAMES)
     model = MultiTaskModel(cfg, TASKS, head_dropout=0.0)
     rows, flat = unpack(mixed)
     params = random_params(model, flat, scale=0.2)
