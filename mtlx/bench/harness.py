@@ -384,9 +384,8 @@ def feature_variants(base: W.Features, platform_name: str, short: bool = False,
     against 'reference' (= base). short (--quick, --short-features): one remat policy ('dots'),
     no PRNG variant, and attention_dropout=0 (the XLA counterpart of cuDNN attention, which
     cannot drop probabilities) only where cuDNN attention is available; on a CPU no donation
-    or scan variant either. routed (a PEFT cell
-    with several tasks): the other routing implementations first (short: 'onehot' only), as a
-    time budget may stop the phase early."""
+    or scan variant either. routed (a PEFT cell with several tasks): the other routing
+    implementations first (short: 'onehot' only), as a time budget may stop the phase early."""
     from mtlx.peft.routing import DEFAULT_IMPL, IMPLEMENTATIONS as ROUTINGS
     rep = dataclasses.replace
     other_dtype = "bfloat16" if base.dtype == "float32" else "float32"
