@@ -282,8 +282,9 @@ def token_rows(outputs: dict, batch, segments):
     n = b * l
     tasks = token_task_ids(batch.segment_ids, segments.task_ids).reshape(n)
     labels = batch.token_labels if batch.token_labels is not None else jnp.full((b, l), IGNORE_INDEX)
-    outs = {k: v.reshape((n, 1) + v.shape[2:]) for k, v in outputs.items()
-            if k == "token_classification"}
+    # token classification is the one token-level kind packed rows allow (packed_task_sums)
+    outs = {k: outputs[k].reshape((n, 1) + outputs[k].shape[2:])
+            for k in ("token_classification",) if k in outputs}
     one = jnp.ones((n, 1), jnp.int32)
     rows = Batch(input_ids=one, attention_mask=one, token_type_ids=0 * one, task_ids=tasks,
                  example_mask=(tasks >= 0).astype(jnp.float32),

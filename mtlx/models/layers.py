@@ -78,9 +78,14 @@ class Extension:
     on ``site.layer`` except through their own parameters (adapters, LoRA, ...), so one traced
     layer body can run every layer (BertConfig.scan_layers); False (the default) for e.g.
     hypernetworks that index generated weights by layer.
+
+    routes_per_token (class attribute): True when the extension can give each TOKEN its task's
+    weights (Routing.task_ids [B, L], packed rows that mix tasks); False for methods that give
+    a whole row its task's virtual tokens (prompt and prefix tuning), which such rows refuse.
     """
     name: str = "extension"
     layer_uniform = False
+    routes_per_token = True
 
     def projection_input(self, site: Site) -> Optional[nn.Module]:
         return None

@@ -105,12 +105,13 @@ class MultiTaskModel(nn.Module):
         to [B*S, ...] in row-major order, and routed by `segments.task_ids`; rows that mix
         tasks (`segments.mixed`) route task-specific modules and token-level heads per token."""
         cfg = self.backbone_config
-        token_tasks = None
+        # What task-specific modules and token-level heads route by: each row's task, or on
+        # rows that mix tasks each token's.
+        route_ids = batch.task_ids
         if segments is not None and segments.mixed:
-            token_tasks = H.token_task_ids(batch.segment_ids, segments.task_ids)
+            route_ids = H.token_task_ids(batch.segment_ids, segments.task_ids)
         # Hypernetworks generate every task's weights once per forward pass (not per example).
-        routing = Routing(task_ids=batch.task_ids if token_tasks is None else token_tasks,
-                          generated=self.generated_weights())
+        routing = Routing(task_ids=route_ids, generated=self.generated_weights())
         is_t5 = type(cfg).__name__ == "T5Config"
         if is_t5:
             enc = self.backbone.encode(batch.input_ids, batch.attention_mask, routing=routing,
@@ -149,10 +150,7 @@ class MultiTaskModel(nn.Module):
             r = H.kind_routing(self.tasks, kind)
             kernel, bias = H.stack_head_params(head_params, r, dtype)
             token_level = kind in ("token_classification", "span")
-            ids = seq_task_ids
-            if token_level:
-                ids = batch.task_ids if token_tasks is None else token_tasks
-            local, _ = H.route(ids, r)
+            local, _ = H.route(route_ids if token_level else seq_task_ids, r)
             out = H.apply_kind(hidden_d if token_level else pooled_d, kernel, bias, local)
             if kind in ("regression", "multiple_choice"):
                 outputs[kind] = out[..., 0]

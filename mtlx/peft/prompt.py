@@ -94,6 +94,7 @@ class PrefixTuning(TaskExtension):
 
     method = "prefix"
     layer_uniform = True  # same module at every layer (BertConfig.scan_layers)
+    routes_per_token = False  # a row's task's prefix, not a token's
 
     def __post_init__(self):
         super().__post_init__()
@@ -135,6 +136,7 @@ class PromptTuning(TaskExtension):
     insert_at: Optional[int] = None
 
     method = "prompt"
+    routes_per_token = False  # a row's task's prompt, not a token's
 
     def __post_init__(self):
         super().__post_init__()

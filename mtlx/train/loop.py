@@ -220,7 +220,7 @@ def make_packed_train_iterator(cfg, run, mixture, backbone_cfg, buckets):
     offset = backbone_cfg.pad_token_id + 1 if backbone_cfg.model_type == "roberta" else 0
     mix = bool(cfg.data.get("packing_mix_tasks", False))
     per_row = [e.method for e in getattr(backbone_cfg, "extensions", ())
-               if e.method in ("prompt", "prefix")]
+               if not e.routes_per_token]
     if mix and per_row:
         raise ValueError(f"config.data.packing_mix_tasks=True: {per_row} tuning gives each row "
                          f"its task's virtual tokens and cannot serve rows that mix tasks; set "
