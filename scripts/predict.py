@@ -12,7 +12,9 @@ Each output line repeats the input with "prediction" added: the label name (clas
 the value (regression), one tag per word (token classification; words past data.max_length
 get none, and the line then has "words_without_prediction" and stderr names it), or the answer
 text cut from the context (span tasks: the best start/end pair over the context's windows,
-mtlx.train.spans).
+mtlx.train.spans). A span task with unanswerable questions (SQuAD 2.0, e.g. "squad_v2")
+answers "" for "no answer" and adds "no_answer_score": the question's null score minus its
+best span's score, "" above the task's null_score_threshold (null when no span is valid).
 """
 import argparse
 import json
@@ -86,7 +88,7 @@ def main(argv=None):
         decoder = None
         if spec.head == "span":
             from mtlx.train.spans import SpanDecoder, SpanReferences
-            decoder = SpanDecoder(tok, SpanReferences.from_split(split))  # contexts; no golds
+            decoder = SpanDecoder.for_task(spec, tok, SpanReferences.from_split(split))  # no golds
         for eb in D.eval_batches(tok, task_id, batch_size=cfg.get("eval_batch_size", 32),
                                  layout=s.run.layout, buckets=s.buckets):
             preds, _, _ = jax.device_get(eval_step(params, eb.batch))
@@ -115,9 +117,13 @@ def main(argv=None):
                         continue
                 outputs[n] = dict(rec, prediction=value)
         if decoder is not None:
+            no_answer = decoder.no_answer_scores() if decoder.null_answers else {}
             for ex, text in decoder.answers().items():
                 n, rec = recs[ex]
                 outputs[n] = dict(rec, prediction=text)
+                if ex in no_answer:  # SQuAD 2.0: "" = no answer; the score it was decided by
+                    s = no_answer[ex]
+                    outputs[n]["no_answer_score"] = s if np.isfinite(s) else None
     with open(args.output, "w", encoding="utf-8") as f:
         for n in sorted(outputs):
             f.write(json.dumps(outputs[n]) + "\n")

@@ -400,3 +400,28 @@ def test_squad_reader_and_bad_answer(tmp_path):
     (d / "train-v1.1.json").write_text('{"data": [\n  {"title": oops}]}')
     with pytest.raises(DataError, match=r"train-v1.1.json:2: invalid JSON"):
         load_split("squad", "train", dirs={"squad": d})
+
+
+def test_squad_v2_unanswerable_questions(tmp_path):
+    """SQuAD 2.0 JSON: questions marked is_impossible have no answers; squad_v2 reads them,
+    the v1.1 task refuses them naming the line, and contradictory entries are errors."""
+    doc = _squad_doc()
+    doc["version"] = "v2.0"
+    qas = doc["data"][0]["paragraphs"][0]["qas"]
+    qas.append({"id": "q3", "question": "Who ruled France in 2100?", "answers": [],
+                "plausible_answers": [{"text": "The Normans", "answer_start": 32}],
+                "is_impossible": True})
+    text = json.dumps(doc, indent=1)
+    line = text[: text.index('"q3"')].count("\n") + 1
+    for name, file in (("squad_v2", "train-v2.0.json"), ("squad", "train-v1.1.json")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / file).write_text(text)
+    data = load_split("squad_v2", "train", dirs={"squad_v2": tmp_path / "squad_v2"})
+    assert [(e.uid, e.answers) for e in data.examples][2] == ("q3", ())
+    with pytest.raises(DataError, match=rf"train-v1.1.json:{line}: question is marked is_impossible "
+                                        rf"\(SQuAD 2.0\), but task 'squad' answers every question"):
+        load_split("squad", "train", dirs={"squad": tmp_path / "squad"})
+    qas[2]["answers"] = [{"text": "France", "answer_start": 24}]
+    (tmp_path / "squad_v2" / "train-v2.0.json").write_text(json.dumps(doc, indent=1))
+    with pytest.raises(DataError, match=rf"train-v2.0.json:{line}: question is marked is_impossible but has answers"):
+        load_split("squad_v2", "train", dirs={"squad_v2": tmp_path / "squad_v2"})

@@ -12,13 +12,15 @@ from mtlx.data.tasks import HEAD_KINDS, Source, SplitFile, TaskSpec
 
 def test_builtin_tasks_are_registered():
     expected = {"cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli", "ud_pos",
-                "conll2003_ner", "squad", "boolq", "cb", "copa"}
+                "conll2003_ner", "squad", "squad_v2", "boolq", "cb", "copa"}
     assert expected <= set(list_tasks())
     mnli = get_task("mnli")
     assert mnli.eval_splits == ("dev_matched", "dev_mismatched")
     assert mnli.source.tfds.split_name("dev_mismatched") == "validation_mismatched"
     assert get_task("stsb").head == "regression" and get_task("stsb").labels == ()
     assert len(get_task("ud_pos").labels) == 17
+    assert not get_task("squad").null_answers and get_task("squad_v2").null_answers
+    assert get_task("squad_v2").metrics == ("squad_v2",)
 
 
 def test_specs_are_frozen_and_hashable():
@@ -62,6 +64,10 @@ def test_spec_validation_errors():
         TaskSpec("t", "regression", src, truncation="middle")
     with pytest.raises(ValueError, match="raw_labels"):
         TaskSpec("t", "classification", dataclasses.replace(src, raw_labels=("0",)), labels=("a", "b"))
+    with pytest.raises(ValueError, match="task 't': null_answers .* is for span tasks, not head 'regression'"):
+        TaskSpec("t", "regression", src, null_answers=True)
+    with pytest.raises(ValueError, match="null_score_threshold must be a finite number, got inf"):
+        dataclasses.replace(get_task("squad_v2"), null_score_threshold=float("inf"))
 
 
 def test_register_conflict():

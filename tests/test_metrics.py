@@ -16,7 +16,7 @@ from mtlx.metrics import (
     METRICS, GLUE_TASK_METRICS, MetricAccumulator, accuracy, binary_f1, delta_p, entity_counts,
     entity_f1, extract_entities, format_metrics_table, get_metric, glue_average, glue_score,
     matthews_corrcoef, multilabel_f1, normalize_answer, pearson, print_metrics_table, rankdata,
-    spearman, squad, token_accuracy)
+    spearman, squad, squad_v2, token_accuracy)
 
 SEEDS = range(40)
 
@@ -334,6 +334,89 @@ def test_squad_scores_hand_worked():
     # Max over golds picks the best F1 from different golds: 2/3 vs 1/2.
     out = squad(["new york city"], [["new york", "york"]])
     assert out["f1"] == pytest.approx(max(2 * (2 / 3) * 1 / (2 / 3 + 1), 2 * (1 / 3) * 1 / (1 / 3 + 1)))
+
+
+def _hf_squad_metrics():
+    """The official SQuAD 2.0 scoring as Hugging Face shipped it (transformers 4.46.3,
+    transformers/data/metrics/squad_metrics.py, removed in transformers 5): read from the wheel
+    scripts/setup.sh downloads, its two package-relative imports (used only by its prediction
+    helpers) replaced by stand-ins, and run unchanged."""
+    import sys
+    import types
+    import zipfile
+    from pathlib import Path
+    wheel = Path(sys.prefix) / "reference" / "transformers-4.46.3-py3-none-any.whl"
+    if not wheel.exists():
+        pytest.fail(f"{wheel} is missing: run scripts/setup.sh (it downloads the reference)")
+    src = zipfile.ZipFile(wheel).read("transformers/data/metrics/squad_metrics.py").decode()
+    for line in ("from ...models.bert import BasicTokenizer", "from ...utils import logging"):
+        assert line in src
+        src = src.replace(line, "")
+    ns = {"__name__": "hf_squad_metrics", "BasicTokenizer": None,
+          "logging": types.SimpleNamespace(get_logger=lambda name: None)}
+    exec(compile(src, "squad_metrics.py", "exec"), ns)
+    return ns
+
+
+def test_squad_v2_equals_the_official_scoring_on_random_questions():
+    from types import SimpleNamespace
+    ref = _hf_squad_metrics()
+    rng = np.random.default_rng(0)
+    words = ["the", "a", "cat", "Cat.", "dog", "sat", "on", "mat", "new", "york", ""]
+
+    def text():
+        return " ".join(rng.choice(words, size=int(rng.integers(0, 4))))
+
+    for trial in range(60):
+        n = int(rng.integers(1, 12))
+        # Unanswerable questions ([]), golds that normalise to "" ("the"), several golds.
+        refs = [[text() or "cat" for _ in range(int(rng.integers(0, 3)))] for _ in range(n)]
+        if trial % 3 == 0:
+            refs = [r + ["The"] if r and rng.random() < 0.3 else r for r in refs]
+        preds = [text() if rng.random() < 0.7 else "" for _ in range(n)]
+        scores = [float(s) for s in rng.normal(size=n).round(1)]  # ties on purpose
+        thresh = float(rng.choice([-0.5, 0.0, 0.7]))
+        examples = [SimpleNamespace(qas_id=f"q{i}", answers=[{"text": a} for a in r])
+                    for i, r in enumerate(refs)]
+        want = ref["squad_evaluate"](examples, {f"q{i}": p for i, p in enumerate(preds)},
+                                     {f"q{i}": s for i, s in enumerate(scores)}, thresh)
+        got = squad_v2(preds, refs, scores, thresh)
+        for key, theirs in (("exact", "exact_match"), ("f1", "f1"), ("HasAns_exact", "has_answer.exact_match"),
+                            ("HasAns_f1", "has_answer.f1"), ("NoAns_exact", "no_answer.exact_match"),
+                            ("NoAns_f1", "no_answer.f1"), ("best_exact", "best.exact_match"),
+                            ("best_f1", "best.f1")):
+            if key in want:
+                assert got[theirs] == pytest.approx(want[key] / 100), (trial, key)
+            else:
+                assert theirs not in got, (trial, key)
+        assert got["best.exact_match_threshold"] == want["best_exact_thresh"]
+        assert got["best.f1_threshold"] == want["best_f1_thresh"]
+        # Without no-answer scores: the predictions as given ("" = no answer).
+        want = ref["squad_evaluate"](examples, {f"q{i}": p for i, p in enumerate(preds)})
+        got = squad_v2(preds, refs)
+        assert got["exact_match"] == pytest.approx(want["exact"] / 100)
+        assert got["f1"] == pytest.approx(want["f1"] / 100)
+
+
+def test_squad_v2_hand_worked():
+    # An unanswerable question is right only when answered "" (EM and F1 1), and a non-empty
+    # answer to it scores 0; v2.0's F1 of "" vs "" is 1 where v1.1's is 0.
+    out = squad_v2(["", "Paris", "", "the cat"], [[], [], ["Paris"], ["a cat", "dog"]])
+    assert out == pytest.approx({"exact_match": 2 / 4, "f1": 2 / 4,
+                                 "has_answer.exact_match": 1 / 2, "has_answer.f1": 1 / 2,
+                                 "no_answer.exact_match": 1 / 2, "no_answer.f1": 1 / 2})
+    # A gold that normalises to "" counts as no gold text, but the question is answerable.
+    assert squad_v2([""], [["The"]]) == {"exact_match": 1.0, "f1": 1.0,
+                                         "has_answer.exact_match": 1.0, "has_answer.f1": 1.0}
+    # No-answer scores above the threshold turn answers into "no answer"; the best threshold
+    # keeps the answer of q0 (score 0.5, right) and not of q1 (score 1.0, an unanswerable one).
+    out = squad_v2(["Paris", "x"], [["Paris"], []], [0.5, 1.0], no_answer_threshold=0.0)
+    assert out["exact_match"] == 0.5 and out["has_answer.exact_match"] == 0.0
+    assert out["best.exact_match"] == 1.0 and out["best.exact_match_threshold"] == 0.5
+    with pytest.raises(ValueError, match=r"squad_v2: reference 0 must be a list of gold answer"):
+        squad_v2(["a"], [[1]])
+    with pytest.raises(ValueError, match=r"squad_v2: no_answer_scores holds NaN"):
+        squad_v2(["a"], [["a"]], [float("nan")])
 
 
 def test_squad_bad_input():

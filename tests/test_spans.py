@@ -132,3 +132,122 @@ def test_span_decoding_needs_char_offsets(windows):
     _, split, data = windows
     with pytest.raises(ValueError, match="character offsets"):
         SpanDecoder(dataclasses.replace(data, char_offsets=None), SpanReferences.from_split(split))
+
+
+# ----------------------------------------------------------------------- SQuAD 2.0 (no answer)
+
+def _hf_v2_reference(windows_logits, n_best, max_tokens, threshold):
+    """run_qa.py's postprocess_qa_predictions with version_2_with_negative, restated over full
+    logits: per window the n_best starts x n_best ends (valid: in the context, end >= start,
+    at most max_tokens), null score = [CLS] start + end, the question's null score the minimum
+    over windows; answer "" when null - best span > threshold. -> (span (row, s, e) or None,
+    score diff)."""
+    best, null = None, np.inf
+    for row, sl, el, offsets in windows_logits:
+        null = min(null, sl[0] + el[0])
+        starts = np.argsort(sl)[-1: -n_best - 1: -1]
+        ends = np.argsort(el)[-1: -n_best - 1: -1]
+        for s in starts:
+            for e in ends:
+                if offsets[s][0] < 0 or offsets[e][0] < 0 or e < s or e - s + 1 > max_tokens:
+                    continue
+                if best is None or sl[s] + el[e] > best[0]:
+                    best = (sl[s] + el[e], row, int(s), int(e))
+    diff = null - best[0] if best is not None else np.inf
+    return best, diff
+
+
+@pytest.fixture(scope="module")
+def windows_v2(windows):
+    """The three answerable questions plus two unanswerable ones, as a squad_v2 task."""
+    _, split, _ = windows
+    tok = load_tokenizer(sample_root() / "vocab" / "bert-base-uncased" / "vocab.txt")
+    extra = [Example(texts=("who won in 1200?", split.examples[2].texts[1]), answers=(), uid="n0"),
+             Example(texts=("what is blue?", split.examples[1].texts[1]), answers=(), uid="n1")]
+    spec = dataclasses.replace(get_task("squad_v2"), max_length=48, stride=16)
+    split2 = SplitData(spec, "dev", list(split.examples) + extra, ReadReport(), "<memory>", True)
+    return spec, split2, tokenize_split(split2, tok)
+
+
+def test_null_answers_decode_as_run_qa_on_random_logits(windows_v2):
+    """SpanDecoder with null answers (from the compiled predictions' top-k and null score) gives
+    run_qa.py's answers and score differences, restated over the full logits."""
+    spec, split, data = windows_v2
+    refs = SpanReferences.from_split(split)
+    tasks = (H.TaskHead("squad_v2", "span", 0),)
+    rng = np.random.default_rng(1)
+    for trial, threshold in enumerate((0.0, 0.0, -1.5, 100.0)):
+        dec = SpanDecoder.for_task(dataclasses.replace(spec, null_score_threshold=threshold), data, refs)
+        per_example = {}
+        for eb in eval_batches(data, 0, batch_size=4):
+            b, l = eb.batch.input_ids.shape
+            start = rng.normal(0, 1.0, (b, l)).astype(np.float32)
+            end = rng.normal(0, 1.0, (b, l)).astype(np.float32)
+            start[:, 0] += trial  # more "no answer" as the trials go on
+            preds = H.predictions({"span_start": jnp.asarray(start), "span_end": jnp.asarray(end)},
+                                  eb.batch, tasks)
+            rows = np.flatnonzero(eb.example_index >= 0)
+            dec.add(preds, eb.example_index, eb.row_index, rows)
+            mask = np.asarray(eb.batch.attention_mask).astype(bool)
+            for j in rows:
+                r = int(eb.row_index[j])
+                offsets = data.char_offsets[data.row_starts[r]: data.row_starts[r + 1]]
+                n = len(offsets)
+                sl = np.where(mask[j], start[j], -np.inf)[:n]
+                el = np.where(mask[j], end[j], -np.inf)[:n]
+                per_example.setdefault(int(eb.example_index[j]), []).append((r, sl, el, offsets))
+        answers, diffs = dec.answers(), dec.no_answer_scores()
+        assert sorted(answers) == sorted(per_example) == list(range(5))
+        for ex, wins in per_example.items():
+            best, diff = _hf_v2_reference(wins, H.SPAN_N_BEST, MAX_ANSWER_TOKENS, threshold)
+            assert diffs[ex] == pytest.approx(diff, abs=1e-5)
+            if diff > threshold:
+                assert answers[ex] == ""
+            else:
+                _, r, s, e = best
+                offsets = data.char_offsets[data.row_starts[r]: data.row_starts[r + 1]]
+                assert answers[ex] == refs.contexts[ex][offsets[s][0]: offsets[e][1]] != ""
+        if trial == 3:  # a high threshold answers every question (each has a valid span)
+            assert all(answers.values())
+
+
+def test_null_answers_scored_with_squad_v2(windows_v2):
+    """Logits peaking at the gold tokens of each window ([CLS] where the answer is absent or
+    there is none): every question right, the unanswerable ones with "" through evaluate_tasks;
+    the breakdowns are reported and left out of the headline."""
+    spec, split, data = windows_v2
+    refs = SpanReferences.from_split(split)
+    assert refs.answers[3] == [] and refs.answers[4] == []
+    make = lambda name, tid: eval_batches(data, tid, batch_size=4)
+    tasks = (H.TaskHead("squad_v2", "span", 0),)
+
+    def fn(params, batch):
+        b, l = batch.input_ids.shape
+        start = np.random.default_rng(0).normal(0, 0.1, (b, l)).astype(np.float32)
+        end = start[:, ::-1].copy()
+        rows = np.arange(b)
+        start[rows, np.asarray(batch.start_positions).clip(0)] += 10.0
+        end[rows, np.asarray(batch.end_positions).clip(0)] += 10.0
+        preds = H.predictions({"span_start": jnp.asarray(start), "span_end": jnp.asarray(end)},
+                              batch, tasks)
+        return preds, jnp.zeros(1), jnp.ones(1)
+
+    res = E.evaluate_tasks(fn, None, [spec], {"squad_v2": data}, make, references={"squad_v2": refs})
+    got = res["squad_v2"]
+    assert got["exact_match"] == got["f1"] == 1.0
+    assert got["has_answer.exact_match"] == got["no_answer.exact_match"] == 1.0
+    assert {"best.exact_match", "best.exact_match_threshold", "best.f1", "best.f1_threshold"} <= set(got)
+    assert E.headline(got) == 1.0 and E.headline(dict(got, **{"no_answer.f1": 0.0})) == 1.0
+    dec = SpanDecoder.for_task(spec, data, refs)
+    for eb in make("squad_v2", 0):
+        dec.add(fn(None, eb.batch)[0], eb.example_index, eb.row_index,
+                np.flatnonzero(eb.example_index >= 0))
+    assert dec.answers() == {0: "Rollo of Normandy", 1: "Paris", 2: "1066", 3: "", 4: ""}
+    # The same logits decoded as v1.1 answer every question with a span.
+    v1 = SpanDecoder(data, refs)
+    for eb in make("squad_v2", 0):
+        v1.add(fn(None, eb.batch)[0], eb.example_index, eb.row_index,
+               np.flatnonzero(eb.example_index >= 0))
+    assert all(v1.answers().values())
+    with pytest.raises(ValueError, match="no-answer scores need null_answers=True"):
+        v1.no_answer_scores()

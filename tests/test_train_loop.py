@@ -302,45 +302,72 @@ def test_packing_refuses_unpackable_tasks_naming_the_key():
 
 
 def test_span_task_is_scored_with_squad_text_em_f1(tmp_path):
-    """A SQuAD task in the loop: evaluation decodes text answers (mtlx.train.spans) and reports
-    SQuAD's exact match and F1, in [0, 1], next to the loss."""
+    """SQuAD v1.1 and 2.0 tasks in one model, in the loop: evaluation decodes text answers
+    (mtlx.train.spans) and reports SQuAD's exact match and F1, in [0, 1], next to the loss
+    (SQuAD 2.0 with its answerable / unanswerable breakdown and best thresholds); predict.py
+    answers both, "" meaning "no answer" for squad_v2 with the score that decided it."""
     context = ("Normandy is a region in France. The Normans gave their name to it. Rollo was "
                "their first ruler, and William the Conqueror won England in 1066. ")
     qas = [("In what country is Normandy?", "France"), ("Who gave their name to Normandy?", "The Normans"),
            ("Who was the first ruler?", "Rollo"), ("When was England won?", "1066")]
-    doc = {"version": "1.1", "data": [{"title": "Normandy", "paragraphs": [{
-        "context": context * 2,
-        "qas": [{"id": f"q{i}", "question": q, "answers": [{"text": a, "answer_start": context.index(a)}]}
-                for i, (q, a) in enumerate(qas)]}]}]}
-    (tmp_path / "squad").mkdir()
-    for name in ("train-v1.1.json", "dev-v1.1.json"):
-        (tmp_path / "squad" / name).write_text(json.dumps(doc))
+    impossible = [("Who ruled Normandy in 2100?", None), ("What is the capital of Spain?", None)]
+
+    def doc(items):
+        return {"version": "1.1", "data": [{"title": "Normandy", "paragraphs": [{
+            "context": context * 2,
+            "qas": [{"id": f"q{i}", "question": q, "is_impossible": a is None,
+                     "answers": [] if a is None else [{"text": a, "answer_start": context.index(a)}]}
+                    for i, (q, a) in enumerate(items)]}]}]}
+    for task, items, files in (("squad", qas, ("train-v1.1.json", "dev-v1.1.json")),
+                               ("squad_v2", qas + impossible, ("train-v2.0.json", "dev-v2.0.json"))):
+        (tmp_path / task).mkdir()
+        for name in files:
+            (tmp_path / task / name).write_text(json.dumps(doc(items)))
     cfg = local_cfg("--config.optim.num_train_steps=2", "--config.eval_every=2",
                     "--config.checkpoint.every=2", f"--config.data.data_root={tmp_path}",
                     "--config.data.buckets=()")
-    cfg.tasks = ("squad",)
+    cfg.tasks = ("squad", "squad_v2")
     cfg.data.max_length = 48   # windows of 48 tokens, stride set below
     import dataclasses
 
     from mtlx.data import tasks as T
-    spec = T.get_task("squad")
-    T.register_task(dataclasses.replace(spec, stride=8), overwrite=True)
+    specs = {t: T.get_task(t) for t in cfg.tasks}
+    for spec in specs.values():
+        T.register_task(dataclasses.replace(spec, stride=8), overwrite=True)
     req, pred = tmp_path / "req.jsonl", tmp_path / "pred.jsonl"
-    req.write_text("".join(json.dumps({"task": "squad", "question": q, "context": context * 2}) + "\n"
-                           for q, _ in qas))
+    req.write_text("".join(json.dumps({"task": t, "question": q, "context": context * 2}) + "\n"
+                           for t, items in (("squad", qas), ("squad_v2", qas + impossible))
+                           for q, _ in items))
     try:
         results = train_and_evaluate(cfg, tmp_path / "wd", progress=False)
         sys.path.insert(0, str(ROOT / "scripts"))
         import predict
         predict.main(["--config", DEMO + ":local", "--workdir", str(tmp_path / "wd"),
-                      "--input", str(req), "--output", str(pred), "--config.tasks=squad",
+                      "--input", str(req), "--output", str(pred), "--config.tasks=squad,squad_v2",
                       "--config.model.hidden_dropout=0.0", f"--config.data.data_root={tmp_path}",
                       "--config.data.buckets=()", "--config.data.max_length=48"])
     finally:
-        T.register_task(spec, overwrite=True)
+        for spec in specs.values():
+            T.register_task(spec, overwrite=True)
     assert set(results["squad"]) == {"exact_match", "f1", "loss"}
     assert 0.0 <= results["squad"]["exact_match"] <= results["squad"]["f1"] <= 1.0
+    v2 = results["squad_v2"]
+    assert set(v2) == {"exact_match", "f1", "loss"} | {
+        f"{g}.{m}" for g in ("has_answer", "no_answer") for m in ("exact_match", "f1")} | {
+        "best.exact_match", "best.exact_match_threshold", "best.f1", "best.f1_threshold"}
+    assert 0.0 <= v2["exact_match"] <= v2["f1"] <= 1.0 and v2["best.f1"] >= v2["f1"] - 1e-9
     rows = [json.loads(line) for line in pred.read_text().splitlines()]
-    assert [r["question"] for r in rows] == [q for q, _ in qas]
-    for r in rows:  # text cut from the context, at most 30 word pieces
-        assert isinstance(r["prediction"], str) and r["prediction"] and r["prediction"] in r["context"]
+    # Same model, same questions (dev = train here): an unanswerable question scores 1 when
+    # answered "", so the no-answer exact match is the fraction predict.py answered "".
+    nulls = [r["prediction"] == "" for r in rows[-len(impossible):]]
+    assert v2["no_answer.exact_match"] == pytest.approx(sum(nulls) / len(nulls))
+    assert [(r["task"], r["question"]) for r in rows] == (
+        [("squad", q) for q, _ in qas] + [("squad_v2", q) for q, _ in qas + impossible])
+    for r in rows:
+        assert isinstance(r["prediction"], str) and r["prediction"] in r["context"]
+        if r["task"] == "squad":  # text cut from the context, at most 30 word pieces
+            assert r["prediction"] and "no_answer_score" not in r
+        else:
+            score = r["no_answer_score"]
+            assert score is None or isinstance(score, float)
+            assert (r["prediction"] == "") == (score is None or score > 0.0)

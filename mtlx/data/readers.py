@@ -458,8 +458,17 @@ def _squad_example(spec, entry, context, qa, where, line_of, errors) -> Optional
                        f"context (found {context[start: start + len(answer)]!r})", **loc)
             return None
         answers.append((answer, start))
-    if entry.labelled and not answers and not qa.get("is_impossible", False):
+    impossible = bool(qa.get("is_impossible", False))
+    if entry.labelled and not answers and not impossible:
         errors.bad("bad_answer", "question has no answer and is not marked is_impossible", **loc)
+        return None
+    if entry.labelled and impossible and answers:
+        errors.bad("bad_answer", "question is marked is_impossible but has answers", **loc)
+        return None
+    if entry.labelled and impossible and not spec.null_answers:
+        errors.bad("bad_answer", f"question is marked is_impossible (SQuAD 2.0), but task "
+                   f"{spec.name!r} answers every question (TaskSpec.null_answers=False, SQuAD "
+                   f"v1.1); use a task with null_answers=True such as 'squad_v2'", **loc)
         return None
     return Example(texts=(str(qa["question"]), context), answers=tuple(answers),
                    uid=str(qa["id"]), line=line or 0)

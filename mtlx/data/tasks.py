@@ -7,7 +7,7 @@ files are laid out (`Source`), which fields are text, the head kind and label se
 and sit inside configs.
 
 Built in: the GLUE tasks (Wang et al. 2019) in the official TSV layout and as tensorflow-datasets
-``glue/*``; UD English-EWT part-of-speech tagging (CoNLL-U); CoNLL-2003 NER; SQuAD v1.1; and the
+``glue/*``; UD English-EWT part-of-speech tagging (CoNLL-U); CoNLL-2003 NER; SQuAD v1.1 and 2.0; and the
 SuperGLUE tasks BoolQ, CB and COPA (Wang et al. 2019b) from their JSONL release. Users add a task
 from a config (a TSV/CSV/JSONL file and a column mapping) with `task_from_config`, no code.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -118,6 +119,13 @@ class TaskSpec:
                  `labels` is given, else the label column's text) or "score" (a regression
                  score rounded to 0.2 and written "3.8", as T5 does for STS-B).
     max_target_length: seq2seq: target tokens (EOS included) after truncation.
+    null_answers: span tasks with unanswerable questions (SQuAD 2.0; run_qa.py's
+                 --version_2_with_negative): a question is answered "" (no answer) when its
+                 null score ([CLS] start + end logit, the lowest over its windows) exceeds its
+                 best span's score by more than `null_score_threshold`, and it is scored with
+                 SQuAD 2.0's metric. Without it, every question gets its best span (v1.1) and
+                 a question marked is_impossible in the data is an error.
+    null_score_threshold: run_qa.py's --null_score_diff_threshold (default 0.0).
     """
     name: str
     head: str
@@ -132,6 +140,8 @@ class TaskSpec:
     eval_splits: tuple = ("dev",)
     target: str = ""
     max_target_length: int = 16
+    null_answers: bool = False
+    null_score_threshold: float = 0.0
     description: str = ""
 
     def __post_init__(self):
@@ -162,6 +172,12 @@ class TaskSpec:
             raise ValueError(f"{where}: target must be '' or 'score' (seq2seq only), got {self.target!r}")
         if self.head == "seq2seq" and self.target == "score" and self.labels:
             raise ValueError(f"{where}: a 'score' target takes no label list")
+        if self.null_answers and self.head != "span":
+            raise ValueError(f"{where}: null_answers (unanswerable questions) is for span tasks, "
+                             f"not head {self.head!r}")
+        if not isinstance(self.null_score_threshold, (int, float)) or not math.isfinite(self.null_score_threshold):
+            raise ValueError(f"{where}: null_score_threshold must be a finite number, got "
+                             f"{self.null_score_threshold!r}")
         if not 0 <= self.stride < self.max_length // 2:
             raise ValueError(f"{where}: stride must be in [0, max_length/2), got {self.stride}")
 
@@ -413,6 +429,15 @@ SQUAD_V1 = TaskSpec(
         SplitFile("train", "train-v1.1.json"), SplitFile("dev", "dev-v1.1.json")),
         reference="Rajpurkar et al. 2016, SQuAD v1.1 JSON"))
 
+# SQuAD 2.0: the v1.1 questions plus unanswerable ones ("is_impossible": true, no answers),
+# trained to point at [CLS] and answered "" when the null score wins (run_qa.py's
+# --version_2_with_negative).
+SQUAD_V2 = dataclasses.replace(
+    SQUAD_V1, name="squad_v2", metrics=("squad_v2",), null_answers=True,
+    source=Source(format="squad", root="squad_v2", files=(
+        SplitFile("train", "train-v2.0.json"), SplitFile("dev", "dev-v2.0.json")),
+        reference="Rajpurkar, Jia & Liang 2018, SQuAD 2.0 JSON"))
+
 _SUPERGLUE_REF = "Wang et al. 2019, SuperGLUE (NeurIPS); official JSONL release"
 
 
@@ -446,5 +471,5 @@ SUPERGLUE_TASKS = (
                choices=("choice1", "choice2"), preprocess="copa", text_fields=("premise",)),
 )
 
-for _spec in GLUE_TASKS + (UD_EWT_POS, CONLL2003_NER, SQUAD_V1) + SUPERGLUE_TASKS:
+for _spec in GLUE_TASKS + (UD_EWT_POS, CONLL2003_NER, SQUAD_V1, SQUAD_V2) + SUPERGLUE_TASKS:
     register_task(_spec)

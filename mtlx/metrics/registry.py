@@ -8,7 +8,7 @@ head output and which `Batch` field to feed it:
   values        [N] regression values (Batch.label_values)
   token_labels  [N, L] token class ids, IGNORE_INDEX where ignored (Batch.token_labels)
   multi_labels  [N, C] multi-hot 0/1 (Batch.multi_labels), predictions thresholded
-  text          answer strings vs. lists of gold strings (SQuAD)
+  text          answer strings vs. lists of gold strings (SQuAD; SQuAD 2.0: "" / [] = no answer)
 """
 
 from __future__ import annotations
@@ -84,6 +84,12 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
            reference="CoNLL-2003 conlleval.pl; seqeval (micro average)"),
     Metric("squad", qa.squad, ("exact_match", "f1"), "text",
            reference="Rajpurkar et al. 2016; official evaluate-v1.1.py"),
+    # Over all questions; qa.squad_v2 itself also gives the answerable / unanswerable breakdown
+    # and, with no-answer scores, the best thresholds (what span evaluation reports).
+    Metric("squad_v2",
+           lambda p, r: {k: v for k, v in qa.squad_v2(p, r).items() if k in ("exact_match", "f1")},
+           ("exact_match", "f1"), "text",
+           reference="Rajpurkar, Jia & Liang 2018; official evaluate-v2.0.py (empty = no answer)"),
     Metric("multilabel_micro_f1",
            lambda p, r: {"micro_f1": classification.multilabel_f1(p, r, average="micro")},
            ("micro_f1",), "multi_labels", reference="sklearn f1_score(average='micro')"),

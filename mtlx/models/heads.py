@@ -367,6 +367,9 @@ def predictions(outputs: dict, batch, tasks: Sequence[TaskHead]) -> dict:
         k = min(SPAN_N_BEST, start.shape[-1])
         preds["span_start_top_logits"], preds["span_start_top"] = jax.lax.top_k(start, k)
         preds["span_end_top_logits"], preds["span_end_top"] = jax.lax.top_k(end, k)
+        # [CLS]'s start + end logit: the window's null ("no answer") score (SQuAD 2.0).
+        preds["span_null_score"] = (outputs["span_start"][:, 0].astype(jnp.float32)
+                                    + outputs["span_end"][:, 0].astype(jnp.float32))
     if "multiple_choice" in kinds:
         preds["multiple_choice"] = outputs["multiple_choice"]
     if "seq2seq" in kinds:

@@ -77,7 +77,9 @@ def evaluate_tasks(eval_fn: Callable, params: Any, specs: Sequence, eval_data: M
     make_batches(task_name, task_id) yields mtlx.data EvalBatch objects; place(batch) puts a
     batch on the mesh; eval_fn(params, batch) -> (predictions, losses [T], counts [T]).
     references: {span task: mtlx.train.spans.SpanReferences}: those tasks' answers are decoded
-    to text and scored with SQuAD's exact match and F1 (mtlx.train.spans).
+    to text and scored with SQuAD's exact match and F1 (mtlx.train.spans); a task with
+    null_answers (SQuAD 2.0) also reports 'has_answer.*', 'no_answer.*' and 'best.*'
+    breakdowns (mtlx.metrics.squad_v2), which `headline` leaves out.
     """
     from mtlx.train.spans import SpanDecoder
     references = references or {}
@@ -88,7 +90,7 @@ def evaluate_tasks(eval_fn: Callable, params: Any, specs: Sequence, eval_data: M
         options = {}
         decoder = None
         if spec.head == "span" and spec.name in references:
-            decoder = SpanDecoder(eval_data[spec.name], references[spec.name])
+            decoder = SpanDecoder.for_task(spec, eval_data[spec.name], references[spec.name])
         names = metric_names(spec, text_answers=decoder is not None)
         if "entity_f1" in names:
             options["label_names"] = list(spec.labels)
@@ -124,8 +126,9 @@ def evaluate_tasks(eval_fn: Callable, params: Any, specs: Sequence, eval_data: M
 
 
 def headline(task_results: Mapping[str, float]) -> float:
-    """One number per task: the mean of its metrics (GLUE's convention), loss excluded."""
-    vals = [v for k, v in task_results.items() if k != "loss" and np.isfinite(v)]
+    """One number per task: the mean of its metrics (GLUE's convention), loss excluded, and
+    breakdowns ('group.metric' keys, e.g. SQuAD 2.0's 'has_answer.f1') too."""
+    vals = [v for k, v in task_results.items() if k != "loss" and "." not in k and np.isfinite(v)]
     return float(np.mean(vals)) if vals else float("nan")
 
 
