@@ -123,7 +123,7 @@ def test_user_task_config_errors(tmp_path):
         task_from_config({k: v for k, v in base.items() if k != "files"})
     with pytest.raises(ValueError, match="needs a 'label' entry"):
         task_from_config(dict(base, columns={"text": "t"}))
-    with pytest.raises(ValueError, match="format must be tsv, csv or jsonl"):
+    with pytest.raises(ValueError, match="format must be tsv, csv, jsonl or squad"):
         task_from_config(dict(base, format="parquet"))
     with pytest.raises(ValueError, match=r"unknown metric\(s\) \['acc'\]"):
         task_from_config(dict(base, metrics=["acc"]))
@@ -135,3 +135,47 @@ def test_user_task_config_errors(tmp_path):
         (tmp_path / "a.csv").write_text("t,l\nhello,1\n")
         spec = task_from_config(dict(base, header=False, root=str(tmp_path)))
         load_split(spec, "train")
+
+
+def test_user_span_task_from_squad_config(tmp_path):
+    """An extractive QA task declared in a config file: SQuAD-format JSON, windows, SQuAD 2.0
+    null answers and its metric; keys that do not apply are errors naming them."""
+    context = "Normandy is a region in France. The Normans gave their name to it."
+    doc = {"data": [{"paragraphs": [{"context": context, "qas": [
+        {"id": "a", "question": "Where is Normandy?",
+         "answers": [{"text": "France", "answer_start": context.index("France")}]},
+        {"id": "b", "question": "Who rules it in 2100?", "answers": [], "is_impossible": True}]}]}]}
+    (tmp_path / "qa").mkdir()
+    (tmp_path / "qa" / "train.json").write_text(json.dumps(doc))
+    cfg = {"name": "support_qa", "head": "span", "format": "squad", "null_answers": True,
+           "files": {"train": "qa/train.json", "dev": "qa/train.json"}}
+    path = tmp_path / "support_qa.json"
+    path.write_text(json.dumps(cfg))
+    spec = task_from_config(path)
+    assert (spec.head, spec.null_answers, spec.metrics, spec.text_fields) == (
+        "span", True, ("squad_v2",), ("question", "context"))
+    assert (spec.max_length, spec.stride, spec.truncation, spec.eval_splits) == (384, 128, "only_second", ("dev",))
+    data = load_split(spec, "train")
+    assert [(e.uid, e.answers) for e in data.examples] == [("a", (("France", 24),)), ("b", ())]
+    v1 = task_from_config(dict(cfg, null_answers=False, max_length=64, root=str(tmp_path)))
+    assert (v1.metrics, v1.stride) == (("squad",), 21)
+    with pytest.raises(DataError, match="is_impossible .* task 'support_qa' answers every question"):
+        load_split(v1, "train")
+    with pytest.raises(ValueError, match=r"head 'span' needs format 'squad', got head 'span' with format 'jsonl'"):
+        task_from_config(dict(cfg, format="jsonl"))
+    with pytest.raises(ValueError, match=r"got head 'classification' with format 'squad'"):
+        task_from_config(dict(cfg, head="classification"))
+    with pytest.raises(ValueError, match=r"key\(s\) \['columns'\] do not apply to SQuAD-format JSON"):
+        task_from_config(dict(cfg, columns={"question": "q"}))
+    with pytest.raises(ValueError, match="null_answers must be true or false, got 'yes'"):
+        task_from_config(dict(cfg, null_answers="yes"))
+    with pytest.raises(ValueError, match="null_score_threshold must be a number"):
+        task_from_config(dict(cfg, null_score_threshold="high"))
+    with pytest.raises(ValueError, match="stride must be in"):
+        task_from_config(dict(cfg, stride=300))
+    csv = {"name": "x", "head": "classification", "format": "csv", "files": {"train": "a.csv"},
+           "columns": {"text": "t", "label": "l"}, "labels": ["0", "1"]}
+    with pytest.raises(ValueError, match=r"key\(s\) \['stride'\] are for span tasks"):
+        task_from_config(dict(csv, stride=8))
+    with pytest.raises(ValueError, match="needs key 'columns'"):
+        task_from_config({k: v for k, v in csv.items() if k != "columns"})

@@ -248,8 +248,8 @@ def list_tasks() -> tuple:
 # ----------------------------------------------------------------------------- user tasks
 
 _CONFIG_KEYS = {
-    "name": "task name", "head": "head kind", "format": "tsv | csv | jsonl",
-    "files": "{split: path}", "columns": "{field: column name or index}",
+    "name": "task name", "head": "head kind", "format": "tsv | csv | jsonl | squad (span tasks)",
+    "files": "{split: path}", "columns": "{field: column name or index} (not for squad)",
     "labels": "class names (classification / multilabel)", "raw_labels": "labels as written",
     "metrics": "metric names", "text_fields": "text fields in order (default: from columns)",
     "header": "files have a header row (default true)", "max_length": "tokens per row",
@@ -257,13 +257,18 @@ _CONFIG_KEYS = {
     "choices": "multiple-choice fields", "train_split": "split to train on",
     "eval_splits": "splits to evaluate on", "description": "free text", "root": "base folder",
     "labelled": "{split: false} for splits without labels",
+    "stride": "span: token overlap of a long context's windows (default min(128, max_length // 3))",
+    "null_answers": "span: unanswerable questions (SQuAD 2.0; default false)",
+    "null_score_threshold": "span: no-answer score threshold (default 0.0)",
 }
+_SPAN_ONLY_KEYS = ("stride", "null_answers", "null_score_threshold")
 _DEFAULT_METRICS = {"classification": ("accuracy",), "regression": ("pearson", "spearman"),
                     "multilabel": ("multilabel_micro_f1",), "multiple_choice": ("accuracy",)}
 
 
 def task_from_config(config: Union[Mapping[str, Any], str, Path]) -> TaskSpec:
-    """A TaskSpec from a mapping (or a JSON file) describing a TSV/CSV/JSONL task, no code needed.
+    """A TaskSpec from a mapping (or a JSON file) describing a TSV/CSV/JSONL task, or an
+    extractive QA task in SQuAD-format JSON, no code needed.
 
     Example::
 
@@ -271,6 +276,14 @@ def task_from_config(config: Union[Mapping[str, Any], str, Path]) -> TaskSpec:
          "files": {"train": "/data/reviews/train.csv", "dev": "/data/reviews/dev.csv"},
          "columns": {"text": "review_body", "label": "stars"},
          "labels": ["1", "2", "3", "4", "5"], "metrics": ["accuracy"]}
+
+        {"name": "support_qa", "head": "span", "format": "squad", "null_answers": true,
+         "files": {"train": "qa/train.json", "dev": "qa/dev.json"}, "max_length": 384}
+
+    A "squad" task reads SQuAD v1.1/2.0 JSON (question + context, answers with answer_start;
+    is_impossible questions need null_answers), truncates the context into windows
+    ("only_second", `stride` tokens of overlap) and is scored with SQuAD's metric (v2.0's with
+    null_answers).
 
     Relative file paths resolve against the `root` key, else the JSON file's folder, else the
     data root given to `load_split`.
@@ -293,12 +306,23 @@ def task_from_config(config: Union[Mapping[str, Any], str, Path]) -> TaskSpec:
     if unknown:
         raise ValueError(f"{origin}: unknown task config key(s) {unknown}; known keys: "
                          + ", ".join(f"{k} ({v})" for k, v in _CONFIG_KEYS.items()))
-    for key in ("name", "head", "format", "files", "columns"):
+    for key in ("name", "head", "format", "files"):
         if key not in config:
             raise ValueError(f"{origin}: task config needs key {key!r} ({_CONFIG_KEYS[key]})")
     name, head, fmt = config["name"], config["head"], config["format"]
-    if fmt not in ("tsv", "csv", "jsonl"):
-        raise ValueError(f"{origin}: task {name!r}: format must be tsv, csv or jsonl, got {fmt!r}")
+    if fmt not in ("tsv", "csv", "jsonl", "squad"):
+        raise ValueError(f"{origin}: task {name!r}: format must be tsv, csv, jsonl or squad, got {fmt!r}")
+    if (fmt == "squad") != (head == "span"):
+        raise ValueError(f"{origin}: task {name!r}: span tasks (extractive QA) read SQuAD-format "
+                         f"JSON and that format is for span tasks: head 'span' needs format "
+                         f"'squad', got head {head!r} with format {fmt!r}")
+    if fmt == "squad":
+        return _span_task_from_config(config, origin, root)
+    extra = [k for k in _SPAN_ONLY_KEYS if k in config]
+    if extra:
+        raise ValueError(f"{origin}: task {name!r}: key(s) {extra} are for span tasks (format squad)")
+    if "columns" not in config:
+        raise ValueError(f"{origin}: task config needs key 'columns' ({_CONFIG_KEYS['columns']})")
     columns = dict(config["columns"])
     if head != "multiple_choice" and "label" not in columns:
         raise ValueError(f"{origin}: task {name!r}: columns needs a 'label' entry (the label column)")
@@ -324,6 +348,43 @@ def task_from_config(config: Union[Mapping[str, Any], str, Path]) -> TaskSpec:
         metrics=tuple(config.get("metrics", _DEFAULT_METRICS.get(head, ()))),
         text_fields=text_fields, max_length=int(config.get("max_length", 128)),
         truncation=config.get("truncation", "longest_first"),
+        train_split=config.get("train_split", "train" if "train" in splits else splits[0]),
+        eval_splits=tuple(config.get("eval_splits", [s for s in splits if s in ("dev", "validation")]
+                                     or splits[-1:])),
+        description=str(config.get("description", "")))
+    check_metrics(spec)
+    return spec
+
+
+def _span_task_from_config(config: dict, origin: str, root: str) -> TaskSpec:
+    name = config["name"]
+    bad = [k for k in ("columns", "labels", "raw_labels", "choices", "label_separator", "header",
+                       "text_fields") if k in config]
+    if bad:
+        raise ValueError(f"{origin}: task {name!r}: key(s) {bad} do not apply to SQuAD-format "
+                         f"JSON (question + context, answers in the file)")
+    null_answers = config.get("null_answers", False)
+    if not isinstance(null_answers, bool):
+        raise ValueError(f"{origin}: task {name!r}: null_answers must be true or false, got {null_answers!r}")
+    labelled = dict(config.get("labelled", {}))
+    files = tuple(SplitFile(split, str(path), labelled=bool(labelled.get(split, True)))
+                  for split, path in dict(config["files"]).items())
+    source = Source(format="squad", root=str(config.get("root", root)), files=files,
+                    reference=origin)
+    splits = [f.split for f in files]
+    max_length = int(config.get("max_length", 384))
+    try:
+        threshold = float(config.get("null_score_threshold", 0.0))
+    except (TypeError, ValueError):
+        raise ValueError(f"{origin}: task {name!r}: null_score_threshold must be a number, got "
+                         f"{config['null_score_threshold']!r}") from None
+    spec = TaskSpec(
+        name=name, head="span", source=source,
+        metrics=tuple(config.get("metrics", ("squad_v2",) if null_answers else ("squad",))),
+        text_fields=("question", "context"), max_length=max_length,
+        truncation=config.get("truncation", "only_second"),
+        stride=int(config.get("stride", min(128, max_length // 3))),
+        null_answers=null_answers, null_score_threshold=threshold,
         train_split=config.get("train_split", "train" if "train" in splits else splits[0]),
         eval_splits=tuple(config.get("eval_splits", [s for s in splits if s in ("dev", "validation")]
                                      or splits[-1:])),

@@ -279,7 +279,9 @@ def _span(spec, examples, owned, tokenizer, max_length, labelled) -> dict:
         if len(q) + specials + spec.stride + 1 > max_length:
             ex = examples[i]
             raise DataError(f"question of {len(q)} tokens leaves no room for a context window "
-                            f"with stride {spec.stride} in max_length {max_length}",
+                            f"with stride {spec.stride} in max_length {max_length}: lower the "
+                            f"task's stride (TaskSpec.stride, task config 'stride') or raise "
+                            f"max_length (config.data.max_length)",
                             line=ex.line or None, where=None if ex.line else f"id {ex.uid}",
                             task=spec.name)
     enc = tokenizer(questions, contexts, truncation="only_second", max_length=max_length,
