@@ -51,6 +51,10 @@ def test_run_writes_results_logs_plots(uninterrupted):
     assert any(l["kind"] == "eval" and "eval/cola/mcc" in l for l in lines)
     info = [l for l in lines if l["kind"] == "info"]
     assert info and info[-1]["compile/train_step_executables"] <= 2  # one per length bucket
+    train = [l for l in lines if "perf/examples_per_s" in l]
+    batch = local_cfg().batch_size  # unpacked: an example a row
+    assert train and all(l["perf/examples_per_s"] / l["perf/steps_per_s"] == pytest.approx(batch)
+                         for l in train)
 
 
 def test_preempted_run_resumes_bit_identical(uninterrupted, tmp_path):
@@ -153,6 +157,14 @@ def test_packed_training_runs_resumes_and_evaluates(tmp_path):
     lines = [json.loads(l) for l in (full_wd / "metrics.jsonl").read_text().splitlines()]
     info = [l for l in lines if l["kind"] == "info"]
     assert info[-1]["compile/train_step_executables"] == 1     # one row length: one program
+    # perf/examples_per_s counts the examples in the packed rows, not the rows.
+    train = [l for l in lines if "perf/examples_per_s" in l]
+    assert train
+    for a, b in zip([{"step": 0}] + train, train):
+        segs = [int(np.asarray(s.iterator.batch_at(k).segments.mask).sum())
+                for k in range(a["step"], b["step"])]
+        assert b["perf/examples_per_s"] / b["perf/steps_per_s"] == pytest.approx(np.mean(segs))
+        assert np.mean(segs) > cfg.batch_size
 
     def preempt_at_3(step):
         if step == 3:

@@ -24,7 +24,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.packing = False           # training rows of the longest bucket, several examples of
                                      # one task each (mtlx.data.packing; BERT/RoBERTa/T5, heads
                                      # classification/regression/tagging); eval unpacked;
-                                     # perf/examples_per_s then counts rows, not examples
+                                     # perf/examples_per_s counts the examples in the rows
     c.data.packing_max_segments = 8  # at most this many examples a packed row
     c.data.packing_mix_tasks = False  # packed rows may hold examples of several tasks (fuller
                                       # rows; adapters/LoRA/hypernetworks/tagging heads route

@@ -369,10 +369,18 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path,
     if progress and is_main:
         from tqdm import tqdm
         bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
-    prefetched = D.prefetch(it, size=2, transform=place)
+    def place_counted(local_batch):
+        """(the placed batch, the examples it holds): a packed batch holds several a row
+        (its real segments; on several processes this process's count x process count)."""
+        segments = getattr(local_batch, "segments", None)
+        if segments is None:
+            return place(local_batch), cfg.batch_size
+        return place(local_batch), int(np.asarray(segments.mask).sum()) * jax.process_count()
+
+    prefetched = D.prefetch(it, size=2, transform=place_counted)
     pending = None  # (step, metrics) checked one step late, so dispatch stays asynchronous
     results, last_eval_step = {}, None
-    t0, examples = time.perf_counter(), 0
+    t0, examples, steps = time.perf_counter(), 0, 0
 
     def check(p):
         if p is not None:
@@ -380,11 +388,12 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path,
 
     try:
         for step in range(start, total):
-            batch = next(prefetched)
+            batch, num_examples = next(prefetched)
             state, metrics = train_step(state, batch)
             check(pending)
             pending = (step, metrics)
-            examples += cfg.batch_size
+            examples += num_examples
+            steps += 1
             done = step + 1
             if done % cfg.log_every == 0 or done == total:
                 check(pending)
@@ -392,14 +401,14 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path,
                 dt = time.perf_counter() - t0
                 scalars = {"train/loss": m["loss"], "train/grad_norm": m["grad_norm"],
                            "train/learning_rate": m.get("learning_rate", np.nan),
-                           "perf/examples_per_s": examples / dt, "perf/steps_per_s": examples / cfg.batch_size / dt}
+                           "perf/examples_per_s": examples / dt, "perf/steps_per_s": steps / dt}
                 for i, n in enumerate(names):
                     if m["task_count"][i] > 0:
                         scalars[f"train/loss/{n}"] = m["task_loss"][i]
                 logger.write(done, scalars)
                 if bar is not None:
                     bar.set_postfix(loss=f"{float(m['loss']):.4f}", ex_s=f"{examples / dt:.1f}")
-                t0, examples = time.perf_counter(), 0
+                t0, examples, steps = time.perf_counter(), 0, 0
             if bar is not None:
                 bar.update(1)
             if on_step is not None:
