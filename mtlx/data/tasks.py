@@ -341,19 +341,26 @@ def task_from_config(config: Union[Mapping[str, Any], str, Path]) -> TaskSpec:
         columns=tuple(columns.items()), raw_labels=tuple(str(x) for x in config.get("raw_labels", ())),
         choices=choices, label_separator=config.get("label_separator", ","),
         reference=origin)
-    splits = [f.split for f in files]
     spec = TaskSpec(
         name=name, head=head, source=source,
         labels=tuple(str(x) for x in config.get("labels", ())),
         metrics=tuple(config.get("metrics", _DEFAULT_METRICS.get(head, ()))),
         text_fields=text_fields, max_length=int(config.get("max_length", 128)),
         truncation=config.get("truncation", "longest_first"),
+        **_split_keys(config, files))
+    check_metrics(spec)
+    return spec
+
+
+def _split_keys(config: dict, files) -> dict:
+    """train_split (default 'train', else the first file's), eval_splits (default dev /
+    validation, else the last file's) and description of a task config."""
+    splits = [f.split for f in files]
+    return dict(
         train_split=config.get("train_split", "train" if "train" in splits else splits[0]),
         eval_splits=tuple(config.get("eval_splits", [s for s in splits if s in ("dev", "validation")]
                                      or splits[-1:])),
         description=str(config.get("description", "")))
-    check_metrics(spec)
-    return spec
 
 
 def _span_task_from_config(config: dict, origin: str, root: str) -> TaskSpec:
@@ -371,7 +378,6 @@ def _span_task_from_config(config: dict, origin: str, root: str) -> TaskSpec:
                   for split, path in dict(config["files"]).items())
     source = Source(format="squad", root=str(config.get("root", root)), files=files,
                     reference=origin)
-    splits = [f.split for f in files]
     max_length = int(config.get("max_length", 384))
     try:
         threshold = float(config.get("null_score_threshold", 0.0))
@@ -385,10 +391,7 @@ def _span_task_from_config(config: dict, origin: str, root: str) -> TaskSpec:
         truncation=config.get("truncation", "only_second"),
         stride=int(config.get("stride", min(128, max_length // 3))),
         null_answers=null_answers, null_score_threshold=threshold,
-        train_split=config.get("train_split", "train" if "train" in splits else splits[0]),
-        eval_splits=tuple(config.get("eval_splits", [s for s in splits if s in ("dev", "validation")]
-                                     or splits[-1:])),
-        description=str(config.get("description", "")))
+        **_split_keys(config, files))
     check_metrics(spec)
     return spec
 
