@@ -383,3 +383,12 @@ def test_span_task_is_scored_with_squad_text_em_f1(tmp_path):
             score = r["no_answer_score"]
             assert score is None or isinstance(score, float)
             assert (r["prediction"] == "") == (score is None or score > 0.0)
+
+def test_plots_leave_breakdowns_out():
+    from mtlx.train.logs import plot_groups
+    keys = ["train/loss", "train/loss/cola", "eval/cola/loss", "eval/cola/mcc", "eval/avg",
+            "eval/squad_v2/f1", "eval/squad_v2/has_answer.f1", "eval/squad_v2/best.f1_threshold",
+            "perf/examples_per_s"]
+    assert plot_groups(keys) == {
+        "loss_curves.png": ["eval/cola/loss", "train/loss", "train/loss/cola"],
+        "metric_curves.png": ["eval/avg", "eval/cola/mcc", "eval/squad_v2/f1"]}

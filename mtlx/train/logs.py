@@ -18,6 +18,17 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def plot_groups(keys) -> dict:
+    """{png name: the logged keys it plots}: losses (train and eval, per task) and eval
+    metrics; breakdowns ('eval/squad_v2/has_answer.f1', best thresholds) stay in metrics.jsonl."""
+    return {
+        "loss_curves.png": sorted({k for k in keys if k.startswith(("train/loss", "eval/"))
+                                   and k.endswith("/loss") or k.startswith("train/loss")}),
+        "metric_curves.png": sorted(k for k in keys if k.startswith("eval/") and not k.endswith("/loss")
+                                    and "." not in k.rsplit("/", 1)[-1]),
+    }
+
+
 class RunLogger:
     """Scalars to `workdir/tensorboard` (event files) and `workdir/metrics.jsonl`."""
 
@@ -61,13 +72,7 @@ class RunLogger:
         out_dir = Path(out_dir or self.workdir / "plots")
         out_dir.mkdir(parents=True, exist_ok=True)
         written = []
-        groups = {
-            "loss_curves.png": [k for k in self.history if k.startswith(("train/loss", "eval/")) and k.endswith("/loss")]
-            + [k for k in self.history if k.startswith("train/loss")],
-            "metric_curves.png": [k for k in self.history if k.startswith("eval/") and not k.endswith("/loss")],
-        }
-        for name, keys in groups.items():
-            keys = sorted(set(keys))
+        for name, keys in plot_groups(self.history).items():
             if not keys:
                 continue
             fig, ax = plt.subplots(figsize=(8, 5))
