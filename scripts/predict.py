@@ -9,8 +9,10 @@ Each input line names its task and gives the task's text fields, e.g.
     {"task": "ud_pos", "tokens": ["The", "cat", "sat"]}
     {"task": "squad", "question": "...", "context": "..."}
 Each output line repeats the input with "prediction" added: the label name (classification),
-the value (regression), one tag per word (token classification; words past data.max_length
-get none, and the line then has "words_without_prediction" and stderr names it), or the answer
+the value (regression), one tag per word (token classification; null for a word that makes
+no subword; words past data.max_length get none, and the line then has
+"words_without_prediction" and stderr names it, unless the task tags long inputs in windows:
+--config.task_overrides=ud_pos.stride=32), or the answer
 text cut from the context (span tasks: the best start/end pair over the context's windows,
 mtlx.train.spans). A span task with unanswerable questions (SQuAD 2.0, e.g. "squad_v2")
 answers "" for "no answer" and adds "no_answer_score": the question's null score minus its
@@ -85,7 +87,10 @@ def main(argv=None):
                             path=args.input, labelled=spec.head == "token_classification")
         tok = D.tokenize_split(split, s.run.tokenizer, max_length=cfg.data.max_length)
         task_id = s.names.index(task)
-        decoder = None
+        decoder = words = None
+        if spec.head == "token_classification":
+            from mtlx.train.evaluate import WordTags
+            words = WordTags(tok)
         if spec.head == "span":
             from mtlx.train.spans import SpanDecoder, SpanReferences
             decoder = SpanDecoder.for_task(spec, tok, SpanReferences.from_split(split))  # no golds
@@ -97,25 +102,31 @@ def main(argv=None):
                 decoder.add(preds, example_index, np.asarray(eb.row_index),
                             np.flatnonzero(example_index >= 0))
                 continue
+            if words is not None:  # each word's tag from the row (window) that tags it
+                words.add(np.asarray(preds["token_classification"]), example_index,
+                          np.asarray(eb.row_index), np.flatnonzero(example_index >= 0))
+                continue
             for j, ex in enumerate(example_index):  # j: the row in this batch
                 if ex < 0:
                     continue
                 n, rec = recs[ex]
                 if spec.head == "classification":
                     value = spec.labels[int(preds["classification"][j])]
-                elif spec.head == "regression":
-                    value = float(preds["regression"][j])
                 else:
-                    first = np.asarray(eb.batch.token_labels)[j] >= 0  # first subword of each word
-                    value = [spec.labels[int(t)] for t in preds["token_classification"][j][first]]
-                    missing = len(rec["tokens"]) - len(value)
-                    if missing > 0:  # words past data.max_length were cut by the tokenizer
-                        print(f"{args.input}:{n}: task {task!r}: {missing} of {len(rec['tokens'])} "
-                              f"words are past config.data.max_length={cfg.data.max_length} "
-                              f"tokens and get no tag", file=sys.stderr)
-                        outputs[n] = dict(rec, prediction=value, words_without_prediction=missing)
-                        continue
+                    value = float(preds["regression"][j])
                 outputs[n] = dict(rec, prediction=value)
+        if words is not None:
+            tags = words.tags()
+            for ex, (n, rec) in enumerate(recs):
+                value = [None if t is None else spec.labels[t] for t in tags.get(ex, [])]
+                missing = len(rec["tokens"]) - len(value)
+                outputs[n] = dict(rec, prediction=value)
+                if missing > 0:  # words past data.max_length were cut by the tokenizer
+                    print(f"{args.input}:{n}: task {task!r}: {missing} of {len(rec['tokens'])} "
+                          f"words are past config.data.max_length={cfg.data.max_length} tokens "
+                          f"and get no tag (tag long inputs in windows: "
+                          f"--config.task_overrides={task}.stride=N)", file=sys.stderr)
+                    outputs[n]["words_without_prediction"] = missing
         if decoder is not None:
             no_answer = decoder.no_answer_scores() if decoder.null_answers else {}
             for ex, text in decoder.answers().items():

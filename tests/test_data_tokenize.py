@@ -85,6 +85,66 @@ def test_truncated_tagging_counts_lost_words(bert):
     assert tok.stats["truncated"] == 1 and tok.stats["words_truncated"] == 200 - kept
 
 
+
+def _ner_examples(seed, n, longest):
+    rng = np.random.default_rng(seed)
+    vocab = ["Paris", "unbelievably", "the", "New", "York", "Normandy", ",", "rollo", "##x", "a",
+             "Conqueror", "1066", ".", "\u200b"]  # a zero-width space makes no subword
+    out = []
+    for i in range(n):
+        k = int(rng.integers(1, longest))
+        out.append(Example(texts=tuple(rng.choice(vocab, k)), tags=tuple(int(t) for t in rng.integers(0, 9, k)),
+                           uid=f"s{i}"))
+    return out
+
+
+def test_tagging_windows_tag_every_word_once_where_it_has_most_context(bert):
+    """TaskSpec.stride > 0: long sentences become overlapping windows; every word that makes a
+    subword is tagged exactly once, on its first subword, in the window where that subword is
+    farthest from both window edges (ties: the earlier window); sentences that fit are tokenized
+    exactly as without windows."""
+    import dataclasses
+    examples = _ner_examples(0, 40, 60)
+    spec = dataclasses.replace(get_task("conll2003_ner"), stride=5)
+    tok = tokenize_split(_split(spec, examples), bert, max_length=20)
+    full = tokenize_split(_split("conll2003_ner", examples), bert, max_length=512)
+    assert full.stats["truncated"] == 0 and tok.num_rows > len(examples)  # some really windowed
+    enc = bert([list(e.texts) for e in examples], is_split_into_words=True, truncation=True,
+               max_length=20, stride=5, return_overflowing_tokens=True)
+    for i, ex in enumerate(examples):
+        rows = np.flatnonzero(tok.unit_example == i)
+        f0, f1 = full.row_starts[i], full.row_starts[i + 1]
+        first_ids = {int(w): int(full.input_ids[f0 + t]) for t, w in enumerate(full.word_index[f0:f1]) if w >= 0}
+        tagged = {}
+        for r in rows:
+            a, b = tok.row_starts[r], tok.row_starts[r + 1]
+            for t in np.flatnonzero(tok.word_index[a:b] >= 0):
+                w = int(tok.word_index[a + t])
+                assert w not in tagged, (i, w)  # once
+                tagged[w] = (int(r), int(t))
+                assert tok.token_labels[a + t] == ex.tags[w]
+                assert tok.input_ids[a + t] == first_ids[w]  # on its first subword
+            assert (tok.token_labels[a:b] >= 0).sum() == (tok.word_index[a:b] >= 0).sum()
+        assert set(tagged) == set(first_ids)  # every word that makes a subword
+        for w, (r, t) in tagged.items():  # the most central window of those holding it
+            def centrality(row, pos):
+                content = [k for k, x in enumerate(enc.word_ids(row)) if x is not None]
+                j = content.index(pos)
+                return min(j, len(content) - 1 - j)
+            # Windows holding w's first subword: w's first token there is that subword (a window
+            # starting inside w begins with a continuation piece).
+            holding = []
+            for rr in rows:
+                wids = enc.word_ids(rr)
+                if w in wids and enc["input_ids"][rr][wids.index(w)] == first_ids[w]:
+                    holding.append((centrality(rr, wids.index(w)), -int(rr)))
+            assert max(holding) == (centrality(r, t), -r), (i, w)
+        if len(rows) == 1:  # fits one window: as without windows
+            np.testing.assert_array_equal(tok.row_tokens(rows[0]), full.row_tokens(i))
+    with pytest.raises(DataError, match=r"stride 9 leaves windows of max_length 19 .* at most 8"):
+        tokenize_split(_split(dataclasses.replace(spec, stride=9), examples), bert, max_length=19)
+
+
 def _squad_example(context, answer, qid="q"):
     return Example(texts=("what is it?", context), answers=((answer, context.index(answer)),), uid=qid)
 
@@ -215,3 +275,38 @@ def test_tokenizer_errors(tmp_path):
     (cfg / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "NoSuchTokenizer"}))
     with pytest.raises(ValueError, match="cannot load a tokenizer"):
         load_tokenizer(cfg)
+
+
+def test_windowed_tagging_evaluates_whole_sentences(bert):
+    """Evaluation of tagging in windows reassembles sentences (mtlx.train.evaluate.WordTags):
+    with predictions that depend only on a word's first subword, token accuracy and entity F1
+    over windows of 20 tokens equal those over whole sentences in one row."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from mtlx.data import eval_batches
+    from mtlx.train import evaluate as E
+    examples = _ner_examples(1, 30, 50)
+    plain = get_task("conll2003_ner")
+    windowed = dataclasses.replace(plain, stride=4)
+    full = tokenize_split(_split(plain, examples, "dev"), bert, max_length=512)
+    tok = tokenize_split(_split(windowed, examples, "dev"), bert, max_length=20)
+    assert tok.num_rows > full.num_rows
+
+    def eval_fn(params, batch):  # a tag per subword id: a word's tag comes from its first subword
+        return {"token_classification": jnp.asarray(batch.input_ids) % 9}, jnp.zeros(1), jnp.ones(1)
+
+    got = {}
+    for spec, data in ((plain, full), (windowed, tok)):
+        got[spec.stride] = E.evaluate_tasks(eval_fn, None, [spec], {spec.name: data},
+                                            lambda name, tid, d=data: eval_batches(d, tid, batch_size=8))
+    want, res = got[0]["conll2003_ner"], got[4]["conll2003_ner"]
+    assert set(res) == {"entity_precision", "entity_recall", "entity_f1", "loss"}
+    for k in ("entity_precision", "entity_recall", "entity_f1"):
+        assert res[k] == pytest.approx(want[k]), k
+    assert 0.0 < want["entity_f1"] < 1.0
+    # Per-row scoring of the windows (no reassembly) would differ: entities cut at windows.
+    rowwise = E.evaluate_tasks(eval_fn, None, [dataclasses.replace(windowed, stride=0)],
+                               {plain.name: tok}, lambda name, tid: eval_batches(tok, tid, batch_size=8))
+    assert rowwise["conll2003_ner"]["entity_f1"] != pytest.approx(want["entity_f1"])

@@ -267,6 +267,18 @@ def test_evaluate_and_predict_scripts(uninterrupted, tmp_path):
     assert len(cut["prediction"]) + cut["words_without_prediction"] == 80
     assert cut["words_without_prediction"] == 18  # [CLS] + 62 words + [SEP] fill 64 tokens
     assert f"req.jsonl:74: task 'ud_pos': 18 of 80 words are past" in r.stderr
+    # Tagging in windows (config.task_overrides): every word of the long input gets its tag,
+    # the same tags where the input fit; a word that makes no subword gets null.
+    long_req = tmp_path / "long.jsonl"
+    long_req.write_text(many[-1] + "\n" + json.dumps({"task": "ud_pos", "tokens": ["a", "\u200b", "b"]}) + "\n")
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "predict.py"), *common, "--input", str(long_req),
+                        "--output", str(pred), "--config.task_overrides=ud_pos.stride=16"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    whole, gap = [json.loads(l) for l in pred.read_text().splitlines()]
+    assert len(whole["prediction"]) == 80 and "words_without_prediction" not in whole
+    assert all(isinstance(t, str) for t in whole["prediction"])
+    assert gap["prediction"][1] is None and all(gap["prediction"][i] for i in (0, 2))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"task": "nope", "sentence": "x"}\n')
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "predict.py"), *common, "--input", str(bad),
@@ -383,6 +395,37 @@ def test_span_task_is_scored_with_squad_text_em_f1(tmp_path):
             score = r["no_answer_score"]
             assert score is None or isinstance(score, float)
             assert (r["prediction"] == "") == (score is None or score > 0.0)
+
+def test_task_overrides_change_specs_and_name_bad_entries():
+    from mtlx.train import loop as LP
+    cfg = local_cfg("--config.task_overrides=ud_pos.stride=16,ud_pos.truncation=only_first")
+    specs = {s.name: s for s in LP.build_specs(cfg)}
+    assert (specs["ud_pos"].stride, specs["ud_pos"].truncation, specs["cola"].stride) == (16, "only_first", 0)
+    for entry, message in (("ud_pos.stride", "expected 'task.field=value'"),
+                           ("sst2.stride=3", r"task 'sst2' is not in config.tasks \['cola', 'stsb', 'ud_pos'\]"),
+                           ("ud_pos.labels=a", "field 'labels' cannot be overridden"),
+                           ("ud_pos.stride=many", "stride must be int, got 'many'"),
+                           ("cola.null_answers=yes", "null_answers must be bool, got 'yes'"),
+                           ("cola.null_answers=true", "task .cola.: null_answers .* is for span tasks"),
+                           ("ud_pos.stride=100", r"task .ud_pos.: stride must be in \[0, max_length/2\)")):
+        with pytest.raises(ValueError, match=rf"config.task_overrides entry '{entry}': {message}"):
+            LP.build_specs(local_cfg(f"--config.task_overrides={entry}"))
+
+
+def test_tagging_in_windows_trains_and_evaluates(tmp_path):
+    """config.task_overrides=ud_pos.stride: long sentences train and evaluate as overlapping
+    windows (every word tagged once), with one compiled step."""
+    from mtlx.train import loop as LP
+    cfg = local_cfg("--config.task_overrides=ud_pos.stride=6", "--config.data.max_length=24",
+                    "--config.data.buckets=()", "--config.optim.num_train_steps=2",
+                    "--config.eval_every=2", "--config.checkpoint.every=2")
+    cfg.tasks = ("ud_pos",)
+    s = LP.setup(cfg)
+    ev = s.run.eval["ud_pos"]
+    assert ev.num_rows > ev.num_examples and ev.stats["words_truncated"] == 0
+    results = train_and_evaluate(cfg, tmp_path, progress=False)
+    assert 0.0 <= results["ud_pos"]["token_accuracy"] <= 1.0 and np.isfinite(results["ud_pos"]["loss"])
+
 
 def test_plots_leave_breakdowns_out():
     from mtlx.train.logs import plot_groups

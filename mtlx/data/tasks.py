@@ -113,7 +113,9 @@ class TaskSpec:
                  ("tokens",) for token classification.
     max_length:  tokens per row after truncation (specials included).
     truncation:  how a pair is cut to max_length: one of TRUNCATION.
-    stride:      span tasks: overlap in tokens between the windows of a long context (0: one window).
+    stride:      span tasks: overlap in tokens between the windows of a long context (0: one
+                 window); token classification: > 0 cuts a long sentence into windows that
+                 overlap by `stride` tokens, each word tagged in one of them (0: cut at max_length).
     train_split / eval_splits: the split names used for training and evaluation.
     target:      seq2seq only, how the label becomes the target text: "" (the class name when
                  `labels` is given, else the label column's text) or "score" (a regression

@@ -9,6 +9,9 @@ Per head kind (labels follow Hugging Face's reference fine-tuning scripts):
   classification / regression / multilabel: one row per example (single text or a pair).
   token_classification: words -> subwords; the first subword of each word carries the word's
       tag, other subwords and specials IGNORE_INDEX (run_ner.py, label_all_tokens=False).
+      With TaskSpec.stride > 0 a long sentence becomes overlapping windows instead of being
+      cut, each word tagged in the one window where it has the most context (word_index says
+      which word a token tags, for reassembling sentences).
   span: question + context, context truncated ("only_second") into windows of max_length that
       overlap by `stride` tokens; each window is one row whose start/end are the answer's first
       and last token, or the [CLS] position 0 when the answer is not inside it (run_qa.py).
@@ -99,6 +102,7 @@ class TokenizedSplit:
     start_positions: Optional[np.ndarray] = None  # int32 [R]
     end_positions: Optional[np.ndarray] = None    # int32 [R]
     char_offsets: Optional[np.ndarray] = None     # int32 [N, 2], (-1, -1) outside the context
+    word_index: Optional[np.ndarray] = None       # tagging: int32 [N], the word a token tags, -1 elsewhere
     target_ids: Optional[np.ndarray] = None       # seq2seq: int32 [M] target tokens (EOS incl.)
     target_starts: Optional[np.ndarray] = None    # seq2seq: int64 [R + 1]
     max_target_length: int = 0                    # seq2seq: the task's target length limit
@@ -237,6 +241,8 @@ def _sequence(spec, examples, owned, tokenizer, max_length, labelled) -> dict:
 
 
 def _token_classification(spec, examples, owned, tokenizer, max_length, labelled) -> dict:
+    if spec.stride > 0:
+        return _token_windows(spec, examples, owned, tokenizer, max_length, labelled)
     words = [list(ex.texts) for ex in examples]
     enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length,
                     return_token_type_ids=True, return_attention_mask=False)
@@ -251,22 +257,114 @@ def _token_classification(spec, examples, owned, tokenizer, max_length, labelled
                 if labelled:
                     row[t] = ex.tags[w]
         last = max((w for w in word_ids if w is not None), default=-1)
-        if last < len(ex.texts) - 1:
+        # Cut by max_length (not: trailing words that make no subword).
+        cut = last < len(ex.texts) - 1 and len(word_ids) >= max_length
+        if cut:
             truncated += 1
             words_lost += len(ex.texts) - 1 - last
         # Words that produce no subword at all (e.g. a lone control character) cannot be tagged.
-        untokenized += sum(1 for w in range(last + 1) if w not in seen)
+        untokenized += sum(1 for w in range(last + 1 if cut else len(ex.texts)) if w not in seen)
         token_labels.append(row)
     n = len(examples)
     unit_starts, unit_example = _units(1, n, owned)
     out = _base(enc["input_ids"], enc["token_type_ids"], np.full(n, IGNORE_INDEX), np.zeros(n),
                 unit_starts, unit_example)
     out["token_labels"], _ = _flatten(token_labels, np.int32)
+    out["word_index"], _ = _flatten([_first_subwords(enc.word_ids(i)) for i in range(n)], np.int32)
     out["stats"] = {"truncated": truncated, "words_truncated": words_lost,
                     "words_without_tokens": untokenized}
     if untokenized:
         log.warning("task %r: %d words produce no subword token and carry no label", spec.name, untokenized)
     return out
+
+
+def _first_subwords(word_ids) -> list:
+    """Per token: its word's index on the word's first subword, -1 elsewhere."""
+    seen, out = set(), []
+    for w in word_ids:
+        out.append(w if w is not None and w not in seen else -1)
+        if w is not None:
+            seen.add(w)
+    return out
+
+
+def _token_windows(spec, examples, owned, tokenizer, max_length, labelled) -> dict:
+    """Tagging with windows (TaskSpec.stride > 0): a sentence longer than max_length is cut into
+    windows of max_length tokens that overlap by `stride` tokens (the tokenizer's overflow, as
+    run_qa.py cuts contexts), so no word is lost. Each word is tagged in ONE window, the one
+    where its first subword has the most context on both sides (ties: the earlier): its label
+    (and word_index) sit there and nowhere else, so training counts it once and evaluation and
+    prediction read each word's tag exactly once (mtlx.train.evaluate reassembles sentences)."""
+    specials = tokenizer.num_special_tokens_to_add(pair=False)
+    if 2 * spec.stride > max_length - specials:
+        raise DataError(f"stride {spec.stride} leaves windows of max_length {max_length} "
+                        f"({max_length - specials} tokens besides the specials) no room to move "
+                        f"on: use a stride of at most {(max_length - specials) // 2} (task "
+                        f"stride: config.task_overrides) or a larger config.data.max_length",
+                        task=spec.name)
+    words = [list(ex.texts) for ex in examples]
+    enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length,
+                    stride=spec.stride, return_overflowing_tokens=True,
+                    return_token_type_ids=True, return_attention_mask=False)
+    sample = list(enc["overflow_to_sample_mapping"])
+    rows_of = {}
+    for r, i in enumerate(sample):
+        rows_of.setdefault(i, []).append(r)
+    token_labels = [None] * len(sample)
+    word_index = [None] * len(sample)
+    untokenized = 0
+    for i, rows in rows_of.items():
+        ex = examples[i]
+        # Global content position of each window's content tokens: windows overlap by stride.
+        best = {}  # word -> (centrality, row, token) of its first subword's best window
+        start = 0
+        prev_words = None
+        for r in rows:
+            wids = enc.word_ids(r)
+            content = [t for t, w in enumerate(wids) if w is not None]
+            cw = [wids[t] for t in content]
+            if prev_words is not None:
+                overlap = min(spec.stride, len(prev_words), len(cw))
+                if prev_words[len(prev_words) - overlap:] != cw[:overlap]:
+                    raise DataError(f"the tokenizer's overflowing windows do not overlap by "
+                                    f"stride {spec.stride} tokens", task=spec.name,
+                                    line=ex.line or None, where=None if ex.line else f"id {ex.uid}")
+                start += len(prev_words) - overlap
+            for j, t in enumerate(content):
+                w = cw[j]
+                g = start + j
+                first = (g == 0) or (j > 0 and cw[j - 1] != w) or (j == 0 and _word_before(prev_words, overlap) != w)
+                if not first:
+                    continue
+                centrality = min(j, len(content) - 1 - j)
+                if w not in best or centrality > best[w][0]:
+                    best[w] = (centrality, r, t)
+            prev_words = cw
+        for r in rows:
+            token_labels[r] = [IGNORE_INDEX] * len(enc["input_ids"][r])
+            word_index[r] = [-1] * len(enc["input_ids"][r])
+        for w, (_, r, t) in best.items():
+            word_index[r][t] = w
+            if labelled:
+                token_labels[r][t] = ex.tags[w]
+        untokenized += len(ex.texts) - len(best)
+    n = len(sample)
+    out = _base(enc["input_ids"], enc["token_type_ids"], np.full(n, IGNORE_INDEX), np.zeros(n),
+                np.arange(n + 1, dtype=np.int64), np.asarray(owned, np.int32)[np.asarray(sample, np.int64)])
+    out["token_labels"], _ = _flatten(token_labels, np.int32)
+    out["word_index"], _ = _flatten(word_index, np.int32)
+    out["stats"] = {"truncated": 0, "words_truncated": 0, "windows": n, "examples": len(examples),
+                    "words_without_tokens": untokenized}
+    if untokenized:
+        log.warning("task %r: %d words produce no subword token and carry no label", spec.name, untokenized)
+    return out
+
+
+def _word_before(prev_words, overlap):
+    """The word of the token just before a window's first content token (None at the start)."""
+    if prev_words is None or overlap >= len(prev_words):
+        return None
+    return prev_words[len(prev_words) - overlap - 1]
 
 
 def _span(spec, examples, owned, tokenizer, max_length, labelled) -> dict:

@@ -12,6 +12,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0                       # everything random derives from it (init, dropout, data order)
     # Registered task names (mtlx.data.list_tasks()) or dicts declaring a task from a file.
     c.tasks = ("cola", "sst2")
+    # Per-task settings changed for this run, "task.field=value" entries (comma-separated on the
+    # command line): stride (tagging: windows of long sentences instead of cutting them; span:
+    # context windows), truncation, null_answers, null_score_threshold (span tasks), e.g.
+    # --config.task_overrides=ud_pos.stride=32,squad_v2.null_score_threshold=-1.5
+    c.task_overrides = ()
 
     c.data = ml_collections.ConfigDict()
     c.data.data_root = None          # None: the sample shipped in mtlx/data/sample; else a folder

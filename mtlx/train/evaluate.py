@@ -34,6 +34,54 @@ def _choice_predictions(scores, labels, groups, rows):
     return np.asarray(preds, np.int64), np.asarray(refs, np.int64)
 
 
+class WordTags:
+    """Tagging in windows (TaskSpec.stride > 0): collects each word's predicted and gold tag
+    from the one window that tags it (TokenizedSplit.word_index), batch by batch (`add`), and
+    gives whole sentences back (`sentences`), so sentence-level metrics (entity F1) see each
+    sentence whole, as if it had fit one row."""
+
+    def __init__(self, data):
+        if data.word_index is None:
+            raise ValueError(f"task {data.task!r}: reassembling tagged words needs "
+                             f"TokenizedSplit.word_index")
+        self.data = data
+        self.words: dict = {}  # example -> {word: (predicted tag, gold tag)}
+
+    def add(self, predicted: np.ndarray, example_index: np.ndarray, row_index: np.ndarray,
+            rows: np.ndarray) -> None:
+        """predicted [B, L]: the batch's predicted tag per token; rows: the batch rows to take."""
+        d = self.data
+        for j in rows.tolist():
+            ex, r = int(example_index[j]), int(row_index[j])
+            a, b = int(d.row_starts[r]), int(d.row_starts[r + 1])
+            words = d.word_index[a:b]
+            gold = d.token_labels[a:b] if d.token_labels is not None else np.full(b - a, -1)
+            got = self.words.setdefault(ex, {})
+            for t in np.flatnonzero(words >= 0).tolist():
+                got[int(words[t])] = (int(predicted[j][t]), int(gold[t]))
+
+    def tags(self) -> dict:
+        """{example: [predicted tag or None per word, up to its last tagged word]}."""
+        out = {}
+        for ex in sorted(self.words):
+            got = self.words[ex]
+            out[ex] = [got[w][0] if w in got else None for w in range(max(got, default=-1) + 1)]
+        return out
+
+    def sentences(self) -> tuple:
+        """(predicted, gold) int arrays [sentences, words], padded with IGNORE_INDEX (gold) where
+        a sentence has no more words or a word has no tag."""
+        from mtlx.batch import IGNORE_INDEX
+        exs = sorted(self.words)
+        width = max([max(self.words[e], default=-1) + 1 for e in exs] + [1])
+        pred = np.zeros((len(exs), width), np.int64)
+        gold = np.full((len(exs), width), IGNORE_INDEX, np.int64)
+        for i, e in enumerate(exs):
+            for w, (p, g) in self.words[e].items():
+                pred[i, w], gold[i, w] = p, g
+        return pred, gold
+
+
 def task_inputs(spec, preds: Mapping[str, Any], batch, rows: np.ndarray):
     """(predictions, references) of one task's rows in the form its metrics read."""
     kind = spec.head
@@ -95,6 +143,9 @@ def evaluate_tasks(eval_fn: Callable, params: Any, specs: Sequence, eval_data: M
         if "entity_f1" in names:
             options["label_names"] = list(spec.labels)
         acc = M.MetricAccumulator(names, **options) if decoder is None else None
+        words = None
+        if spec.head == "token_classification" and spec.stride > 0:
+            words = WordTags(eval_data[spec.name])
         loss_sum = weight = 0.0
         for i, eb in enumerate(make_batches(spec.name, task_id)):
             if max_batches is not None and i >= max_batches:
@@ -107,6 +158,9 @@ def evaluate_tasks(eval_fn: Callable, params: Any, specs: Sequence, eval_data: M
                 continue
             if decoder is not None:
                 decoder.add(preds, np.asarray(eb.example_index), np.asarray(eb.row_index), rows)
+            elif words is not None:
+                words.add(np.asarray(preds["token_classification"]), np.asarray(eb.example_index),
+                          np.asarray(eb.row_index), rows)
             else:
                 p, r = task_inputs(spec, preds, batch, rows)
                 acc.update(p, r)
@@ -116,6 +170,11 @@ def evaluate_tasks(eval_fn: Callable, params: Any, specs: Sequence, eval_data: M
             res = decoder.scores()
             if not res:
                 continue
+        elif words is not None:
+            if not words.words:
+                continue
+            acc.update(*words.sentences())
+            res = acc.compute()
         elif acc.num_examples == 0:
             continue
         else:

@@ -49,6 +49,42 @@ def build_specs(cfg) -> list:
             specs.append(D.task_from_config(entry))
     if not specs:
         raise ValueError("config.tasks is empty: name at least one task")
+    return apply_task_overrides(specs, cfg.get("task_overrides", ()))
+
+
+# TaskSpec fields a run may change (config.task_overrides) and how their values are read.
+TASK_OVERRIDES = {"stride": int, "truncation": str, "null_answers": bool,
+                  "null_score_threshold": float}
+
+
+def apply_task_overrides(specs: list, entries) -> list:
+    """specs with config.task_overrides applied: entries "task.field=value" (TASK_OVERRIDES)."""
+    by_name = {s.name: i for i, s in enumerate(specs)}
+    specs = list(specs)
+    for entry in entries:
+        where = f"config.task_overrides entry {entry!r}"
+        head, sep, raw = str(entry).partition("=")
+        task, dot, field = head.strip().partition(".")
+        if not sep or not dot:
+            raise ValueError(f"{where}: expected 'task.field=value', e.g. 'ud_pos.stride=32'")
+        if task not in by_name:
+            raise ValueError(f"{where}: task {task!r} is not in config.tasks {sorted(by_name)}")
+        if field not in TASK_OVERRIDES:
+            raise ValueError(f"{where}: field {field!r} cannot be overridden; known: {sorted(TASK_OVERRIDES)}")
+        kind, raw = TASK_OVERRIDES[field], raw.strip()
+        try:
+            if kind is bool:
+                if raw.lower() not in ("true", "false"):
+                    raise ValueError(raw)
+                value = raw.lower() == "true"
+            else:
+                value = kind(raw)
+        except ValueError:
+            raise ValueError(f"{where}: {field} must be {kind.__name__}, got {raw!r}") from None
+        try:
+            specs[by_name[task]] = dataclasses.replace(specs[by_name[task]], **{field: value})
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
     return specs
 
 
