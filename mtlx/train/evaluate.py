@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from mtlx import metrics as M
+from mtlx.batch import IGNORE_INDEX
 
 
 def _gather(tree):
@@ -55,7 +56,8 @@ class WordTags:
             ex, r = int(example_index[j]), int(row_index[j])
             a, b = int(d.row_starts[r]), int(d.row_starts[r + 1])
             words = d.word_index[a:b]
-            gold = d.token_labels[a:b] if d.token_labels is not None else np.full(b - a, -1)
+            gold = (d.token_labels[a:b] if d.token_labels is not None
+                    else np.full(b - a, IGNORE_INDEX))
             got = self.words.setdefault(ex, {})
             for t in np.flatnonzero(words >= 0).tolist():
                 got[int(words[t])] = (int(predicted[j][t]), int(gold[t]))
@@ -71,7 +73,6 @@ class WordTags:
     def sentences(self) -> tuple:
         """(predicted, gold) int arrays [sentences, words], padded with IGNORE_INDEX (gold) where
         a sentence has no more words or a word has no tag."""
-        from mtlx.batch import IGNORE_INDEX
         exs = sorted(self.words)
         width = max([max(self.words[e], default=-1) + 1 for e in exs] + [1])
         pred = np.zeros((len(exs), width), np.int64)

@@ -405,6 +405,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path,
     if progress and is_main:
         from tqdm import tqdm
         bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+
     def place_counted(local_batch):
         """(the placed batch, the examples it holds): a packed batch holds several a row
         (its real segments; on several processes this process's count x process count)."""
