@@ -207,6 +207,25 @@ def test_eval_batches_cover_each_example_once(data, raw, tok, tmp_path):
     assert mc[2].batch.group_ids.tolist() == [0, 0, -1, -1]
 
 
+def test_windowed_tagging_on_several_processes_needs_num_batches(raw, tok):
+    """Tagging in windows: windows per example vary by process, so evaluating a shard needs the
+    agreed number of batches; with it, the shards' rows together cover every window."""
+    import dataclasses
+    split = dataclasses.replace(raw["ud_pos"], task=dataclasses.replace(raw["ud_pos"].task, stride=4))
+    whole = tokenize_split(split, tok, max_length=16)
+    parts = [tokenize_split(split, tok, shard=(p, 2), max_length=16) for p in range(2)]
+    assert whole.num_rows > whole.num_examples
+    with pytest.raises(ValueError, match="'ud_pos': its examples are cut into windows .* pass num_batches"):
+        list(eval_batches(parts[0], 0, batch_size=32))
+    n = max(-(-p.num_units // 16) for p in parts)
+    rows = []  # (example, tokens) of every row evaluated, over both shards
+    for part in parts:
+        for eb in eval_batches(part, 0, batch_size=32, num_batches=n):
+            rows += [(part.unit_example[r], tuple(part.row_tokens(r))) for r in eb.row_index.tolist() if r >= 0]
+    assert sorted(rows) == sorted((whole.unit_example[r], tuple(whole.row_tokens(r)))
+                                  for r in range(whole.num_rows))
+
+
 def test_prefetch_state_and_errors(data):
     mix = mixture_for(data)
     plain = make_iterator(data, mix, batch_size=8, seed=0)

@@ -339,8 +339,9 @@ def eval_batches(data: TokenizedSplit, task_id: int, *, batch_size: int,
     """Every unit of `data` exactly once, in order, `batch_size` (global) rows a step.
 
     Each process yields the same number of batches (padding rows have example_mask 0), as a
-    collective eval step needs. That number is derived from the whole split's size; for span
-    tasks (windows per example vary by process) pass `num_batches` when P > 1.
+    collective eval step needs. That number is derived from the whole split's size; for tasks
+    cut into windows (span tasks, tagging with a stride: windows per example vary by process)
+    pass `num_batches` when P > 1.
     """
     p, count = data.shard
     if batch_size % count:
@@ -351,8 +352,9 @@ def eval_batches(data: TokenizedSplit, task_id: int, *, batch_size: int,
         raise ValueError(f"task {data.task!r} needs {k} rows per example, more than {local}")
     per_batch = local // k
     if num_batches is None:
-        if count > 1 and data.head == "span":
-            raise ValueError("span tasks: pass num_batches when evaluating on several processes")
+        if count > 1 and (data.head == "span" or "windows" in data.stats):
+            raise ValueError(f"task {data.task!r}: its examples are cut into windows (a number "
+                             f"per example): pass num_batches when evaluating on several processes")
         most_units = -(-data.num_examples // count) if count > 1 else data.num_units
         num_batches = -(-most_units // per_batch)
     layout = layout or BatchLayout.for_data([data])
