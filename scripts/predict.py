@@ -133,8 +133,8 @@ def main(argv=None):
                 n, rec = recs[ex]
                 outputs[n] = dict(rec, prediction=text)
                 if ex in no_answer:  # SQuAD 2.0: "" = no answer; the score it was decided by
-                    s = no_answer[ex]
-                    outputs[n]["no_answer_score"] = s if np.isfinite(s) else None
+                    score = no_answer[ex]
+                    outputs[n]["no_answer_score"] = score if np.isfinite(score) else None
     with open(args.output, "w", encoding="utf-8") as f:
         for n in sorted(outputs):
             f.write(json.dumps(outputs[n]) + "\n")

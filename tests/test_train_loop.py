@@ -359,8 +359,10 @@ def test_span_task_is_scored_with_squad_text_em_f1(tmp_path):
     for spec in specs.values():
         T.register_task(dataclasses.replace(spec, stride=8), overwrite=True)
     req, pred = tmp_path / "req.jsonl", tmp_path / "pred.jsonl"
+    # squad_v2 first: each task's answers are written after the task's batches (an earlier
+    # version reused a name there and broke the tasks after a squad_v2 one).
     req.write_text("".join(json.dumps({"task": t, "question": q, "context": context * 2}) + "\n"
-                           for t, items in (("squad", qas), ("squad_v2", qas + impossible))
+                           for t, items in (("squad_v2", qas + impossible), ("squad", qas))
                            for q, _ in items))
     try:
         results = train_and_evaluate(cfg, tmp_path / "wd", progress=False)
@@ -383,10 +385,10 @@ def test_span_task_is_scored_with_squad_text_em_f1(tmp_path):
     rows = [json.loads(line) for line in pred.read_text().splitlines()]
     # Same model, same questions (dev = train here): an unanswerable question scores 1 when
     # answered "", so the no-answer exact match is the fraction predict.py answered "".
-    nulls = [r["prediction"] == "" for r in rows[-len(impossible):]]
+    nulls = [r["prediction"] == "" for r in rows[len(qas): len(qas) + len(impossible)]]
     assert v2["no_answer.exact_match"] == pytest.approx(sum(nulls) / len(nulls))
     assert [(r["task"], r["question"]) for r in rows] == (
-        [("squad", q) for q, _ in qas] + [("squad_v2", q) for q, _ in qas + impossible])
+        [("squad_v2", q) for q, _ in qas + impossible] + [("squad", q) for q, _ in qas])
     for r in rows:
         assert isinstance(r["prediction"], str) and r["prediction"] in r["context"]
         if r["task"] == "squad":  # text cut from the context, at most 30 word pieces

@@ -317,7 +317,7 @@ def _token_windows(spec, examples, owned, tokenizer, max_length, labelled) -> di
         ex = examples[i]
         # Global content position of each window's content tokens: windows overlap by stride.
         best = {}  # word -> (centrality, row, token) of its first subword's best window
-        start = 0
+        start, overlap = 0, 0
         prev_words = None
         for r in rows:
             wids = enc.word_ids(r)
@@ -333,8 +333,8 @@ def _token_windows(spec, examples, owned, tokenizer, max_length, labelled) -> di
             for j, t in enumerate(content):
                 w = cw[j]
                 g = start + j
-                first = (g == 0) or (j > 0 and cw[j - 1] != w) or (j == 0 and _word_before(prev_words, overlap) != w)
-                if not first:
+                before = cw[j - 1] if j > 0 else _word_before(prev_words, overlap)
+                if g > 0 and before == w:  # not the word's first subword
                     continue
                 centrality = min(j, len(content) - 1 - j)
                 if w not in best or centrality > best[w][0]:
