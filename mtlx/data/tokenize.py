@@ -156,6 +156,9 @@ def tokenize_split(data: SplitData, tokenizer, *, shard: tuple = (0, 1),
                pad_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0),
                shard=tuple(shard), num_labels=spec.num_labels)
     result = TokenizedSplit(**out)
+    if result.stats.get("words_without_tokens"):
+        log.warning("task %r: %d words produce no subword token and carry no label", spec.name,
+                    result.stats["words_without_tokens"])
     if result.stats.get("truncated"):
         log.warning("task %r split %r: %d of %d examples longer than max_length=%d were truncated%s",
                     spec.name, data.split, result.stats["truncated"], len(examples), max_length,
@@ -246,16 +249,12 @@ def _token_classification(spec, examples, owned, tokenizer, max_length, labelled
     words = [list(ex.texts) for ex in examples]
     enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length,
                     return_token_type_ids=True, return_attention_mask=False)
-    token_labels, truncated, words_lost, untokenized = [], 0, 0, 0
+    token_labels, word_index, truncated, words_lost, untokenized = [], [], 0, 0, 0
     for i, ex in enumerate(examples):
         word_ids = enc.word_ids(i)
-        row = [IGNORE_INDEX] * len(word_ids)
-        seen = set()
-        for t, w in enumerate(word_ids):
-            if w is not None and w not in seen:
-                seen.add(w)
-                if labelled:
-                    row[t] = ex.tags[w]
+        first = _first_subwords(word_ids)
+        seen = {w for w in first if w >= 0}
+        row = [ex.tags[w] if labelled and w >= 0 else IGNORE_INDEX for w in first]
         last = max((w for w in word_ids if w is not None), default=-1)
         # Cut by max_length (not: trailing words that make no subword).
         cut = last < len(ex.texts) - 1 and len(word_ids) >= max_length
@@ -265,16 +264,15 @@ def _token_classification(spec, examples, owned, tokenizer, max_length, labelled
         # Words that produce no subword at all (e.g. a lone control character) cannot be tagged.
         untokenized += sum(1 for w in range(last + 1 if cut else len(ex.texts)) if w not in seen)
         token_labels.append(row)
+        word_index.append(first)
     n = len(examples)
     unit_starts, unit_example = _units(1, n, owned)
     out = _base(enc["input_ids"], enc["token_type_ids"], np.full(n, IGNORE_INDEX), np.zeros(n),
                 unit_starts, unit_example)
     out["token_labels"], _ = _flatten(token_labels, np.int32)
-    out["word_index"], _ = _flatten([_first_subwords(enc.word_ids(i)) for i in range(n)], np.int32)
+    out["word_index"], _ = _flatten(word_index, np.int32)
     out["stats"] = {"truncated": truncated, "words_truncated": words_lost,
                     "words_without_tokens": untokenized}
-    if untokenized:
-        log.warning("task %r: %d words produce no subword token and carry no label", spec.name, untokenized)
     return out
 
 
@@ -355,8 +353,6 @@ def _token_windows(spec, examples, owned, tokenizer, max_length, labelled) -> di
     out["word_index"], _ = _flatten(word_index, np.int32)
     out["stats"] = {"truncated": 0, "words_truncated": 0, "windows": n, "examples": len(examples),
                     "words_without_tokens": untokenized}
-    if untokenized:
-        log.warning("task %r: %d words produce no subword token and carry no label", spec.name, untokenized)
     return out
 
 

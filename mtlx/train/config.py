@@ -54,7 +54,9 @@ def _parse(raw: str):
         return raw  # a bare string
 
 
-def _convert(key: str, current, raw: str):
+def convert_value(key: str, current, raw: str):
+    """A command-line value `raw` for config key `key` as the type of its `current` value
+    (Python literals; a bare word is a string); ConfigError when it is not that type."""
     value = _parse(raw)
     if current is None or value is None:
         return value
@@ -99,7 +101,7 @@ def set_key(cfg: ml_collections.ConfigDict, key: str, raw: str) -> None:
         raise ConfigError(f"config.{key} is a group; set one of its keys: "
                           f"{', '.join('config.' + key + '.' + k for k in current.keys())}")
     with node.ignore_type():
-        node[last] = _convert(key, current, raw)
+        node[last] = convert_value(key, current, raw)
 
 
 def apply_overrides(cfg: ml_collections.ConfigDict, args: Sequence[str]) -> ml_collections.ConfigDict:

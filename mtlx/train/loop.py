@@ -28,6 +28,7 @@ from mtlx.models.heads import TaskHead
 from mtlx.models.multitask import MultiTaskModel, init_params, with_backbone
 from mtlx.train import distributed, evaluate as E, optim, sharding
 from mtlx.train.checkpoint import Checkpointer, install_preemption_handler
+from mtlx.train.config import ConfigError, convert_value
 from mtlx.train.logs import RunLogger, atomic_write_text
 from mtlx.train.spans import SpanReferences
 from mtlx.train.step import (count_compilations, create_state, default_weighting_tx,
@@ -52,9 +53,9 @@ def build_specs(cfg) -> list:
     return apply_task_overrides(specs, cfg.get("task_overrides", ()))
 
 
-# TaskSpec fields a run may change (config.task_overrides) and how their values are read.
-TASK_OVERRIDES = {"stride": int, "truncation": str, "null_answers": bool,
-                  "null_score_threshold": float}
+# TaskSpec fields a run may change (config.task_overrides); values are read as config values
+# are, to the type the field has.
+TASK_OVERRIDES = ("stride", "truncation", "null_answers", "null_score_threshold")
 
 
 def apply_task_overrides(specs: list, entries) -> list:
@@ -71,16 +72,13 @@ def apply_task_overrides(specs: list, entries) -> list:
             raise ValueError(f"{where}: task {task!r} is not in config.tasks {sorted(by_name)}")
         if field not in TASK_OVERRIDES:
             raise ValueError(f"{where}: field {field!r} cannot be overridden; known: {sorted(TASK_OVERRIDES)}")
-        kind, raw = TASK_OVERRIDES[field], raw.strip()
+        current, raw = getattr(specs[by_name[task]], field), raw.strip()
         try:
-            if kind is bool:
-                if raw.lower() not in ("true", "false"):
-                    raise ValueError(raw)
-                value = raw.lower() == "true"
-            else:
-                value = kind(raw)
-        except ValueError:
-            raise ValueError(f"{where}: {field} must be {kind.__name__}, got {raw!r}") from None
+            value = convert_value(f"task_overrides {entry}", current, raw)
+        except ConfigError:
+            value = None
+        if value is None:
+            raise ValueError(f"{where}: {field} must be {type(current).__name__}, got {raw!r}")
         try:
             specs[by_name[task]] = dataclasses.replace(specs[by_name[task]], **{field: value})
         except ValueError as e:
