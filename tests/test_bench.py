@@ -463,7 +463,16 @@ def test_feature_variants_say_what_is_unavailable():
     assert "not available on cpu" in v["attention=cudnn (attention_dropout=0)"]
     assert v["scan_layers=on"].scan_layers is True and v["reference"].scan_layers is False
     assert v["prng=rbg (dropout random bits)"].prng == "rbg"
+    # bf16 products: the other precision policy, in bf16 (CPU: XLA's plain bf16 products)
+    assert v["dtype=bfloat16, dots=native"] == W.Features(dtype="bfloat16", dots="native")
+    vb = HR.feature_variants(W.Features(dtype="bfloat16"), "cpu")
+    assert vb["dots=native"] == W.Features(dtype="bfloat16", dots="native")
+    assert HR.feature_variants(W.Features(dtype="bfloat16"), "gpu")["dots=f32_accumulate"].dots \
+        == "f32_accumulate"
+    with pytest.raises(ValueError, match="Features.dots"):
+        W.Features(dots="fast")
     short = HR.feature_variants(W.Features(), "cpu", short=True)
+    assert "dtype=bfloat16, dots=native" in short
     assert "remat=full" not in short and "remat=dots" in short
     assert "scan_layers=on" not in short and "donate=off" not in short   # --quick on a CPU
     assert not any(k.startswith(("prng", "attention_dropout")) for k in short)

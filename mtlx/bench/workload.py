@@ -69,6 +69,7 @@ class Features:
     prng: str = "threefry2x32"          # dropout's random bits: JAX's PRNG implementation
     scan_layers: bool = False         # BertConfig.scan_layers: the layers as one lax.scan
     routing: Optional[str] = None     # the PEFT methods' 'impl' (mtlx.peft.routing); None: theirs
+    dots: str = "auto"                # mtlx.models.precision policy of bf16 products
 
     def __post_init__(self):
         from mtlx.models.attention import IMPLEMENTATIONS
@@ -83,6 +84,10 @@ class Features:
             raise ValueError(f"mtlx/bench/workload.py: Features.attention must be one of "
                              f"{IMPLEMENTATIONS}, got {self.attention!r}")
         check_policy(self.remat, "Features.remat")
+        from mtlx.models.precision import POLICIES
+        if self.dots not in POLICIES:
+            raise ValueError(f"mtlx/bench/workload.py: Features.dots must be one of {POLICIES}, "
+                             f"got {self.dots!r}")
         if self.prng not in PRNGS:
             raise ValueError(f"mtlx/bench/workload.py: Features.prng must be one of {PRNGS}, "
                              f"got {self.prng!r}")
@@ -95,7 +100,8 @@ class Features:
         return (f"{self.dtype}, attention={self.attention or 'default'}, remat={self.remat}, "
                 f"donate={'on' if self.donate else 'off'}, attention_dropout={self.attention_dropout}, "
                 f"prng={self.prng}, scan_layers={'on' if self.scan_layers else 'off'}"
-                + (f", routing={self.routing}" if self.routing else ""))
+                + (f", routing={self.routing}" if self.routing else "")
+                + (f", dots={self.dots}" if self.dots != "auto" else ""))
 
 
 def features_for(dtype: str, attention: str = "default", **kw) -> Features:
@@ -227,6 +233,18 @@ def with_prng(step_fn, prng: str):
     return step
 
 
+def with_dots(step_fn, policy: str):
+    """The step traced under mtlx.models.precision's `policy` (read at trace time)."""
+    if policy == "auto":
+        return step_fn
+
+    def step(state, batch):
+        from mtlx.models import precision
+        with precision.policy(policy):
+            return step_fn(state, batch)
+    return step
+
+
 def build_mtlx(cell: Cell, seed: int = 0, num_batches: int = 4, device=None,
                heads: Optional[Sequence[Any]] = None,
                batches: Optional[Sequence[Any]] = None) -> MtlxSetup:
@@ -267,7 +285,8 @@ def build_mtlx(cell: Cell, seed: int = 0, num_batches: int = 4, device=None,
     state = jax.device_put(state, device)
     del params
     # `trainable` as the training loop passes it: frozen backbone weights are not differentiated.
-    step = jax.jit(with_prng(make_train_step(model, tx, trainable=trainable), cell.features.prng),
+    step = jax.jit(with_dots(with_prng(make_train_step(model, tx, trainable=trainable),
+                                       cell.features.prng), cell.features.dots),
                    donate_argnums=(0,) if cell.features.donate else ())
     leaves = jax.tree_util.tree_leaves(state.params)
     count = int(sum(x.size for x in leaves))

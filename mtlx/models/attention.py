@@ -18,6 +18,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from mtlx.models import precision
+
 IMPLEMENTATIONS = (None, "xla", "cudnn")
 
 
@@ -65,9 +67,30 @@ def attend(q, k, v, *, mask=None, bias=None, scale: Optional[float] = None,
         return jax.nn.dot_product_attention(
             q, k, v, scale=scale, is_causal=is_causal, implementation=implementation,
             key_value_seq_lengths=lengths)
+    if implementation != "cudnn" and q.shape[2] == k.shape[2] and precision.f32_accumulate(q, k, v):
+        # bf16 on a CPU: the same attention with products that accumulate in float32
+        # (mtlx.models.precision), ~2x faster there than XLA's bf16 x bf16 -> bf16 products.
+        return _attend_explicit(q, k, v, mask, bias, scale, is_causal)
     if mask is not None:
         # Broadcast [B,1,Lq,Lk] over heads explicitly: the cuDNN path wants a full mask.
         mask = jnp.broadcast_to(mask, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
     return jax.nn.dot_product_attention(
         q, k, v, bias=bias, mask=mask, scale=scale, is_causal=is_causal,
         implementation=implementation)
+
+
+def _attend_explicit(q, k, v, mask, bias, scale, is_causal):
+    """`jax.nn.dot_product_attention`'s XLA path written out (softmax in float32; masked logits
+    at float32's lowest value, so a row with no key left comes back finite, uniform over its
+    keys) with mtlx.models.precision's products."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    logits = precision.einsum("bqhd,bkhd->bhqk", q, k, out_dtype=jnp.float32) * scale
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32)
+    if is_causal:
+        causal = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))[None, None]
+        mask = causal if mask is None else mask & causal
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    return precision.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)

@@ -70,6 +70,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtlx.models.attention import IMPLEMENTATIONS, attend, padding_mask, right_padding_lengths
+from mtlx.models import precision
 from mtlx.models.remat import check_policy as check_remat_policy, remat_layer
 from mtlx.models.layers import (Extension, Projection, Routing, Site, extend_attention_kv,
                                 extend_embeddings, extend_layer_norm, extend_sublayer)
@@ -195,14 +196,14 @@ def attend_with_prob_dropout(q, k, v, mask, rate: float, rng):
     this explicit path (softmax in float32). With rate 0 it equals `attend`.
     """
     scale = q.shape[-1] ** -0.5
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    logits = precision.einsum("bqhd,bkhd->bhqk", q, k, out_dtype=jnp.float32) * scale
     if mask is not None:
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
     if rate > 0.0:
         keep = jax.random.bernoulli(rng, 1.0 - rate, probs.shape)
         probs = jnp.where(keep, probs / (1.0 - rate), 0.0)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+    return precision.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
 
 
 def _layer_norm(cfg: BertConfig, name: str) -> nn.LayerNorm:

@@ -24,6 +24,8 @@ import flax.linen as nn
 import flax.struct
 import jax.numpy as jnp
 
+from mtlx.models import precision
+
 PROJECTION_SITES = (
     "attention.query", "attention.key", "attention.value", "attention.output",
     "cross_attention.query", "cross_attention.key", "cross_attention.value",
@@ -131,7 +133,7 @@ class Projection(nn.Module):
             if module is not None:
                 x = module(x, routing)
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
-        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        y = precision.dot(x, kernel, self.dtype)
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype)
             y = y + bias.astype(self.dtype)

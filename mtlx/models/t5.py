@@ -68,6 +68,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtlx.models.attention import IMPLEMENTATIONS, attend, padding_mask
+from mtlx.models import precision
 from mtlx.models.remat import check_policy as check_remat_policy, remat_layer
 from mtlx.models.bert import EncoderOutput
 from mtlx.models.layers import (Extension, Projection, Routing, Site, extend_attention_kv,
@@ -193,14 +194,14 @@ def _widen_bias(bias, num_keys: int, stack: str, layer: int):
 def _attend_with_prob_dropout(q, k, v, mask, bias, rate: float, rng):
     """T5 attention (no 1/sqrt(d) scaling) with dropout on the softmax probabilities, as HF T5
     trains (`jax.nn.dot_product_attention` has no dropout). Softmax in float32."""
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    logits = precision.einsum("bqhd,bkhd->bhqk", q, k, out_dtype=jnp.float32)
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
     keep = jax.random.bernoulli(rng, 1.0 - rate, probs.shape)
     probs = jnp.where(keep, probs / (1.0 - rate), 0.0)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+    return precision.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
 
 
 class T5LayerNorm(nn.Module):

@@ -1,0 +1,200 @@
+"""Matrix products in a low-precision compute dtype, accumulated and emitted the fast way.
+
+XLA:CPU computes a bfloat16 x bfloat16 -> bfloat16 product at float32 speed (it widens the
+operands: ~180 GFLOP/s on the 2-core AVX-512-BF16 dev machine), but a bfloat16 x bfloat16 ->
+float32 product with its native bf16 dot-product kernels (~380 GFLOP/s there; torch's oneDNN
+bf16 matmul ~410). Autodiff of ``dot(..., preferred_element_type=float32).astype(bf16)`` would
+still give the backward pass float32 x bfloat16 products (the cotangent is float32), which run
+at float32 speed. So `dot` and `einsum` here are custom-VJP products whose forward AND both
+backward products take bfloat16 operands and accumulate into float32, then round to the
+compute dtype: the values are those of the plain bf16 product (XLA accumulates either in
+float32), only the kernels differ.
+
+The policy, `set_policy`:
+  'auto'       this path for low-precision operands on a CPU backend; the plain product
+               elsewhere (GPUs' and TPUs' bf16 GEMMs already accumulate in float32 and emit
+               bf16 in their epilogue; not measured otherwise, so left as it was)
+  'f32_accumulate'  this path on every backend
+  'native'     always the plain product (jnp.dot / jnp.einsum)
+float32 operands always take the plain product (the HLO of float32 models is unchanged).
+The policy is read at trace time: set it before a step is compiled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+POLICIES = ("auto", "f32_accumulate", "native")
+_policy = "auto"
+
+
+def set_policy(policy: str) -> str:
+    """Set the low-precision product policy (see module doc); returns the previous one."""
+    global _policy
+    if policy not in POLICIES:
+        raise ValueError(f"mtlx.models.precision: policy must be one of {POLICIES}, got {policy!r}")
+    previous, _policy = _policy, policy
+    return previous
+
+
+def get_policy() -> str:
+    return _policy
+
+
+@contextlib.contextmanager
+def policy(name: str):
+    """``with policy('native'): ...`` traces the products inside under that policy."""
+    previous = set_policy(name)
+    try:
+        yield
+    finally:
+        set_policy(previous)
+
+
+def f32_accumulate(*operands) -> bool:
+    """Whether products of these operands take the float32-accumulating path now."""
+    if _policy == "native":
+        return False
+    dtype = jnp.dtype(operands[0].dtype)
+    if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return False
+    if any(jnp.dtype(x.dtype) != dtype for x in operands):
+        return False
+    return _policy == "f32_accumulate" or jax.default_backend() == "cpu"
+
+
+def _product(spec: str, a, b):
+    """einsum(spec, a, b) accumulated in float32, as ONE batched product in the canonical
+    layout [batch, free_a, contracted] x [batch, contracted, free_b]: XLA:CPU's fast bf16
+    kernels take that form, and its fallback (DotThunk) cannot run bf16 x bf16 -> f32 at all,
+    so e.g. a [b, q, h, d] x [b, h, q, k] product left to XLA's own layout fails to run."""
+    ins, out = spec.split("->")
+    sa, sb = ins.split(",")
+    batch = [c for c in out if c in sa and c in sb]
+    contract = [c for c in sa if c in sb and c not in out]
+    free_a = [c for c in sa if c not in sb]
+    free_b = [c for c in sb if c not in sa]
+    size = dict(zip(sa, a.shape)) | dict(zip(sb, b.shape))
+    prod = lambda cs: int(np.prod([size[c] for c in cs], dtype=np.int64))
+    nb = [size[c] for c in batch]
+    a2 = jnp.transpose(a, [sa.index(c) for c in batch + free_a + contract]).reshape(
+        nb + [prod(free_a), prod(contract)])
+    b2 = jnp.transpose(b, [sb.index(c) for c in batch + contract + free_b]).reshape(
+        nb + [prod(contract), prod(free_b)])
+    nbd = tuple(range(len(batch)))
+    y = lax.dot_general(a2, b2, (((len(batch) + 1,), (len(batch),)), (nbd, nbd)),
+                        preferred_element_type=jnp.float32)
+    order = batch + free_a + free_b
+    y = y.reshape(nb + [size[c] for c in free_a + free_b])
+    return jnp.transpose(y, [order.index(c) for c in out])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _einsum_acc(a, b, spec):
+    return _product(spec, a, b).astype(a.dtype)
+
+
+def _einsum_acc_fwd(a, b, spec):
+    return _einsum_acc(a, b, spec), (a, b)
+
+
+def _einsum_acc_bwd(spec, res, g):
+    a, b = res
+    g = g.astype(a.dtype)
+    ins, out = spec.split("->")
+    sa, sb = ins.split(",")
+    da = _product(f"{out},{sb}->{sa}", g, b).astype(a.dtype)
+    db = _product(f"{sa},{out}->{sb}", a, g).astype(b.dtype)
+    return da, db
+
+
+_einsum_acc.defvjp(_einsum_acc_fwd, _einsum_acc_bwd)
+
+
+def _check_spec(spec: str) -> None:
+    """The transposed products in the backward pass need every index of each operand to occur
+    in the other operand or the output (no index summed within one operand), and no
+    ellipsis or repeated index."""
+    ins, _, out = spec.partition("->")
+    sa, _, sb = ins.partition(",")
+    if not out or "." in spec or not sa or not sb or any(len(set(s)) != len(s) for s in (sa, sb, out)):
+        raise ValueError(f"mtlx.models.precision.einsum: spec {spec!r} must be explicit "
+                         f"'ab,bc->ac'-style with two operands, no ellipsis, no repeated index")
+    for mine, other in ((sa, sb), (sb, sa)):
+        lonely = [c for c in mine if c not in other and c not in out]
+        if lonely:
+            raise ValueError(f"mtlx.models.precision.einsum: spec {spec!r} sums index "
+                             f"{lonely[0]!r} within one operand")
+
+
+def einsum(spec: str, a, b, *, out_dtype: Optional[jnp.dtype] = None):
+    """``jnp.einsum(spec, a, b)`` in a's dtype (then cast to `out_dtype`, if given).
+
+    Low-precision operands under the policy take the float32-accumulating custom-VJP path.
+    `out_dtype=float32` on that path returns the float32 accumulator itself; its cotangent is
+    rounded to the operands' dtype for the backward products, as a bf16 matmul's would be.
+    """
+    if not f32_accumulate(a, b):
+        if out_dtype is not None and jnp.dtype(out_dtype) != jnp.dtype(a.dtype):
+            return jnp.einsum(spec, a, b, preferred_element_type=out_dtype)
+        return jnp.einsum(spec, a, b)
+    _check_spec(spec)
+    if out_dtype is not None and jnp.dtype(out_dtype) == jnp.float32:
+        return _einsum_f32_out(a, b, spec)
+    y = _einsum_acc(a, b, spec)
+    return y if out_dtype is None else y.astype(out_dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _einsum_f32_out(a, b, spec):
+    return _product(spec, a, b)
+
+
+def _einsum_f32_out_fwd(a, b, spec):
+    return _einsum_f32_out(a, b, spec), (a, b)
+
+
+_einsum_f32_out.defvjp(_einsum_f32_out_fwd, _einsum_acc_bwd)
+
+
+def _dot_dims(x):
+    return (((x.ndim - 1,), (0,)), ((), ()))
+
+
+@jax.custom_vjp
+def _dot_acc(x, w):
+    return lax.dot_general(x, w, _dot_dims(x), preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _dot_acc_fwd(x, w):
+    return _dot_acc(x, w), (x, w)
+
+
+def _dot_acc_bwd(res, g):
+    x, w = res
+    g = g.astype(x.dtype)
+    dx = lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())),
+                         preferred_element_type=jnp.float32).astype(x.dtype)
+    lead = tuple(range(x.ndim - 1))
+    dw = lax.dot_general(x, g, ((lead, lead), ((), ())),
+                         preferred_element_type=jnp.float32).astype(w.dtype)
+    return dx, dw
+
+
+_dot_acc.defvjp(_dot_acc_fwd, _dot_acc_bwd)
+
+
+def dot(x, w, dtype=None):
+    """``x [..., k] @ w [k, n]`` in `dtype` (default: x's dtype), both operands cast to it."""
+    dtype = jnp.dtype(dtype if dtype is not None else x.dtype)
+    x, w = x.astype(dtype), w.astype(dtype)
+    if w.ndim != 2 or x.ndim < 1 or not f32_accumulate(x, w):
+        return jnp.dot(x, w)
+    return _dot_acc(x, w)
