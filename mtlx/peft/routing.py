@@ -43,6 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtlx.models import precision as mp
+
 IMPLEMENTATIONS = ("gather", "ragged", "onehot")
 # Chosen by scripts/bench_routing.py on CPU (its docstring has the numbers): with 'gather' 8
 # routed tasks cost the same as 1 task within noise (ratio 0.89-1.04), 'ragged' 1.2-1.6x.
@@ -121,7 +123,12 @@ def routed_matmul(x, w, group, impl: str = DEFAULT_IMPL, precision=None):
     `group` must lie in [0, G).
     """
     w = w.astype(x.dtype)
+    # bf16 on a CPU: products accumulating in float32 (mtlx.models.precision), unless the
+    # caller asks for a lax precision
+    fast = precision is None and mp.f32_accumulate(x, w)
     if w.shape[0] == 1:
+        if fast:
+            return mp.dot(x, w[0])
         return jnp.einsum("...k,kn->...n", x, w[0], precision=precision)
     check_impl(impl)
     if impl == "gather" and group.ndim > 1:
@@ -129,7 +136,10 @@ def routed_matmul(x, w, group, impl: str = DEFAULT_IMPL, precision=None):
     if impl == "gather":
         wb = jnp.take(w, group, axis=0)  # [B, k, n]
         flat = x.reshape(x.shape[0], -1, x.shape[-1])
-        y = jnp.einsum("bik,bkn->bin", flat, wb, precision=precision)
+        if fast:
+            y = mp.einsum("bik,bkn->bin", flat, wb)
+        else:
+            y = jnp.einsum("bik,bkn->bin", flat, wb, precision=precision)
         return y.reshape(x.shape[:-1] + (w.shape[-1],))
     if impl == "ragged":
         return _ragged_matmul(x, w, group, precision)
