@@ -259,3 +259,113 @@ def test_routed_matmul_bf16_gather_accumulates_in_f32(groups):
     assert _rel(dw, ref_dw) < 1e-2
     dots = _dots(_fwd_bwd_jaxpr(f, x, w))
     assert dots and all(ops == ("bfloat16", "bfloat16") and p == "float32" for ops, p in dots), dots
+
+
+# ----------------------------------------------------------------------------- whole steps
+
+SMOKE = {
+    "adapter": [{"method": "adapter", "variant": "houlsby", "reduction_factor": 4}],
+    "lora": [{"method": "lora", "rank": 2}],
+    "prefix+ia3": [{"method": "prefix", "length": 2}, {"method": "ia3"}],
+    "prompt": [{"method": "prompt", "length": 2}],
+    "compacter": [{"method": "compacter", "reduction_factor": 4, "phm_dim": 2}],
+    "fusion": [{"method": "fusion", "reduction_factor": 4}],
+    "hyperformer++": [{"method": "hyperformer++", "reduction_factor": 4}],
+    "hyper_lora": [{"method": "hyper_lora", "rank": 2}],
+}
+
+
+# compared with float32 and with XLA's own bf16 products; the other cases must run and be finite
+NUMERICS = ("adapter", "hyperformer++", "prefix+ia3")
+
+
+def _step_losses(model, params, batch, weighting=None, trainable=None, probe=False):
+    """Loss after two train steps, the eval step's per-task losses and counts, and
+    (probe=True) the affinity probe's figures."""
+    import ml_collections
+    from mtlx.train import optim
+    from mtlx.train.step import (create_state, init_weighting, make_affinity_probe,
+                                 make_eval_step, make_train_step, strategy_from_config)
+    cfg = ml_collections.ConfigDict(dict(optimizer="adamw", learning_rate=1e-2, warmup_steps=0,
+                                         num_train_steps=10, schedule="constant",
+                                         weight_decay=0.0, grad_clip_norm=1.0))
+    tx = optim.make_optimizer(cfg, params, trainable)
+    strategy = None if weighting is None else strategy_from_config(
+        ml_collections.ConfigDict(dict(name=weighting, learning_rate=1e-2)))
+    state = create_state(params, tx, jax.random.key(0),
+                         None if strategy is None else init_weighting(strategy, model, params, trainable))
+    step = jax.jit(make_train_step(model, tx, weighting=strategy, trainable=trainable))
+    for _ in range(2):
+        state, metrics = step(state, batch)
+    out = [float(metrics["loss"])]
+    _, losses, counts = jax.jit(make_eval_step(model))(state.params, batch)   # per-task
+    out += np.asarray(losses, np.float64).tolist() + np.asarray(counts, np.float64).tolist()
+    if probe:
+        p = jax.jit(make_affinity_probe(model, lookahead_lr=1e-3, trainable=trainable))(state.params, batch)
+        out += [float(jnp.sum(jnp.abs(x))) for x in jax.tree_util.tree_leaves(p)
+                if jnp.issubdtype(x.dtype, jnp.floating)]
+    return np.asarray(out)
+
+
+def _bf16_vs_native(build):
+    """build(dtype) -> figures. The float32-accumulating bf16 run must be finite and no
+    further from the float32 run than XLA's own bf16 products are (twice that, plus 1%)."""
+    ref = build("float32")
+    ours = build("bfloat16")
+    with precision.policy("native"):
+        native = build("bfloat16")
+    assert np.isfinite(ours).all()
+    err, err_native = np.linalg.norm(ours - ref), np.linalg.norm(native - ref)
+    assert err <= 2 * err_native + 1e-2 * np.linalg.norm(ref), (ours, native, ref)
+
+
+@pytest.mark.parametrize("case", sorted(SMOKE))
+def test_bf16_peft_steps_run_on_this_backend(case):
+    """Every PEFT method's bf16 train and eval steps compile AND run (XLA:CPU's fallback dot
+    cannot run a bf16 x bf16 -> f32 product the fast kernels refuse: that fails only at run
+    time); for NUMERICS, as close to float32 as XLA's own bf16 products are."""
+    from mtlx.models.multitask import MultiTaskModel
+    from mtlx.peft import registry
+    from mtlx.train import optim
+    from tests.peft_common import NAMES, TASKS, batch_for, random_params, tiny_bert
+    batch = batch_for([0, 1, 2, 3, 0, 1, 2, 3])
+
+    def build(dtype):
+        cfg = registry.attach(tiny_bert(dtype=dtype), SMOKE[case], NAMES)
+        model = MultiTaskModel(cfg, TASKS, head_dropout=0.0)
+        params = random_params(model, batch, scale=0.1)
+        mask = optim.trainable_mask(params, registry.trainable_patterns(cfg))
+        return _step_losses(model, params, batch, trainable=mask)
+    if case in NUMERICS:
+        _bf16_vs_native(build)
+    else:   # that it runs at all is what this case checks (CI time)
+        assert np.isfinite(build("bfloat16")).all()
+
+
+@pytest.mark.parametrize("weighting", ["pcgrad"])
+def test_bf16_per_task_gradients_and_affinity_probe_run(weighting):
+    """Per-task gradients (vmapped backward passes) and the affinity probe in bf16: under vmap
+    XLA folds transposes into batched products unless they are kept apart."""
+    from mtlx.models.multitask import MultiTaskModel
+    from tests.peft_common import TASKS, batch_for, random_params, tiny_bert
+    batch = batch_for([0, 1, 2, 3, 0, 1, 2, 3])
+
+    def build(dtype):
+        model = MultiTaskModel(tiny_bert(dtype=dtype, attention_dropout=0.1), TASKS, head_dropout=0.0)
+        params = random_params(model, batch, scale=0.1)
+        return _step_losses(model, params, batch, weighting=weighting, probe=True)
+    _bf16_vs_native(build)
+
+
+def test_bf16_t5_steps_run():
+    from mtlx.models.multitask import MultiTaskModel
+    from mtlx.peft import registry
+    from tests.peft_common import T5_NAMES, T5_TASKS, batch_for, random_params, tiny_t5
+    batch = batch_for([0, 1, 2, 3, 4, 0, 1, 4], t5=True)
+
+    def build(dtype):
+        cfg = registry.attach(tiny_t5(dtype=dtype), [{"method": "lora", "rank": 2}], T5_NAMES)
+        model = MultiTaskModel(cfg, T5_TASKS, head_dropout=0.0)
+        params = random_params(model, batch, scale=0.1)
+        return _step_losses(model, params, batch)
+    _bf16_vs_native(build)

@@ -437,3 +437,51 @@ def test_plots_leave_breakdowns_out():
     assert plot_groups(keys) == {
         "loss_curves.png": ["eval/cola/loss", "train/loss", "train/loss/cola"],
         "metric_curves.png": ["eval/avg", "eval/cola/mcc", "eval/squad_v2/f1"]}
+
+
+def test_frozen_kernels_in_bf16_train_the_same_steps(tmp_path):
+    """config.model.frozen_dtype='bfloat16' with a bf16 model and adapters: the frozen
+    backbone's kernels are stored in bf16 (the trainable adapters, heads and layer norms stay
+    float32), the run trains exactly as with the per-step cast (the kernels were rounded to bf16
+    before every product anyway), resumes from its checkpoint bit-identically, and a frozen
+    dtype other than the compute dtype is an error naming the key."""
+    import jax.numpy as jnp
+    from mtlx.train import loop as LP
+    base = ("--config.model.dtype=bfloat16", "--config.optim.num_train_steps=4",
+            "--config.eval_every=4", "--config.checkpoint.every=2")
+    adapters = ({"method": "adapter", "variant": "houlsby", "reduction_factor": 4},)
+    plain = local_cfg(*base)
+    cast = local_cfg(*base, "--config.model.frozen_dtype=bfloat16")
+    plain.peft.methods = cast.peft.methods = adapters
+    s = LP.setup(cast)
+    import flax.traverse_util as tu
+    flat_p = tu.flatten_dict(jax.device_get(s.state.params), sep="/")
+    flat_t = tu.flatten_dict(s.trainable, sep="/")
+    kernels = [k for k in flat_p if k.endswith("/kernel") and not flat_t[k]]
+    assert kernels and all(flat_p[k].dtype == jnp.bfloat16 for k in kernels)
+    assert all(v.dtype == jnp.float32 for k, v in flat_p.items() if k not in kernels)
+    assert any(flat_t[k] and k.endswith("/kernel") for k in flat_p)      # adapters' kernels
+    r_plain, st_plain = train_and_evaluate(plain, tmp_path / "plain", progress=False, return_state=True)
+    r_cast, st_cast = train_and_evaluate(cast, tmp_path / "cast", progress=False, return_state=True)
+    for task in r_plain:
+        assert r_cast[task]["loss"] == r_plain[task]["loss"], task
+    fp = tu.flatten_dict(jax.device_get(st_plain.params), sep="/")
+    fc = tu.flatten_dict(jax.device_get(st_cast.params), sep="/")
+    for k in fp:
+        np.testing.assert_array_equal(np.asarray(fc[k], np.float32),
+                                      np.asarray(fp[k].astype(fc[k].dtype), np.float32), err_msg=k)
+
+    def preempt_at_3(step):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    train_and_evaluate(cast, tmp_path / "pre", progress=False, on_step=preempt_at_3)
+    _, resumed = train_and_evaluate(cast, tmp_path / "pre", progress=False, return_state=True)
+    for a, b in zip(leaves(resumed), leaves(st_cast)):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match=r"config.model.frozen_dtype='bfloat16' stores frozen "
+                                         r"kernels in the compute dtype, but the model computes in float32"):
+        LP.setup(local_cfg("--config.model.frozen_dtype=bfloat16"))
+    with pytest.raises(ValueError, match=r"config.model.frozen_dtype='int8': must be None or one of"):
+        LP.setup(local_cfg("--config.model.dtype=bfloat16", "--config.model.frozen_dtype=int8"))

@@ -379,13 +379,14 @@ def measure_group(cells: Sequence[W.Cell], opts: Options, peaks: Dict[str, Any])
 # --------------------------------------------------------------------------- features
 
 def feature_variants(base: W.Features, platform_name: str, short: bool = False,
-                     routed: bool = False) -> Dict[str, Any]:
+                     routed: bool = False, frozen: bool = False) -> Dict[str, Any]:
     """{variant name: Features, or a string saying why it is not available}, each to be timed
     against 'reference' (= base). short (--quick, --short-features): one remat policy ('dots'),
     no PRNG variant, and attention_dropout=0 (the XLA counterpart of cuDNN attention, which
     cannot drop probabilities) only where cuDNN attention is available; on a CPU no donation
     or scan variant either. routed (a PEFT cell with several tasks): the other routing
-    implementations first (short: 'onehot' only), as a time budget may stop the phase early."""
+    implementations first (short: 'onehot' only), as a time budget may stop the phase early.
+    frozen (a cell whose backbone does not train) in bf16: its frozen kernels stored in bf16."""
     from mtlx.peft.routing import DEFAULT_IMPL, IMPLEMENTATIONS as ROUTINGS
     rep = dataclasses.replace
     other_dtype = "bfloat16" if base.dtype == "float32" else "float32"
@@ -414,11 +415,14 @@ def feature_variants(base: W.Features, platform_name: str, short: bool = False,
     # this CPU it was slower: BUILD_NOTES.md): in the short list on a GPU only.
     if base.prng == "threefry2x32" and (not short or platform_name == "gpu"):
         out["prng=rbg (dropout random bits)"] = rep(base, prng="rbg")
-    out[f"dtype={other_dtype}"] = rep(base, dtype=other_dtype, attention=other_attention)
+    out[f"dtype={other_dtype}"] = rep(base, dtype=other_dtype, attention=other_attention,
+                                      frozen_dtype=None)
     # bf16 products (mtlx.models.precision): on a CPU the default ('auto') accumulates into
     # float32 in custom-VJP products, XLA:CPU's fast bf16 kernel; elsewhere XLA's own products.
     # The other choice, timed in bf16, shows what the policy is worth on this platform.
     other_dots = "native" if platform_name == "cpu" else "f32_accumulate"
+    if frozen and base.dtype == "bfloat16" and base.frozen_dtype is None:
+        out["frozen kernels bfloat16"] = rep(base, frozen_dtype="bfloat16")
     if base.dots == "auto":
         if base.dtype == "bfloat16":
             out[f"dots={other_dots}"] = rep(base, dots=other_dots)
@@ -446,7 +450,8 @@ def measure_features(cell: W.Cell, opts: Options, peaks: Dict[str, Any], short: 
     import jax
     platform_name = jax.devices()[0].platform
     variants = feature_variants(cell.features, platform_name, short,
-                                routed=bool(W.CONFIGS[cell.config]) and cell.num_tasks > 1)
+                                routed=bool(W.CONFIGS[cell.config]) and cell.num_tasks > 1,
+                                frozen=not W.BACKBONE_TRAINS[cell.config])
     runners, infos, out = [], {}, {}
     for name, feat in variants.items():
         if isinstance(feat, str):

@@ -70,6 +70,7 @@ class Features:
     scan_layers: bool = False         # BertConfig.scan_layers: the layers as one lax.scan
     routing: Optional[str] = None     # the PEFT methods' 'impl' (mtlx.peft.routing); None: theirs
     dots: str = "auto"                # mtlx.models.precision policy of bf16 products
+    frozen_dtype: Optional[str] = None  # frozen kernels stored in it (= dtype; optim.cast_frozen_kernels)
 
     def __post_init__(self):
         from mtlx.models.attention import IMPLEMENTATIONS
@@ -88,6 +89,9 @@ class Features:
         if self.dots not in POLICIES:
             raise ValueError(f"mtlx/bench/workload.py: Features.dots must be one of {POLICIES}, "
                              f"got {self.dots!r}")
+        if self.frozen_dtype is not None and self.frozen_dtype != self.dtype:
+            raise ValueError(f"mtlx/bench/workload.py: Features.frozen_dtype must be None or the "
+                             f"compute dtype {self.dtype!r}, got {self.frozen_dtype!r}")
         if self.prng not in PRNGS:
             raise ValueError(f"mtlx/bench/workload.py: Features.prng must be one of {PRNGS}, "
                              f"got {self.prng!r}")
@@ -101,7 +105,8 @@ class Features:
                 f"donate={'on' if self.donate else 'off'}, attention_dropout={self.attention_dropout}, "
                 f"prng={self.prng}, scan_layers={'on' if self.scan_layers else 'off'}"
                 + (f", routing={self.routing}" if self.routing else "")
-                + (f", dots={self.dots}" if self.dots != "auto" else ""))
+                + (f", dots={self.dots}" if self.dots != "auto" else "")
+                + (f", frozen kernels {self.frozen_dtype}" if self.frozen_dtype else ""))
 
 
 def features_for(dtype: str, attention: str = "default", **kw) -> Features:
@@ -276,6 +281,8 @@ def build_mtlx(cell: Cell, seed: int = 0, num_batches: int = 4, device=None,
         trainable = None
         if not BACKBONE_TRAINS[cell.config]:
             trainable = optim.trainable_mask(params, registry.trainable_patterns(cfg))
+            params = optim.cast_frozen_kernels(params, trainable, cell.features.frozen_dtype,
+                                               cfg.dtype, key="Features.frozen_dtype")
         tx = optim.make_optimizer(optim_config(), params, trainable)
         # Not jitted: XLA would merge equal outputs (Adam's zero moments) into one buffer, and a
         # state holding one buffer twice cannot be donated twice.

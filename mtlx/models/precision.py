@@ -70,6 +70,15 @@ def f32_accumulate(*operands) -> bool:
     return _policy == "f32_accumulate" or jax.default_backend() == "cpu"
 
 
+def _arrange(x, perm, shape):
+    """x transposed by perm and reshaped, as an array of its own: XLA folds a transpose into
+    the product that reads it (TransposeFolding), which gives back the layout the fast
+    kernels refuse; an optimization barrier keeps the transposed copy."""
+    if list(perm) != list(range(x.ndim)):
+        x = lax.optimization_barrier(jnp.transpose(x, perm))
+    return x.reshape(shape)
+
+
 def _product(spec: str, a, b):
     """einsum(spec, a, b) accumulated in float32, as ONE batched product in the canonical
     layout [batch, free_a, contracted] x [batch, contracted, free_b]: XLA:CPU's fast bf16
@@ -84,10 +93,10 @@ def _product(spec: str, a, b):
     size = dict(zip(sa, a.shape)) | dict(zip(sb, b.shape))
     prod = lambda cs: int(np.prod([size[c] for c in cs], dtype=np.int64))
     nb = [size[c] for c in batch]
-    a2 = jnp.transpose(a, [sa.index(c) for c in batch + free_a + contract]).reshape(
-        nb + [prod(free_a), prod(contract)])
-    b2 = jnp.transpose(b, [sb.index(c) for c in batch + contract + free_b]).reshape(
-        nb + [prod(contract), prod(free_b)])
+    a2 = _arrange(a, [sa.index(c) for c in batch + free_a + contract],
+                  nb + [prod(free_a), prod(contract)])
+    b2 = _arrange(b, [sb.index(c) for c in batch + contract + free_b],
+                  nb + [prod(contract), prod(free_b)])
     nbd = tuple(range(len(batch)))
     y = lax.dot_general(a2, b2, (((len(batch) + 1,), (len(batch),)), (nbd, nbd)),
                         preferred_element_type=jnp.float32)
@@ -164,13 +173,10 @@ def _einsum_f32_out_fwd(a, b, spec):
 _einsum_f32_out.defvjp(_einsum_f32_out_fwd, _einsum_acc_bwd)
 
 
-def _dot_dims(x):
-    return (((x.ndim - 1,), (0,)), ((), ()))
-
-
 @jax.custom_vjp
 def _dot_acc(x, w):
-    return lax.dot_general(x, w, _dot_dims(x), preferred_element_type=jnp.float32).astype(x.dtype)
+    x2 = x.reshape(-1, x.shape[-1])
+    return _product("mk,kn->mn", x2, w).astype(x.dtype).reshape(x.shape[:-1] + w.shape[-1:])
 
 
 def _dot_acc_fwd(x, w):
@@ -179,12 +185,10 @@ def _dot_acc_fwd(x, w):
 
 def _dot_acc_bwd(res, g):
     x, w = res
-    g = g.astype(x.dtype)
-    dx = lax.dot_general(g, w, (((g.ndim - 1,), (1,)), ((), ())),
-                         preferred_element_type=jnp.float32).astype(x.dtype)
-    lead = tuple(range(x.ndim - 1))
-    dw = lax.dot_general(x, g, ((lead, lead), ((), ())),
-                         preferred_element_type=jnp.float32).astype(w.dtype)
+    x2 = x.reshape(-1, x.shape[-1])
+    g2 = g.astype(x.dtype).reshape(-1, g.shape[-1])
+    dx = _product("mn,kn->mk", g2, w).astype(x.dtype).reshape(x.shape)
+    dw = _product("mk,mn->kn", x2, g2).astype(w.dtype)
     return dx, dw
 
 

@@ -47,6 +47,8 @@ def base_config() -> ml_collections.ConfigDict:
         vocab_size=30522, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
         max_position_embeddings=512, type_vocab_size=2))
     c.model.dtype = "float32"        # compute dtype; 'bfloat16' keeps fp32 master weights
+    c.model.frozen_dtype = None      # 'bfloat16' (= dtype): frozen kernels stored in it, not
+                                     # cast every step (PEFT: half the backbone's memory)
     c.model.attention_impl = None    # None|'xla'|'cudnn'
     c.model.remat = "none"           # activation checkpointing per layer/block
                                      # (none|full|dots|dots_no_batch; mtlx.models.remat)
