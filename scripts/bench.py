@@ -109,6 +109,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--attention", default="default", choices=("default", "xla", "cudnn"))
     p.add_argument("--remat", default="none")
+    p.add_argument("--frozen-dtype", default=None, choices=("bfloat16",),
+                   help="store the frozen backbone's kernels in this dtype (= --dtype; "
+                        "config.model.frozen_dtype): adapters/LoRA/HyperFormer++ cells")
     p.add_argument("--no-donate", action="store_true")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--steps", type=int, default=0,
@@ -193,7 +196,7 @@ def main(argv=None) -> dict:
     else:
         threads = ()
     features = W.features_for(args.dtype, args.attention, remat=args.remat,
-                              donate=not args.no_donate)
+                              donate=not args.no_donate, frozen_dtype=args.frozen_dtype)
     quick = QUICK if args.quick else None
     if args.cells == "none":
         cells = []

@@ -5,10 +5,17 @@ operands: ~180 GFLOP/s on the 2-core AVX-512-BF16 dev machine), but a bfloat16 x
 float32 product with its native bf16 dot-product kernels (~380 GFLOP/s there; torch's oneDNN
 bf16 matmul ~410). Autodiff of ``dot(..., preferred_element_type=float32).astype(bf16)`` would
 still give the backward pass float32 x bfloat16 products (the cotangent is float32), which run
-at float32 speed. So `dot` and `einsum` here are custom-VJP products whose forward AND both
+at float32 speed. So `dot` and `einsum` here are custom-VJP products whose forward and both
 backward products take bfloat16 operands and accumulate into float32, then round to the
 compute dtype: the values are those of the plain bf16 product (XLA accumulates either in
-float32), only the kernels differ.
+float32), only the kernels differ. What XLA:CPU (jax 0.10.2) then does with them, found by
+trying (`_product` lays the operands out accordingly):
+  - forward products and input gradients (x W^T) run on the bf16 kernels;
+  - products whose left operand must be transposed first (weight gradients x^T g, one of
+    attention's backward products) are widened to float32 by XLA: float32 speed, as before;
+  - a batched product whose transposed left operand XLA folds into it is handed to XLA's
+    fallback dot, which cannot run bf16 x bf16 -> f32 at all (a run-time error): the left
+    operand is therefore transposed as an array of its own.
 
 The policy, `set_policy`:
   'auto'       this path for low-precision operands on a CPU backend; the plain product
@@ -28,7 +35,6 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 POLICIES = ("auto", "f32_accumulate", "native")
@@ -70,39 +76,34 @@ def f32_accumulate(*operands) -> bool:
     return _policy == "f32_accumulate" or jax.default_backend() == "cpu"
 
 
-def _arrange(x, perm, shape):
-    """x transposed by perm and reshaped, as an array of its own: XLA folds a transpose into
-    the product that reads it (TransposeFolding), which gives back the layout the fast
-    kernels refuse; an optimization barrier keeps the transposed copy."""
-    if list(perm) != list(range(x.ndim)):
-        x = lax.optimization_barrier(jnp.transpose(x, perm))
-    return x.reshape(shape)
-
-
 def _product(spec: str, a, b):
-    """einsum(spec, a, b) accumulated in float32, as ONE batched product in the canonical
-    layout [batch, free_a, contracted] x [batch, contracted, free_b]: XLA:CPU's fast bf16
-    kernels take that form, and its fallback (DotThunk) cannot run bf16 x bf16 -> f32 at all,
-    so e.g. a [b, q, h, d] x [b, h, q, k] product left to XLA's own layout fails to run."""
+    """einsum(spec, a, b) as ONE lax.dot_general accumulated in float32, laid out the way
+    XLA:CPU's fast bf16 kernels take it (found by trying; jax 0.10.2's XLA:CPU):
+      - the LEFT operand in the order [batch, free, contracted]. Otherwise XLA either widens
+        both operands to float32 (a 2-D x^T g: float32 speed) or, for a batched product, hands
+        it to its fallback dot, which cannot run bf16 x bf16 -> f32 at all (e.g. the vmapped
+        backward of attention in the per-task gradients). A left operand that must move is
+        transposed and kept as an array of its own (an optimization barrier: XLA would fold
+        the transpose back into the product).
+      - the RIGHT operand as it is, read through the dimension numbers: a transposed right
+        operand (x W^T in every input gradient) is taken as is, while an explicit transpose
+        of it makes XLA widen the product to float32."""
     ins, out = spec.split("->")
     sa, sb = ins.split(",")
     batch = [c for c in out if c in sa and c in sb]
     contract = [c for c in sa if c in sb and c not in out]
     free_a = [c for c in sa if c not in sb]
     free_b = [c for c in sb if c not in sa]
-    size = dict(zip(sa, a.shape)) | dict(zip(sb, b.shape))
-    prod = lambda cs: int(np.prod([size[c] for c in cs], dtype=np.int64))
-    nb = [size[c] for c in batch]
-    a2 = _arrange(a, [sa.index(c) for c in batch + free_a + contract],
-                  nb + [prod(free_a), prod(contract)])
-    b2 = _arrange(b, [sb.index(c) for c in batch + contract + free_b],
-                  nb + [prod(contract), prod(free_b)])
-    nbd = tuple(range(len(batch)))
-    y = lax.dot_general(a2, b2, (((len(batch) + 1,), (len(batch),)), (nbd, nbd)),
-                        preferred_element_type=jnp.float32)
-    order = batch + free_a + free_b
-    y = y.reshape(nb + [size[c] for c in free_a + free_b])
-    return jnp.transpose(y, [order.index(c) for c in out])
+    perm = [sa.index(c) for c in batch + free_a + contract]
+    if perm != list(range(a.ndim)):
+        a = lax.optimization_barrier(jnp.transpose(a, perm))
+    nb = len(batch)
+    dims = ((tuple(range(nb + len(free_a), a.ndim)), tuple(sb.index(c) for c in contract)),
+            (tuple(range(nb)), tuple(sb.index(c) for c in batch)))
+    y = lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+    order = batch + free_a + free_b          # dot_general's output: batch, lhs free, rhs free
+    perm_out = [order.index(c) for c in out]
+    return y if perm_out == list(range(y.ndim)) else jnp.transpose(y, perm_out)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
