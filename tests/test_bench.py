@@ -471,6 +471,15 @@ def test_feature_variants_say_what_is_unavailable():
         == "f32_accumulate"
     with pytest.raises(ValueError, match="Features.dots"):
         W.Features(dots="fast")
+    # a frozen backbone in bf16: its kernels stored in bf16 (config.model.frozen_dtype)
+    vf = HR.feature_variants(W.Features(dtype="bfloat16"), "cpu", frozen=True)
+    assert vf["frozen kernels bfloat16"].frozen_dtype == "bfloat16"
+    assert "frozen kernels bfloat16" not in vb and "frozen kernels bfloat16" not in \
+        HR.feature_variants(W.Features(), "cpu", frozen=True)
+    assert HR.feature_variants(W.Features(dtype="bfloat16", frozen_dtype="bfloat16"), "cpu",
+                               frozen=True)["dtype=float32"].frozen_dtype is None
+    with pytest.raises(ValueError, match="Features.frozen_dtype"):
+        W.Features(frozen_dtype="bfloat16")
     short = HR.feature_variants(W.Features(), "cpu", short=True)
     assert "dtype=bfloat16, dots=native" in short
     assert "remat=full" not in short and "remat=dots" in short

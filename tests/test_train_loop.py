@@ -26,6 +26,14 @@ def local_cfg(*overrides):
     return apply_overrides(cfg, list(overrides))
 
 
+def preempt_at(n):
+    """An on_step callback that sends this process SIGTERM (a preemption) at step n."""
+    def on_step(step):
+        if step == n:
+            os.kill(os.getpid(), signal.SIGTERM)
+    return on_step
+
+
 def leaves(state):
     return [np.asarray(x) for x in jax.tree_util.tree_leaves(jax.device_get(state.params))]
 
@@ -60,12 +68,9 @@ def test_run_writes_results_logs_plots(uninterrupted):
 def test_preempted_run_resumes_bit_identical(uninterrupted, tmp_path):
     _, _, full_state = uninterrupted
 
-    def preempt_at_3(step):
-        if step == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
 
     cfg = local_cfg("--config.checkpoint.every=100")  # only the preemption save happens
-    _, first = train_and_evaluate(cfg, tmp_path, progress=False, on_step=preempt_at_3, return_state=True)
+    _, first = train_and_evaluate(cfg, tmp_path, progress=False, on_step=preempt_at(3), return_state=True)
     assert int(first.step) == 3
     _, resumed = train_and_evaluate(cfg, tmp_path, progress=False, return_state=True)
     assert int(resumed.step) == int(full_state.step) == 6
@@ -166,12 +171,9 @@ def test_packed_training_runs_resumes_and_evaluates(tmp_path):
         assert b["perf/examples_per_s"] / b["perf/steps_per_s"] == pytest.approx(np.mean(segs))
         assert np.mean(segs) > cfg.batch_size
 
-    def preempt_at_3(step):
-        if step == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
 
     wd = tmp_path / "preempted"
-    train_and_evaluate(cfg, wd, progress=False, on_step=preempt_at_3)
+    train_and_evaluate(cfg, wd, progress=False, on_step=preempt_at(3))
     _, resumed = train_and_evaluate(cfg, wd, progress=False, return_state=True)
     for a, b in zip(leaves(resumed), leaves(full)):
         np.testing.assert_array_equal(a, b)
@@ -208,11 +210,8 @@ def test_mixed_task_packed_training_runs_and_resumes(tmp_path):
     lines = [json.loads(l) for l in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
     assert [l for l in lines if l["kind"] == "info"][-1]["compile/train_step_executables"] == 1
 
-    def preempt_at_4(step):
-        if step == 4:
-            os.kill(os.getpid(), signal.SIGTERM)
 
-    train_and_evaluate(cfg, tmp_path / "pre", progress=False, on_step=preempt_at_4)
+    train_and_evaluate(cfg, tmp_path / "pre", progress=False, on_step=preempt_at(4))
     _, resumed = train_and_evaluate(cfg, tmp_path / "pre", progress=False, return_state=True)
     for a, b in zip(leaves(resumed), leaves(full)):
         np.testing.assert_array_equal(a, b)
@@ -471,11 +470,8 @@ def test_frozen_kernels_in_bf16_train_the_same_steps(tmp_path):
         np.testing.assert_array_equal(np.asarray(fc[k], np.float32),
                                       np.asarray(fp[k].astype(fc[k].dtype), np.float32), err_msg=k)
 
-    def preempt_at_3(step):
-        if step == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
 
-    train_and_evaluate(cast, tmp_path / "pre", progress=False, on_step=preempt_at_3)
+    train_and_evaluate(cast, tmp_path / "pre", progress=False, on_step=preempt_at(3))
     _, resumed = train_and_evaluate(cast, tmp_path / "pre", progress=False, return_state=True)
     for a, b in zip(leaves(resumed), leaves(st_cast)):
         assert a.dtype == b.dtype
