@@ -383,8 +383,8 @@ def feature_variants(base: W.Features, platform_name: str, short: bool = False,
     """{variant name: Features, or a string saying why it is not available}, each to be timed
     against 'reference' (= base). short (--quick, --short-features): one remat policy ('dots'),
     no PRNG variant, and attention_dropout=0 (the XLA counterpart of cuDNN attention, which
-    cannot drop probabilities) only where cuDNN attention is available; on a CPU no donation
-    or scan variant either. routed (a PEFT cell with several tasks): the other routing
+    cannot drop probabilities) only where cuDNN attention is available; on a CPU no remat,
+    donation or scan variant either. routed (a PEFT cell with several tasks): the other routing
     implementations first (short: 'onehot' only), as a time budget may stop the phase early.
     frozen (a cell whose backbone does not train) in bf16: its frozen kernels stored in bf16."""
     from mtlx.peft.routing import DEFAULT_IMPL, IMPLEMENTATIONS as ROUTINGS
@@ -429,13 +429,14 @@ def feature_variants(base: W.Features, platform_name: str, short: bool = False,
         else:
             out[f"dtype=bfloat16, dots={other_dots}"] = rep(base, dtype="bfloat16", dots=other_dots,
                                                           attention=other_attention)
+    if short and platform_name != "gpu":
+        # --quick on a CPU (5 minutes): remat and donation are an accelerator's memory
+        # questions (remat on this CPU: 0.78-0.92x, BUILD_NOTES.md) and scan a deep model's
+        # compile-time question; none shows on the 2-layer tiny CPU cell.
+        return out
     for policy in (("dots",) if short else ("full", "dots", "dots_no_batch")):
         if base.remat != policy:
             out[f"remat={policy}"] = rep(base, remat=policy)
-    if short and platform_name != "gpu":
-        # --quick on a CPU (5 minutes): donation is an accelerator's memory question and scan
-        # a deep model's compile-time question; neither shows on the 2-layer tiny CPU cell.
-        return out
     out[f"donate={'off' if base.donate else 'on'}"] = rep(base, donate=not base.donate)
     # BertConfig.scan_layers: one traced layer body in a lax.scan (compile time vs the per-step
     # stacking copy of the layers' weights)
