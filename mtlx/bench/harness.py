@@ -726,14 +726,15 @@ class Peaks(dict):
 def remeasure_peaks(peaks: Peaks) -> None:
     """Measures each CPU peak again and keeps the larger figure: on a shared machine one
     measurement can catch a busy moment (an accelerator's datasheet figure stays)."""
-    from mtlx.bench.peaks import Peak, measure_matmul_peak
+    import jax.numpy as jnp
+    from mtlx.bench.peaks import Peak, measure_matmul_peak, product_form
     for dtype, old in list(peaks.items()):
         if not old.source.startswith("measured"):
             continue
         new = measure_matmul_peak(dtype=dtype)
         best = max(old.flops_per_s, new.flops_per_s)
-        how = new.source[new.source.rfind("("):] if new.source.endswith(")") else ""
-        peaks[dtype] = Peak(best, f"measured: best 2048^3 {dtype} products {how} over two rounds "
+        how = product_form(jnp.zeros((), dtype))
+        peaks[dtype] = Peak(best, f"measured: best 2048^3 {dtype} products ({how}) over two rounds "
                                   f"(start {old.flops_per_s / 1e9:.1f}, end {new.flops_per_s / 1e9:.1f} "
                                   f"GFLOP/s)", old.device_kind, dtype)
 

@@ -62,6 +62,12 @@ def datasheet_peak(device_kind: str, dtype: str, matmul_precision: Optional[str]
     return None
 
 
+def product_form(x) -> str:
+    """How the models multiply operands like x now (mtlx.models.precision's policy)."""
+    from mtlx.models import precision
+    return "accumulating in float32" if precision.f32_accumulate(x, x) else "plain jnp.dot"
+
+
 def measure_matmul_peak(n: int = 2048, repeats: int = 5, dtype: str = "float32", device=None) -> Peak:
     """Best FLOP/s of an n x n x n matmul through jax (compile and a warm-up excluded), the
     product the models run (mtlx.models.precision.dot under its current policy: on a CPU,
@@ -73,7 +79,7 @@ def measure_matmul_peak(n: int = 2048, repeats: int = 5, dtype: str = "float32",
     a = jax.device_put(jax.random.normal(key, (n, n), dtype), device)
     b = jax.device_put(jax.random.normal(jax.random.fold_in(key, 1), (n, n), dtype), device)
     f = jax.jit(precision.dot)
-    how = "accumulating in float32" if precision.f32_accumulate(a, b) else "plain jnp.dot"
+    how = product_form(a)
     f(a, b).block_until_ready()
     best = float("inf")
     for _ in range(repeats):

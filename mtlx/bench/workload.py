@@ -225,27 +225,17 @@ class MtlxSetup:
     trainable_count: int
 
 
-def with_prng(step_fn, prng: str):
-    """The step traced with `prng` as JAX's default PRNG (the train state's raw key data is
-    wrapped with the default implementation inside mtlx.train.step)."""
-    if prng == "threefry2x32":
+def traced_with(step_fn, features: Features):
+    """The step traced with the features' trace-time settings: `prng` as JAX's default PRNG
+    (the train state's raw key data is wrapped with the default implementation inside
+    mtlx.train.step) and `dots` as mtlx.models.precision's policy."""
+    if features.prng == "threefry2x32" and features.dots == "auto":
         return step_fn
 
     def step(state, batch):
         import jax
-        with jax.default_prng_impl(prng):
-            return step_fn(state, batch)
-    return step
-
-
-def with_dots(step_fn, policy: str):
-    """The step traced under mtlx.models.precision's `policy` (read at trace time)."""
-    if policy == "auto":
-        return step_fn
-
-    def step(state, batch):
         from mtlx.models import precision
-        with precision.policy(policy):
+        with jax.default_prng_impl(features.prng), precision.policy(features.dots):
             return step_fn(state, batch)
     return step
 
@@ -292,8 +282,7 @@ def build_mtlx(cell: Cell, seed: int = 0, num_batches: int = 4, device=None,
     state = jax.device_put(state, device)
     del params
     # `trainable` as the training loop passes it: frozen backbone weights are not differentiated.
-    step = jax.jit(with_dots(with_prng(make_train_step(model, tx, trainable=trainable),
-                                       cell.features.prng), cell.features.dots),
+    step = jax.jit(traced_with(make_train_step(model, tx, trainable=trainable), cell.features),
                    donate_argnums=(0,) if cell.features.donate else ())
     leaves = jax.tree_util.tree_leaves(state.params)
     count = int(sum(x.size for x in leaves))

@@ -107,15 +107,17 @@ def _product(spec: str, a, b):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _einsum_acc(a, b, spec):
-    return _product(spec, a, b).astype(a.dtype)
+def _accumulate(a, b, spec):
+    """The float32 accumulator of einsum(spec, a, b); the backward products take the
+    cotangent rounded to the operands' dtype (as a bf16 product's cotangent would be)."""
+    return _product(spec, a, b)
 
 
-def _einsum_acc_fwd(a, b, spec):
-    return _einsum_acc(a, b, spec), (a, b)
+def _accumulate_fwd(a, b, spec):
+    return _accumulate(a, b, spec), (a, b)
 
 
-def _einsum_acc_bwd(spec, res, g):
+def _accumulate_bwd(spec, res, g):
     a, b = res
     g = g.astype(a.dtype)
     ins, out = spec.split("->")
@@ -125,7 +127,7 @@ def _einsum_acc_bwd(spec, res, g):
     return da, db
 
 
-_einsum_acc.defvjp(_einsum_acc_fwd, _einsum_acc_bwd)
+_accumulate.defvjp(_accumulate_fwd, _accumulate_bwd)
 
 
 def _check_spec(spec: str) -> None:
@@ -156,44 +158,7 @@ def einsum(spec: str, a, b, *, out_dtype: Optional[jnp.dtype] = None):
             return jnp.einsum(spec, a, b, preferred_element_type=out_dtype)
         return jnp.einsum(spec, a, b)
     _check_spec(spec)
-    if out_dtype is not None and jnp.dtype(out_dtype) == jnp.float32:
-        return _einsum_f32_out(a, b, spec)
-    y = _einsum_acc(a, b, spec)
-    return y if out_dtype is None else y.astype(out_dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _einsum_f32_out(a, b, spec):
-    return _product(spec, a, b)
-
-
-def _einsum_f32_out_fwd(a, b, spec):
-    return _einsum_f32_out(a, b, spec), (a, b)
-
-
-_einsum_f32_out.defvjp(_einsum_f32_out_fwd, _einsum_acc_bwd)
-
-
-@jax.custom_vjp
-def _dot_acc(x, w):
-    x2 = x.reshape(-1, x.shape[-1])
-    return _product("mk,kn->mn", x2, w).astype(x.dtype).reshape(x.shape[:-1] + w.shape[-1:])
-
-
-def _dot_acc_fwd(x, w):
-    return _dot_acc(x, w), (x, w)
-
-
-def _dot_acc_bwd(res, g):
-    x, w = res
-    x2 = x.reshape(-1, x.shape[-1])
-    g2 = g.astype(x.dtype).reshape(-1, g.shape[-1])
-    dx = _product("mn,kn->mk", g2, w).astype(x.dtype).reshape(x.shape)
-    dw = _product("mk,mn->kn", x2, g2).astype(w.dtype)
-    return dx, dw
-
-
-_dot_acc.defvjp(_dot_acc_fwd, _dot_acc_bwd)
+    return _accumulate(a, b, spec).astype(a.dtype if out_dtype is None else out_dtype)
 
 
 def dot(x, w, dtype=None):
@@ -202,4 +167,5 @@ def dot(x, w, dtype=None):
     x, w = x.astype(dtype), w.astype(dtype)
     if w.ndim != 2 or x.ndim < 1 or not f32_accumulate(x, w):
         return jnp.dot(x, w)
-    return _dot_acc(x, w)
+    y = _accumulate(x.reshape(-1, x.shape[-1]), w, "mk,kn->mn")
+    return y.astype(dtype).reshape(x.shape[:-1] + w.shape[-1:])

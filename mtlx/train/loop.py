@@ -301,8 +301,7 @@ def setup(cfg, train: bool = True) -> Setup:
     if pretrained is not None:
         params = with_backbone(params, pretrained)
     trainable = optim.trainable_mask(params, trainable_patterns(cfg, backbone_cfg))
-    params = optim.cast_frozen_kernels(params, None if all(jax.tree_util.tree_leaves(trainable))
-                                       else trainable, cfg.model.get("frozen_dtype", None),
+    params = optim.cast_frozen_kernels(params, trainable, cfg.model.get("frozen_dtype", None),
                                        backbone_cfg.dtype)
     schedule = optim.make_schedule(cfg.optim)
     tx = optim.make_optimizer(cfg.optim, params, trainable)
