@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def profile_cell(text: str, steps: int, top: int, dtype: str = "float32",
-                 attention: str = "default") -> None:
+                 attention: str = "default", frozen_dtype=None) -> None:
     import jax
     from jax._src.lib import _profile_data
     from mtlx.bench import workload as W
@@ -40,7 +40,7 @@ def profile_cell(text: str, steps: int, top: int, dtype: str = "float32",
     if len(parts) != 5:
         raise SystemExit(f"scripts/profile_step.py: --cell {text!r} must be config/size/L/T/B")
     c, s, l, t, b = parts
-    features = W.features_for(dtype, attention)
+    features = W.features_for(dtype, attention, frozen_dtype=frozen_dtype)
     setup = W.build_mtlx(W.Cell(c, s, int(l), int(t), int(b), features), num_batches=2)
     state = setup.state
     for i in range(2):
@@ -117,6 +117,8 @@ def main(argv=None):
     p.add_argument("--top", type=int, default=20)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--attention", default="default", choices=("default", "xla", "cudnn"))
+    p.add_argument("--frozen-dtype", default=None, choices=("bfloat16",),
+                   help="store frozen kernels in this dtype (= --dtype; config.model.frozen_dtype)")
     p.add_argument("--matmul", action="store_true")
     args = p.parse_args(argv)
     if not args.cell and not args.matmul:
@@ -124,7 +126,8 @@ def main(argv=None):
     if args.matmul:
         matmul()
     if args.cell:
-        profile_cell(args.cell, args.steps, args.top, args.dtype, args.attention)
+        profile_cell(args.cell, args.steps, args.top, args.dtype, args.attention,
+                     args.frozen_dtype)
 
 
 if __name__ == "__main__":

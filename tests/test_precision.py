@@ -92,6 +92,40 @@ def test_bf16_dot_values_and_gradients_match_float64_products():
         assert _rel(a, b) < 5e-3
 
 
+def _compiled_dot_operands(f, *args):
+    """Operand dtypes of every dot in the program XLA compiled for f (fusions included)."""
+    import re
+    text = jax.jit(f).lower(*args).compile().as_text()
+    found = []
+    for block in text.split("\n\n"):
+        types = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", block))
+        for a, b in re.findall(r" dot\(%([\w.\-]+), %([\w.\-]+)\)", block):
+            found.append((types.get(a), types.get(b)))
+    return found
+
+
+@pytest.mark.parametrize("spec,shapes", [
+    ("mk,kn->mn", [(256, 96), (96, 64)]),               # a projection: dw = x^T g
+    ("bqhd,bkhd->bhqk", [(2, 64, 4, 32), (2, 64, 4, 32)]),  # attention scores
+    ("bhqk,bkhd->bqhd", [(2, 4, 64, 64), (2, 64, 4, 32)]),  # attention output
+])
+def test_compiled_backward_products_stay_bf16_on_cpu(spec, shapes):
+    """What XLA:CPU compiles, not only what JAX traces: the products whose left operand must
+    be transposed (weight gradients, attention's backward) keep bf16 operands. XLA widens a
+    product whose left operand it holds column-major (a transpose's free layout, even behind
+    an optimization barrier) to float32 before its layout assignment; precision materializes
+    the transposed operand row-major instead."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("a rule of XLA:CPU's bf16 products")
+    a, b = _rand(0, shapes[0]), _rand(1, shapes[1])
+
+    def fwd_bwd(a, b):
+        y, vjp = jax.vjp(lambda a, b: precision.einsum(spec, a, b), a, b)
+        return y, vjp(jnp.ones_like(y))
+    dots = _compiled_dot_operands(fwd_bwd, a, b)
+    assert len(dots) == 3 and all(ops == ("bf16", "bf16") for ops in dots), dots
+
+
 def test_float32_dot_is_the_plain_product():
     x, w = _rand(0, (4, 16), jnp.float32), _rand(1, (16, 8), jnp.float32)
     assert str(jax.make_jaxpr(precision.dot)(x, w)) == str(jax.make_jaxpr(jnp.dot)(x, w))

@@ -11,11 +11,16 @@ compute dtype: the values are those of the plain bf16 product (XLA accumulates e
 float32), only the kernels differ. What XLA:CPU (jax 0.10.2) then does with them, found by
 trying (`_product` lays the operands out accordingly):
   - forward products and input gradients (x W^T) run on the bf16 kernels;
-  - products whose left operand must be transposed first (weight gradients x^T g, one of
-    attention's backward products) are widened to float32 by XLA: float32 speed, as before;
+  - XLA decides whether a bf16 product runs on them from its operands' layouts, early (its
+    operand upcaster, before layout assignment): a left operand held column-major, as a
+    transpose's free layout is, even behind an optimization barrier, makes it widen the
+    product to float32 (weight gradients x^T g and two of attention's backward products ran
+    at float32 speed so, until the eighth session);
   - a batched product whose transposed left operand XLA folds into it is handed to XLA's
-    fallback dot, which cannot run bf16 x bf16 -> f32 at all (a run-time error): the left
-    operand is therefore transposed as an array of its own.
+    fallback dot, which cannot run bf16 x bf16 -> f32 at all (a run-time error);
+  so a left operand that must move is transposed into a row-major array of its own
+  (`_materialized_transpose`), and every product of the forward and backward passes runs on
+  the bf16 kernels (tests/test_precision.py checks the compiled programs).
 
 The policy, `set_policy`:
   'auto'       this path for low-precision operands on a CPU backend; the plain product
@@ -83,8 +88,7 @@ def _product(spec: str, a, b):
         both operands to float32 (a 2-D x^T g: float32 speed) or, for a batched product, hands
         it to its fallback dot, which cannot run bf16 x bf16 -> f32 at all (e.g. the vmapped
         backward of attention in the per-task gradients). A left operand that must move is
-        transposed and kept as an array of its own (an optimization barrier: XLA would fold
-        the transpose back into the product).
+        transposed into a row-major array of its own (`_materialized_transpose`).
       - the RIGHT operand as it is, read through the dimension numbers: a transposed right
         operand (x W^T in every input gradient) is taken as is, while an explicit transpose
         of it makes XLA widen the product to float32."""
@@ -96,7 +100,7 @@ def _product(spec: str, a, b):
     free_b = [c for c in sb if c not in sa]
     perm = [sa.index(c) for c in batch + free_a + contract]
     if perm != list(range(a.ndim)):
-        a = lax.optimization_barrier(jnp.transpose(a, perm))
+        a = _materialized_transpose(a, perm)
     nb = len(batch)
     dims = ((tuple(range(nb + len(free_a), a.ndim)), tuple(sb.index(c) for c in contract)),
             (tuple(range(nb)), tuple(sb.index(c) for c in batch)))
@@ -104,6 +108,18 @@ def _product(spec: str, a, b):
     order = batch + free_a + free_b          # dot_general's output: batch, lhs free, rhs free
     perm_out = [order.index(c) for c in out]
     return y if perm_out == list(range(y.ndim)) else jnp.transpose(y, perm_out)
+
+
+def _materialized_transpose(a, perm):
+    """jnp.transpose(a, perm) as a row-major array of its own. XLA:CPU gives a transpose the
+    layout that makes it free (the input's bytes, read column-major) and decides from the
+    operands' layouts, before its layout assignment, whether a bf16 product runs on its bf16
+    kernel: with a column-major left operand it widens the product to float32, even behind an
+    optimization barrier (the barrier takes its operand's layout). A flat vector has one
+    layout only: the barrier holds the transposed values flattened, so the product's operand
+    is a reshape of them, row-major."""
+    t = jnp.transpose(a, perm)
+    return lax.optimization_barrier(t.reshape(-1)).reshape(t.shape)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
