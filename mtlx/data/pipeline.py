@@ -41,7 +41,7 @@ import numpy as np
 
 from mtlx.batch import IGNORE_INDEX, Batch, make_batch
 from mtlx.data.mixtures import Mixture, philox, stable_hash
-from mtlx.data.tokenize import TokenizedSplit
+from mtlx.data.tokenize import ABSENT_CHOICE, TokenizedSplit
 
 REPLAY_CHUNK = 4096  # steps per vectorised chunk when recomputing counts
 
@@ -77,9 +77,11 @@ def collate(rows: Sequence[tuple], num_rows: int, seq_len: int, layout: BatchLay
             pad_id: int = 0) -> Batch:
     """Builds a Batch of `num_rows` x `seq_len` from (split, row, task id, group id) tuples.
 
-    Rows beyond len(rows) are padding (task id -1, example_mask 0). Fields of the layout that a
-    row's task does not use get their ignore value: labels IGNORE_INDEX, label_values 0,
-    token_labels IGNORE_INDEX, start/end IGNORE_INDEX, group_ids -1, multi_labels 0.
+    Rows beyond len(rows) are padding (task id -1, example_mask 0), and so are the rows of a
+    multiple-choice example's absent candidates (label ABSENT_CHOICE: its unit keeps its
+    place). Fields of the layout that a row's task does not use get their ignore value: labels
+    IGNORE_INDEX, label_values 0, token_labels IGNORE_INDEX, start/end IGNORE_INDEX, group_ids
+    -1, multi_labels 0.
     """
     if len(rows) > num_rows:
         raise ValueError(f"{len(rows)} rows do not fit a batch of {num_rows}")
@@ -109,6 +111,8 @@ def collate(rows: Sequence[tuple], num_rows: int, seq_len: int, layout: BatchLay
         extra["decoder_attention_mask"] = dec_mask = np.zeros((b, lt), np.int32)
         extra["target_ids"] = targets = np.full((b, lt), IGNORE_INDEX, np.int32)
     for i, (split, r, task_id, group) in enumerate(rows):
+        if group >= 0 and split.labels[r] == ABSENT_CHOICE:
+            continue
         a, e = split.row_starts[r], split.row_starts[r + 1]
         n = e - a
         if n > l:
@@ -377,6 +381,7 @@ def eval_batches(data: TokenizedSplit, task_id: int, *, batch_size: int,
             rix[j] = r
         unit_of_row = np.repeat(np.arange(len(units)), k)
         ex[: len(rows)] = data.unit_example[np.asarray(list(units), np.int64)][unit_of_row] if rows else []
+        ex[np.asarray(batch.task_ids) < 0] = -1   # absent candidates' rows are padding
         yield EvalBatch(batch, ex, rix)
 
 

@@ -36,7 +36,8 @@ class Example:
              float (regression), tuple of class indices (multilabel), or None (unlabelled split).
     tags:    token classification: one class index per word.
     answers: span tasks: ((answer text, character offset in the context), ...).
-    choices: multiple choice: the candidate texts.
+    choices: multiple choice: the candidate texts (fewer than the task's choice fields when
+             its source.min_choices lets trailing ones be empty).
     uid:     the example's id in the file (or "" when it has none).
     line:    1-based line where the example starts in its file (0 where lines do not apply).
     """
@@ -184,11 +185,23 @@ def make_example(spec: TaskSpec, record: Mapping[str, Any], labelled: bool, erro
         texts.append(str(value))
     choices = ()
     if spec.head == "multiple_choice":
-        choices = tuple(str(record.get(f) or "") for f in spec.source.choices)
-        empty = [f for f, c in zip(spec.source.choices, choices) if not c.strip()]
+        fields = spec.source.choices
+        choices = tuple(str(record.get(f) or "") for f in fields)
+        filled = [bool(c.strip()) for c in choices]
+        # a varying number of candidates (source.min_choices): the empty fields come last
+        n = len(choices) if not spec.source.min_choices else (
+            max((i + 1 for i, f in enumerate(filled) if f), default=0))
+        empty = [f for f, ok in zip(fields[:n], filled[:n]) if not ok]
         if empty:
-            errors.bad("empty_text", f"choice field(s) {empty} are empty", **loc)
+            errors.bad("empty_text", f"choice field(s) {empty} are empty"
+                       + (" (only trailing choice fields may be empty)" if spec.source.min_choices else ""),
+                       **loc)
             return None
+        if n < max(spec.source.min_choices, 2):
+            errors.bad("empty_text", f"{n} of the choice fields {list(fields)} are filled, fewer "
+                       f"than min_choices={spec.source.min_choices}", **loc)
+            return None
+        choices = choices[:n]
     label = None
     if labelled:
         raw = record.get("label")

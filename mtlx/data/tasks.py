@@ -71,6 +71,13 @@ class Source:
     raw_labels:  label values as written in the file, aligned with `TaskSpec.labels` (GLUE writes
                  "0"/"1" for the classes tfds calls "unacceptable"/"acceptable"); default: labels.
     choices:     multiple choice: the fields holding the candidate answers, in order.
+    min_choices: multiple choice with a varying number of candidates (ARC: 3 to 5): an example
+                 may leave the choice fields after its first `min_choices` empty (trailing
+                 only: the label indexes the fields in order); 0 (default): every choice field
+                 must be filled. Each example still takes len(choices) rows (a task's rows per
+                 example are fixed, so data order stays a pure function of (seed, step)); the
+                 absent candidates' rows are left out of the softmax over the candidates and
+                 can never be predicted.
     tag_column:  CoNLL-U field holding the tag ("upos" or "xpos").
     label_separator: multilabel: separator between the labels of one row.
     preprocess:  name of a registered record transform (see readers.PREPROCESSORS), or "".
@@ -83,6 +90,7 @@ class Source:
     columns: tuple = ()
     raw_labels: tuple = ()
     choices: tuple = ()
+    min_choices: int = 0
     tag_column: str = "upos"
     label_separator: str = ","
     preprocess: str = ""
@@ -170,6 +178,12 @@ class TaskSpec:
             raise ValueError(f"{where}: max_length must be >= 8, got {self.max_length}")
         if self.head == "multiple_choice" and len(self.source.choices) < 2:
             raise ValueError(f"{where}: multiple choice needs >= 2 choice fields in source.choices")
+        k, m = len(self.source.choices), self.source.min_choices
+        if m and (self.head != "multiple_choice" or isinstance(m, bool) or not isinstance(m, int)
+                  or not 2 <= m <= k):
+            raise ValueError(f"{where}: min_choices must be 0 or an integer in 2..{k} (the number "
+                             f"of choice fields) on a multiple-choice task, got {m!r} "
+                             f"(head {self.head!r})")
         if self.target not in ("", "score") or (self.target and self.head != "seq2seq"):
             raise ValueError(f"{where}: target must be '' or 'score' (seq2seq only), got {self.target!r}")
         if self.head == "seq2seq" and self.target == "score" and self.labels:
@@ -256,7 +270,10 @@ _CONFIG_KEYS = {
     "metrics": "metric names", "text_fields": "text fields in order (default: from columns)",
     "header": "files have a header row (default true)", "max_length": "tokens per row",
     "truncation": "pair truncation", "label_separator": "multilabel separator",
-    "choices": "multiple-choice fields", "train_split": "split to train on",
+    "choices": "multiple-choice fields",
+    "min_choices": "multiple choice: fewest filled choice fields (trailing ones may be empty; "
+                   "default: all)",
+    "train_split": "split to train on",
     "eval_splits": "splits to evaluate on", "description": "free text", "root": "base folder",
     "labelled": "{split: false} for splits without labels",
     "stride": "span: token overlap of a long context's windows (default min(128, max_length // 3))",
@@ -341,8 +358,8 @@ def task_from_config(config: Union[Mapping[str, Any], str, Path]) -> TaskSpec:
     source = Source(
         format=fmt, root=str(config.get("root", root)), files=files,
         columns=tuple(columns.items()), raw_labels=tuple(str(x) for x in config.get("raw_labels", ())),
-        choices=choices, label_separator=config.get("label_separator", ","),
-        reference=origin)
+        choices=choices, min_choices=config.get("min_choices", 0),
+        label_separator=config.get("label_separator", ","), reference=origin)
     spec = TaskSpec(
         name=name, head=head, source=source,
         labels=tuple(str(x) for x in config.get("labels", ())),
@@ -367,7 +384,7 @@ def _split_keys(config: dict, files) -> dict:
 
 def _span_task_from_config(config: dict, origin: str, root: str) -> TaskSpec:
     name = config["name"]
-    bad = [k for k in ("columns", "labels", "raw_labels", "choices", "label_separator", "header",
+    bad = [k for k in ("columns", "labels", "raw_labels", "choices", "min_choices", "label_separator", "header",
                        "text_fields") if k in config]
     if bad:
         raise ValueError(f"{origin}: task {name!r}: key(s) {bad} do not apply to SQuAD-format "

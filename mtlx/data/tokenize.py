@@ -18,6 +18,9 @@ Per head kind (labels follow Hugging Face's reference fine-tuning scripts):
       Character offsets of context tokens are kept for mapping predictions back to text.
   multiple_choice: one row per (context, choice); label 1 on the right choice's row, 0 on the
       others; the rows of one example form one sampling unit (they stay together in a batch).
+      Every example takes one row per choice field; an example with fewer candidates
+      (source.min_choices) fills the rest with empty rows labelled ABSENT_CHOICE, which
+      batches hold as padding rows (no tokens, no task, outside every question's softmax).
   seq2seq (T5 text-to-text, Raffel et al. 2020): input "<task> <field>: <text> ...", target the
       class name / rounded score / target text; both end with the tokenizer's EOS.
 
@@ -35,6 +38,9 @@ from typing import Optional, Sequence
 import numpy as np
 
 from mtlx.batch import IGNORE_INDEX
+
+# The label of a multiple-choice row standing for a candidate the example does not have.
+ABSENT_CHOICE = -1
 from mtlx.data.errors import DataError
 from mtlx.data.readers import SplitData
 
@@ -420,17 +426,29 @@ def _span(spec, examples, owned, tokenizer, max_length, labelled) -> dict:
 
 def _multiple_choice(spec, examples, owned, tokenizer, max_length, labelled) -> dict:
     k = len(spec.source.choices)
-    first, second, labels = [], [], []
+    first, second, labels, present = [], [], [], []
     for ex in examples:
         context = " ".join(ex.texts)
         for c, choice in enumerate(ex.choices):
             first.append(context)
             second.append(choice)
             labels.append(int(c == ex.label) if labelled else IGNORE_INDEX)
+        present.append(len(ex.choices))
     enc = _encode(tokenizer, spec, first, second, max_length)
+    ids, types, rows, i = [], [], [], 0
+    for n in present:   # each example's k rows: its candidates, then empty absent ones
+        for c in range(k):
+            if c < n:
+                ids.append(enc["input_ids"][i])
+                types.append(enc["token_type_ids"][i])
+                rows.append(labels[i])
+                i += 1
+            else:
+                ids.append([])
+                types.append([])
+                rows.append(ABSENT_CHOICE)
     unit_starts, unit_example = _units(k, len(examples), owned)
-    out = _base(enc["input_ids"], enc["token_type_ids"], labels, np.zeros(len(labels)),
-                unit_starts, unit_example)
+    out = _base(ids, types, rows, np.zeros(len(rows)), unit_starts, unit_example)
     out["stats"] = {"truncated": _count_truncated(tokenizer, spec, first, second, enc["input_ids"], max_length)}
     return out
 

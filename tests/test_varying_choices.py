@@ -1,0 +1,188 @@
+"""Multiple choice with a varying number of candidates (Source.min_choices; ARC has 3 to 5):
+reading (trailing empty choice fields only, at least min_choices, labels among the present
+ones), rows (one per choice field; absent ones empty, labelled ABSENT_CHOICE), batches (absent
+rows are padding: no task, no group, no tokens, no weight) and what the model makes of them:
+the loss is the softmax over the present candidates only, and an absent candidate is never
+predicted (references: a numpy softmax cross-entropy and argmax over each question's rows)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mtlx.data import (BatchLayout, DataError, Uniform, eval_batches, load_split, load_tokenizer,
+                       make_iterator, mixture_for, sample_root, task_from_config, tokenize_split)
+from mtlx.data.tokenize import ABSENT_CHOICE
+
+CHOICES = ["A", "B", "C", "D", "E"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer(sample_root() / "vocab" / "bert-base-uncased" / "vocab.txt")
+
+
+def _questions(n=12):
+    """Questions with 3, 4 or 5 candidates; the answer is any present one."""
+    out = []
+    for i in range(n):
+        k = 3 + i % 3
+        row = {"q": f"question number {i} about science", "label": str(i % k), "id": f"q{i}"}
+        for c in range(5):
+            row[CHOICES[c]] = f"answer {c} to {i}" if c < k else ""
+        out.append(row)
+    return out
+
+
+def _task(tmp_path, rows, name="arc", **extra):
+    path = tmp_path / f"{name}.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    config = {"name": name, "head": "multiple_choice", "format": "jsonl",
+              "files": {"train": str(path)}, "choices": CHOICES, "min_choices": 3,
+              "columns": {"q": "q", "label": "label", "id": "id", **{c: c for c in CHOICES}}}
+    config.update(extra)
+    return task_from_config(config)
+
+
+def test_reading_keeps_each_questions_candidates(tmp_path):
+    spec = _task(tmp_path, _questions())
+    split = load_split(spec, "train")
+    assert [len(ex.choices) for ex in split.examples] == [3, 4, 5] * 4
+    assert [ex.label for ex in split.examples] == [i % (3 + i % 3) for i in range(12)]
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda r: r.update(B=""), r"choice field\(s\) \['B'\] are empty \(only trailing"),
+    (lambda r: r.update(C="", D="", E=""), "2 of the choice fields .* fewer than min_choices=3"),
+    (lambda r: r.update(E="", label="4"), r"not a choice index in 0\.\.3"),
+])
+def test_bad_rows_name_the_line(tmp_path, change, message):
+    rows = _questions(4)
+    rows[2] = dict(rows[2], D="answer 3", E="answer 4")
+    change(rows[2])
+    spec = _task(tmp_path, rows)
+    with pytest.raises(DataError, match=message) as info:
+        load_split(spec, "train")
+    assert "arc.jsonl:3:" in str(info.value) and "task 'arc'" in str(info.value)
+
+
+def test_without_min_choices_every_field_is_required(tmp_path):
+    rows = _questions(4)
+    spec = _task(tmp_path, rows, min_choices=0)
+    with pytest.raises(DataError, match=r"choice field\(s\) \['D', 'E'\] are empty"):
+        load_split(spec, "train")
+
+
+@pytest.mark.parametrize("value", [1, 6, "3", True])
+def test_min_choices_is_checked(tmp_path, value):
+    with pytest.raises(ValueError, match="min_choices must be 0 or an integer in 2..5"):
+        _task(tmp_path, _questions(3), min_choices=value)
+    with pytest.raises(ValueError, match="on a multiple-choice task"):
+        task_from_config({"name": "c", "head": "classification", "format": "jsonl",
+                          "files": {"train": "x.jsonl"}, "columns": {"t": "t", "label": "l"},
+                          "labels": ["a", "b"], "min_choices": 2})
+
+
+def test_rows_one_per_choice_field_absent_ones_empty(tmp_path, tok):
+    data = tokenize_split(load_split(_task(tmp_path, _questions(3)), "train"), tok)
+    assert data.rows_per_unit == 5 and data.num_units == 3
+    labels = data.labels.reshape(3, 5)
+    a = ABSENT_CHOICE
+    assert labels.tolist() == [[1, 0, 0, a, a], [0, 1, 0, 0, a], [0, 0, 1, 0, 0]]
+    lengths = data.row_lengths.reshape(3, 5)
+    assert (lengths[labels == a] == 0).all() and (lengths[labels != a] > 0).all()
+    assert tok.decode(data.row_tokens(2)) == ("[CLS] question number 0 about science [SEP] "
+                                              "answer 2 to 0 [SEP]")
+
+
+def test_absent_candidates_are_padding_rows_in_training_batches(tmp_path, tok):
+    arc = tokenize_split(load_split(_task(tmp_path, _questions()), "train"), tok)
+    cola = tokenize_split(load_split("cola", "train"), tok)
+    mixed = {"cola": cola, "arc": arc}
+    it = make_iterator(mixed, mixture_for(mixed, Uniform()), batch_size=12, seed=1)
+    questions = 0
+    for _ in range(30):
+        units = it.units_at(it.step, it.counts)
+        b = next(it)
+        row = 0
+        for t, u in units:
+            if t == 0:
+                row += 1
+                continue
+            k = 3 + int(arc.unit_example[u]) % 3
+            present, absent = slice(row, row + k), slice(row + k, row + 5)
+            assert (b.group_ids[present] == row).all() and (b.task_ids[present] == 1).all()
+            assert (b.example_mask[present] == 1).all() and b.labels[present].sum() == 1
+            assert (b.group_ids[absent] == -1).all() and (b.task_ids[absent] == -1).all()
+            assert (b.example_mask[absent] == 0).all() and (b.attention_mask[absent] == 0).all()
+            questions += 1
+            row += 5
+    assert questions > 20
+
+
+def test_loss_and_predictions_see_only_present_candidates(tmp_path, tok):
+    """A tiny model scores the rows; the absent rows get the highest scores on purpose (they
+    are padding rows the model also scores), yet the loss is each question's softmax over its
+    present candidates and the prediction is one of them."""
+    from mtlx.models.bert import BertConfig
+    from mtlx.models.heads import TaskHead
+    from mtlx.models.multitask import MultiTaskModel, init_params
+    from mtlx.train.evaluate import task_inputs
+    from mtlx.train.step import make_eval_step
+
+    spec = _task(tmp_path, _questions(6))
+    arc = tokenize_split(load_split(spec, "train"), tok)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=16, num_layers=1, num_heads=2,
+                     intermediate_size=32, max_position_embeddings=64)
+    model = MultiTaskModel(cfg, (TaskHead("arc", "multiple_choice"),))
+    batches = list(eval_batches(arc, 0, batch_size=15, layout=BatchLayout(groups=True)))
+    assert len(batches) == 2
+    params = init_params(model, jax.random.key(0), batches[0].batch)
+    eval_step = jax.jit(make_eval_step(model))
+    for eb in batches:
+        b = eb.batch
+        preds, losses, counts = eval_step(params, b)
+        scores = np.asarray(preds["multiple_choice"], np.float64)
+        groups, labels = np.asarray(b.group_ids), np.asarray(b.labels)
+        nll = []
+        for g in np.unique(groups[groups >= 0]):
+            rows = np.flatnonzero(groups == g)
+            s = scores[rows]
+            nll.append(np.log(np.exp(s - s.max()).sum()) + s.max() - s[labels[rows] == 1][0])
+        assert len(nll) == 3 and float(counts[0]) == 3
+        np.testing.assert_allclose(float(losses[0]), np.mean(nll), rtol=1e-5)
+        # the absent rows (padding) outscore every candidate: still never predicted
+        absent = (np.asarray(b.task_ids) < 0) & (np.arange(15) < 15)
+        assert absent.sum() == 15 - sum(3 + int(e) % 3 for e in set(eb.example_index[eb.example_index >= 0]))
+        boosted = dict(preds, multiple_choice=jnp.where(absent, 1e6, preds["multiple_choice"]))
+        rows = np.flatnonzero(np.asarray(eb.example_index) >= 0)
+        predicted, refs = task_inputs(spec, boosted, b, rows)
+        truth = [int(e) % (3 + int(e) % 3) for e in sorted(set(eb.example_index[rows]))]
+        assert refs.tolist() == truth
+        sizes = [3 + int(e) % 3 for e in sorted(set(eb.example_index[rows]))]
+        assert all(0 <= p < k for p, k in zip(predicted.tolist(), sizes))
+        np.testing.assert_array_equal(
+            predicted, [int(np.argmax(scores[np.flatnonzero(groups == g)])) for g in np.unique(groups[groups >= 0])])
+
+
+def test_training_run_with_a_varying_choice_task(tmp_path):
+    """config.tasks takes the task as a dict; the run trains on mixed batches and scores it."""
+    from mtlx.train.config import apply_overrides, load_config
+    from mtlx.train.loop import train_and_evaluate
+    from tests.test_train_loop import DEMO
+
+    path = tmp_path / "arc.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in _questions(30)) + "\n")
+    cfg = load_config(DEMO + ":local")
+    cfg.tasks = ("cola", {"name": "arc", "head": "multiple_choice", "format": "jsonl",
+                          "files": {"train": str(path), "dev": str(path)}, "choices": CHOICES,
+                          "min_choices": 3, "columns": {"q": "q", "label": "label",
+                                                        **{c: c for c in CHOICES}}})
+    cfg = apply_overrides(cfg, [])
+    results = train_and_evaluate(cfg, tmp_path / "run", progress=False)
+    assert set(results["arc"]) == {"accuracy", "loss"}
+    assert 0.0 <= results["arc"]["accuracy"] <= 1.0 and np.isfinite(results["arc"]["loss"])
+    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any(l["kind"] == "eval" and "eval/arc/accuracy" in l for l in lines)
