@@ -57,7 +57,6 @@ This module also implements the family contract that `mtlx.models.hf` dispatches
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import functools
 import re
@@ -72,6 +71,7 @@ import numpy as np
 from mtlx.models.attention import IMPLEMENTATIONS, attend, padding_mask, right_padding_lengths
 from mtlx.models import precision
 from mtlx.models.remat import check_policy as check_remat_policy, remat_layer
+from mtlx.models.scan import check_uniform_extensions
 from mtlx.models.layers import (Extension, Projection, Routing, Site, extend_attention_kv,
                                 extend_embeddings, extend_layer_norm, extend_sublayer)
 from mtlx.models.tree import flat_paths
@@ -428,32 +428,6 @@ _LAYER_HOOKS = (
 )
 
 
-def _module_signature(module, layer: int):
-    """What a hook returned, comparable across layers: None, or (class, name, fields) with the
-    layer index of any Site field replaced by -1."""
-    if module is None:
-        return None
-    fields = {}
-    for f in dataclasses.fields(module):
-        if f.name in ("parent", "name"):
-            continue
-        value = getattr(module, f.name)
-        if isinstance(value, Site):
-            if value.layer != layer:
-                return ("site-layer-mismatch", f.name, value)
-            value = dataclasses.replace(value, layer=-1)
-        fields[f.name] = value
-    return (type(module), module.name, tuple(sorted(fields.items(), key=lambda kv: kv[0])))
-
-
-def _describe(signature) -> str:
-    if signature is None:
-        return "nothing"
-    if signature[0] == "site-layer-mismatch":
-        return f"a module whose {signature[1]} is {signature[2]}"
-    return f"{signature[0].__name__} '{signature[1]}'"
-
-
 @functools.lru_cache(maxsize=64)
 def check_scan_layers(cfg: BertConfig) -> None:
     """Raises ValueError unless ``scan_layers=True`` computes what the unrolled layers compute.
@@ -465,42 +439,9 @@ def check_scan_layers(cfg: BertConfig) -> None:
     prefixes, ...). Hypernetwork methods index generated weights by ``site.layer`` and layer-
     subset site patterns attach to some layers only: both are refused, naming the extension.
     """
-    if not cfg.scan_layers or not cfg.extensions:
-        return
-    # Hooks build (unbound) Flax modules; called inside a module's compact method (the
-    # encoder's) they would become its children. Flax's module context is thread-local, so a
-    # fresh thread calls them as top-level, throw-away modules.
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        pool.submit(_check_scan_extensions, cfg).result()
-
-
-def _check_scan_extensions(cfg: BertConfig) -> None:
-    for ext in cfg.extensions:
-        signatures = {}
-        for hook, names in _LAYER_HOOKS:
-            fn = getattr(ext, hook, None)
-            if fn is None:
-                continue
-            for name in names:
-                per_layer = [_module_signature(fn(Site("encoder", i, name)), i)
-                             for i in range(cfg.num_layers)]
-                signatures[(hook, name)] = per_layer
-                for i, sig in enumerate(per_layer):
-                    if sig != per_layer[0]:
-                        raise ValueError(
-                            f"BertConfig.scan_layers=True needs every extension to attach "
-                            f"identically at every layer, but {type(ext).__name__} "
-                            f"'{ext.name}' ({hook} hook) gives {_describe(per_layer[0])} at "
-                            f"{Site('encoder', 0, name)} and {_describe(sig)} at "
-                            f"{Site('encoder', i, name)}; set scan_layers=False (or attach it "
-                            f"to every layer)")
-        attaches = any(sig is not None for per_layer in signatures.values() for sig in per_layer)
-        if attaches and not getattr(ext, "layer_uniform", False):
-            raise ValueError(
-                f"BertConfig.scan_layers=True cannot run extension {type(ext).__name__} "
-                f"'{ext.name}': it does not declare layer_uniform=True (its modules may depend "
-                f"on the layer index, e.g. hypernetwork weights generated per layer, which one "
-                f"scanned layer body cannot do); set scan_layers=False")
+    if cfg.scan_layers:
+        check_uniform_extensions(cfg.extensions, "encoder", range(cfg.num_layers), _LAYER_HOOKS,
+                                 "BertConfig.scan_layers")
 
 
 def module(cfg: BertConfig) -> BertEncoder:

@@ -50,6 +50,14 @@ that calls them, so their parameters live at ``S/layer_i/{attention,cross_attent
 embeddings hook. In cached decoding the attention_kv hook runs every step on the whole
 [B, max_length, H, Dh] cache buffer with the mask [B, 1, 1, max_length] of filled positions.
 
+Scan over layers (``T5Config(scan_layers=True)``, `config.model.scan_layers`): layer 0 of each
+stack runs unrolled (it owns the relative position bias table and computes the bias the other
+layers read), layers 1.. run as one `jax.lax.scan` whose body is ONE traced T5Block (layer 1's
+sites; remat inside scan when set), as BertConfig.scan_layers does: same parameter tree
+(``layer_{i}/...``; init unrolls), the scanned layers' weights stacked each step, each scanned
+layer its own dropout key, extensions checked for attaching identically at layers 1..
+(`check_scan_layers`, mtlx.models.scan). Cached decoding (`step`) stays unrolled.
+
 This module implements the family contract that `mtlx.models.hf` dispatches to:
 `MODEL_TYPES`, `config_from_hf`, `config_to_hf`, `params_from_hf`, `params_to_hf`,
 `hf_param_names`, `abstract_params`, `module`.
@@ -70,6 +78,7 @@ import numpy as np
 from mtlx.models.attention import IMPLEMENTATIONS, attend, padding_mask
 from mtlx.models import precision
 from mtlx.models.remat import check_policy as check_remat_policy, remat_layer
+from mtlx.models.scan import check_uniform_extensions
 from mtlx.models.bert import EncoderOutput
 from mtlx.models.layers import (Extension, Projection, Routing, Site, extend_attention_kv,
                                 extend_embeddings, extend_layer_norm, extend_sublayer)
@@ -108,9 +117,13 @@ class T5Config:
     attention_impl: Optional[str] = None   # None | 'xla' | 'cudnn' (mtlx.models.attention)
     extensions: Tuple[Extension, ...] = ()
     remat: str = "none"                    # activation checkpointing per block (mtlx.models.remat)
+    scan_layers: bool = False              # layers 1.. of each stack as one lax.scan (module doc)
 
     def __post_init__(self):
         check_remat_policy(self.remat)
+        if not isinstance(self.scan_layers, (bool, np.bool_)):
+            raise ValueError(f"T5Config.scan_layers must be a bool, got {self.scan_layers!r}")
+        object.__setattr__(self, "scan_layers", bool(self.scan_layers))
         # Normalise so that equal configs hash equally ('bfloat16' == jnp.bfloat16) and a list
         # of extensions does not make the config unhashable.
         object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
@@ -408,6 +421,66 @@ def remat_block(cfg: T5Config):
     return remat_layer(T5Block, cfg.remat, static_argnums=(5,))
 
 
+# Hooks a T5Block calls, with the site names it offers to each (layer index aside).
+_BLOCK_HOOKS = (
+    ("projection_input", tuple(f"{k}.{n}" for k in ("attention", "cross_attention")
+                               for n in ("query", "key", "value", "output"))
+     + ("ffn.input", "ffn.gate", "ffn.output")),
+    ("projection", tuple(f"{k}.{n}" for k in ("attention", "cross_attention")
+                         for n in ("query", "key", "value", "output"))
+     + ("ffn.input", "ffn.gate", "ffn.output")),
+    ("attention_kv", ("attention",)),
+    ("sublayer", ("attention", "cross_attention", "ffn")),
+    ("layer_norm_output", ("attention.layer_norm", "cross_attention.layer_norm", "ffn.layer_norm")),
+)
+
+
+def check_scan_layers(cfg: T5Config) -> None:
+    """Raises ValueError unless ``scan_layers=True`` computes what the unrolled layers compute:
+    layers 1.. of each stack run as ONE traced block (layer 1's sites), so every extension must
+    attach identically at each of them and declare ``layer_uniform`` (mtlx.models.scan)."""
+    if not cfg.scan_layers:
+        return
+    for stack, n in (("encoder", cfg.num_layers), ("decoder", cfg.num_decoder_layers)):
+        check_uniform_extensions(cfg.extensions, stack, range(1, n), _BLOCK_HOOKS,
+                                 "T5Config.scan_layers")
+
+
+def _scan_blocks(module: nn.Module, stack: str, num_layers: int, h, mask, bias, routing,
+                 deterministic: bool, encoder_hidden, cross_mask, positions):
+    """Layers 1..num_layers-1 of a stack as one jax.lax.scan over their stacked parameters
+    ``layer_{i}/...`` (layer 0 ran unrolled: it owns the relative position bias table, which
+    the others only read). The body is one T5Block (remat-wrapped if configured) traced with
+    layer 1's sites; each step applies it to layer i's parameters with its own dropout key
+    (split from the stack's 'dropout' rng). As for BERT (mtlx.models.bert), the stack copies
+    the scanned layers' weights each step; the parameter tree is unchanged."""
+    cfg = module.config
+    if num_layers < 2:
+        return h
+    check_scan_layers(cfg)
+    params = module.variables.get("params", {})
+    names = [f"layer_{i}" for i in range(1, num_layers)]
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise KeyError(f"T5Config.scan_layers: {stack} params have no {missing[:4]} "
+                       f"({num_layers} layers expected)")
+    stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[params[n] for n in names])
+    keys = None
+    if not deterministic and module.has_rng("dropout"):
+        keys = jax.random.split(module.make_rng("dropout"), num_layers - 1)
+    layer = remat_block(cfg)(cfg, stack, 1, parent=None)
+
+    def body(carry, xs):
+        p, key = xs
+        rngs = {} if key is None else {"dropout": key}
+        out, _ = layer.apply({"params": p}, carry, mask, bias, routing, deterministic,
+                             encoder_hidden, cross_mask, positions, rngs=rngs)
+        return out, None
+
+    h, _ = jax.lax.scan(body, h, (stacked, keys))
+    return h
+
+
 def _bias_of_relative(cfg: T5Config, table, relative, bidirectional: bool):
     """[..., H, Lq, Lk] float32 bias from the bucket table [buckets, H] for relative positions
     (key - query) [..., Lq, Lk]."""
@@ -460,10 +533,14 @@ class T5Encoder(nn.Module):
         h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
         bias = None  # layer 0 computes it, the others reuse it
         block = remat_block(cfg)
-        for i in range(cfg.num_layers):
+        scan = cfg.scan_layers and not self.is_initializing()
+        for i in range(1 if scan else cfg.num_layers):
             h, bias = block(cfg, "encoder", i, name=f"layer_{i}")(h, mask, bias, routing,
                                                                   deterministic, None, None,
                                                                   position_ids)
+        if scan:
+            h = _scan_blocks(self, "encoder", cfg.num_layers, h, mask, bias, routing,
+                             deterministic, None, None, position_ids)
         h = T5LayerNorm(cfg, name="final_layer_norm")(h)
         return nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic), attention_mask
 
@@ -491,8 +568,12 @@ class T5Decoder(nn.Module):
         cross_mask = encoder_attention_mask[:, None, None, :].astype(bool)
         h = self.dropout(embeddings, deterministic=deterministic)
         bias = None
-        for layer in self.layers:
+        scan = self.config.scan_layers and not self.is_initializing()
+        for layer in self.layers[:1] if scan else self.layers:
             h, bias = layer(h, mask, bias, routing, deterministic, encoder_hidden, cross_mask)
+        if scan:
+            h = _scan_blocks(self, "decoder", len(self.layers), h, mask, bias, routing,
+                             deterministic, encoder_hidden, cross_mask, None)
         h = self.final_layer_norm(h)
         return self.dropout(h, deterministic=deterministic)
 

@@ -52,8 +52,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.attention_impl = None    # None|'xla'|'cudnn'
     c.model.remat = "none"           # activation checkpointing per layer/block
                                      # (none|full|dots|dots_no_batch; mtlx.models.remat)
-    c.model.scan_layers = False      # BERT/RoBERTa: the layers as one lax.scan (compile time
-                                     # independent of depth; see mtlx/models/bert.py)
+    c.model.scan_layers = False      # the layers as one lax.scan (compile time independent
+                                     # of depth; BERT/RoBERTa: mtlx/models/bert.py, T5: layers
+                                     # 1.. of each stack, mtlx/models/t5.py)
     c.model.head_dropout = 0.1
     c.model.hidden_dropout = None    # override the backbone's dropout (None: keep)
 

@@ -107,9 +107,9 @@ def with_execution_switches(backbone_cfg, mc):
         value = mc.get(key, default)
         if value == default:
             continue
-        if key not in fields:   # scan_layers: the BERT/RoBERTa encoder only
-            raise ValueError(f"config.model.{key}={value!r}: only the BERT/RoBERTa encoder has "
-                             f"this option (this model's config is {type(backbone_cfg).__name__})")
+        if key not in fields:
+            raise ValueError(f"config.model.{key}={value!r}: this model's config "
+                             f"({type(backbone_cfg).__name__}) has no such option")
         changes[key] = value
     return dataclasses.replace(backbone_cfg, **changes) if changes else backbone_cfg
 
