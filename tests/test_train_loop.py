@@ -120,7 +120,7 @@ def test_config_errors():
 def test_execution_options_restore_the_same_checkpoint(uninterrupted):
     """config.model.scan_layers / remat reach the encoder, are not part of the checkpoint
     signature, and a run with them restores (and evaluates identically) the plain run's
-    checkpoint; a T5 model refuses them naming the key."""
+    checkpoint; T5 takes them too, a backbone without such a field refuses them naming the key."""
     from mtlx.train import loop as LP
     wd, _, state = uninterrupted
     cfg = local_cfg("--config.model.scan_layers=True", "--config.model.remat=dots")
@@ -140,10 +140,18 @@ def test_execution_options_restore_the_same_checkpoint(uninterrupted):
     t5 = local_cfg("--config.model.scan_layers=True")
     t5.model.family = "t5"
     t5.model.config = dict(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
-    with pytest.raises(ValueError, match=r"config.model.scan_layers=True: only the BERT"):
-        LP.build_backbone(t5)
+    assert LP.build_backbone(t5)[0].scan_layers      # T5 scans its layers 1.. too
     t5.model.scan_layers, t5.model.remat = False, "full"
     assert LP.build_backbone(t5)[0].remat == "full"
+    import dataclasses
+    import ml_collections
+
+    @dataclasses.dataclass(frozen=True)
+    class NoSwitches:
+        hidden: int = 4
+    with pytest.raises(ValueError, match=r"config.model.scan_layers=True: this model's config "
+                                         r"\(NoSwitches\) has no such option"):
+        LP.with_execution_switches(NoSwitches(), ml_collections.ConfigDict({"scan_layers": True}))
 
 
 def test_packed_training_runs_resumes_and_evaluates(tmp_path):
