@@ -8,8 +8,12 @@ Each input line names its task and gives the task's text fields, e.g.
     {"task": "mrpc", "sentence1": "...", "sentence2": "..."}
     {"task": "ud_pos", "tokens": ["The", "cat", "sat"]}
     {"task": "squad", "question": "...", "context": "..."}
+    {"task": "copa", "premise": "...", "choice1": "...", "choice2": "..."}
 Each output line repeats the input with "prediction" added: the label name (classification),
-the value (regression), one tag per word (token classification; null for a word that makes
+the value (regression), the list of label names scored positive (multilabel), the index of
+the chosen candidate among the task's choice fields, as its labels count them (multiple
+choice; a task with source.min_choices takes requests whose trailing choice fields are
+empty or absent), one tag per word (token classification; null for a word that makes
 no subword; words past data.max_length get none, and the line then has
 "words_without_prediction" and stderr names it, unless the task tags long inputs in windows:
 --config.task_overrides=ud_pos.stride=32), or the answer
@@ -56,7 +60,8 @@ def main(argv=None):
     import jax
     import numpy as np
     from mtlx import data as D
-    from mtlx.data.errors import ReadReport
+    from mtlx.data.errors import ReadReport, RowErrors
+    from mtlx.data.readers import make_example
     from mtlx.train.loop import restore_state, setup
     from mtlx.train.step import make_eval_step
 
@@ -68,10 +73,18 @@ def main(argv=None):
     outputs = {}
     for task, recs in requests.items():
         spec = specs[task]
-        if spec.head not in ("classification", "regression", "token_classification", "span"):
+        if spec.head not in ("classification", "regression", "token_classification", "span",
+                             "multiple_choice", "multilabel"):
             raise SystemExit(f"task {task!r}: prediction for head {spec.head!r} is not supported yet")
         examples = []
         for n, rec in recs:
+            if spec.head == "multiple_choice":   # the data files' checks: fields, empty choices
+                errors = RowErrors("raise", args.input, task)
+                try:
+                    examples.append(make_example(spec, rec, False, errors, line=n))
+                except D.DataError as e:
+                    raise SystemExit(str(e))
+                continue
             if spec.head == "token_classification":
                 texts = tuple(rec.get("tokens") or ())
             else:
@@ -88,6 +101,7 @@ def main(argv=None):
         tok = D.tokenize_split(split, s.run.tokenizer, max_length=cfg.data.max_length)
         task_id = s.names.index(task)
         decoder = words = None
+        choice_scores = {}   # multiple choice: example -> its candidates' scores, in order
         if spec.head == "token_classification":
             from mtlx.train.evaluate import WordTags
             words = WordTags(tok)
@@ -107,14 +121,22 @@ def main(argv=None):
                           np.asarray(eb.row_index), np.flatnonzero(example_index >= 0))
                 continue
             for j, ex in enumerate(example_index):  # j: the row in this batch
-                if ex < 0:
+                if ex < 0:   # padding rows, absent candidates included
                     continue
                 n, rec = recs[ex]
+                if spec.head == "multiple_choice":
+                    choice_scores.setdefault(int(ex), []).append(float(preds["multiple_choice"][j]))
+                    continue
                 if spec.head == "classification":
                     value = spec.labels[int(preds["classification"][j])]
+                elif spec.head == "multilabel":
+                    value = [name for name, on in zip(spec.labels, preds["multilabel"][j]) if on]
                 else:
                     value = float(preds["regression"][j])
                 outputs[n] = dict(rec, prediction=value)
+        for ex, scores in choice_scores.items():
+            n, rec = recs[ex]
+            outputs[n] = dict(rec, prediction=int(np.argmax(scores)))
         if words is not None:
             tags = words.tags()
             for ex, (n, rec) in enumerate(recs):

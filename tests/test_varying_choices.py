@@ -167,22 +167,64 @@ def test_loss_and_predictions_see_only_present_candidates(tmp_path, tok):
             predicted, [int(np.argmax(scores[np.flatnonzero(groups == g)])) for g in np.unique(groups[groups >= 0])])
 
 
-def test_training_run_with_a_varying_choice_task(tmp_path):
-    """config.tasks takes the task as a dict; the run trains on mixed batches and scores it."""
-    from mtlx.train.config import apply_overrides, load_config
+def test_training_run_and_predict_script_with_a_varying_choice_task(tmp_path):
+    """config.tasks takes the task as a dict; the run trains on mixed batches and scores it,
+    and scripts/predict.py answers requests of it (and of a multilabel task) with the index of
+    a present candidate, agreeing with the run's own evaluation."""
+    import subprocess
+    import sys
+    from mtlx.train.config import load_config
     from mtlx.train.loop import train_and_evaluate
-    from tests.test_train_loop import DEMO
+    from tests.test_train_loop import DEMO, ROOT
 
+    rows = _questions(30)
     path = tmp_path / "arc.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in _questions(30)) + "\n")
-    cfg = load_config(DEMO + ":local")
-    cfg.tasks = ("cola", {"name": "arc", "head": "multiple_choice", "format": "jsonl",
-                          "files": {"train": str(path), "dev": str(path)}, "choices": CHOICES,
-                          "min_choices": 3, "columns": {"q": "q", "label": "label",
-                                                        **{c: c for c in CHOICES}}})
-    cfg = apply_overrides(cfg, [])
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    topics = tmp_path / "topics.jsonl"
+    topics.write_text("\n".join(json.dumps({"body": f"text number {i}", "tags": t})
+                                for i, t in enumerate(["a|c", "b", "a|b|c", "c"] * 5)) + "\n")
+    arc = {"name": "arc", "head": "multiple_choice", "format": "jsonl",
+           "files": {"train": str(path), "dev": str(path)}, "choices": CHOICES, "min_choices": 3,
+           "columns": {"q": "q", "label": "label", **{c: c for c in CHOICES}}}
+    tags = {"name": "topics", "head": "multilabel", "format": "jsonl", "label_separator": "|",
+            "files": {"train": str(topics), "dev": str(topics)}, "labels": ["a", "b", "c"],
+            "columns": {"body": "body", "label": "tags"}}
+    config = tmp_path / "config.py"
+    config.write_text(f"from mtlx.train.config import load_config\n\n"
+                      f"def get_config(arg=None):\n"
+                      f"    c = load_config({DEMO + ':local'!r})\n"
+                      f"    c.tasks = ('cola', {arc!r}, {tags!r})\n"
+                      f"    return c\n")
+    cfg = load_config(str(config))
     results = train_and_evaluate(cfg, tmp_path / "run", progress=False)
     assert set(results["arc"]) == {"accuracy", "loss"}
     assert 0.0 <= results["arc"]["accuracy"] <= 1.0 and np.isfinite(results["arc"]["loss"])
     lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any(l["kind"] == "eval" and "eval/arc/accuracy" in l for l in lines)
+
+    requests = [dict({k: v for k, v in r.items() if k not in ("label", "id") and v}, task="arc")
+                for r in rows]
+    requests += [{"task": "topics", "body": "text number 7"}]
+    req = tmp_path / "req.jsonl"
+    req.write_text("\n".join(json.dumps(r) for r in requests) + "\n")
+    pred = tmp_path / "pred.jsonl"
+    common = ["--config", str(config), "--workdir", str(tmp_path / "run")]
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "predict.py"), *common,
+                        "--input", str(req), "--output", str(pred)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = [json.loads(l) for l in pred.read_text().splitlines()]
+    assert len(out) == 31
+    chosen = [o["prediction"] for o in out[:30]]
+    assert all(isinstance(c, int) and 0 <= c < 3 + i % 3 for i, c in enumerate(chosen))
+    right = np.mean([c == i % (3 + i % 3) for i, c in enumerate(chosen)])
+    # the run evaluated sharded over host devices, the script on one: at most a near-tie apart
+    assert abs(right - results["arc"]["accuracy"]) <= 1 / 30 + 1e-9
+    assert set(out[30]["prediction"]) <= {"a", "b", "c"}
+    # a request with a gap among its candidates names its line
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(dict(requests[5], B="")) + "\n")
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "predict.py"), *common,
+                        "--input", str(bad), "--output", str(pred)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode != 0 and "bad.jsonl:1: choice field(s) ['B'] are empty" in r.stderr
