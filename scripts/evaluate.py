@@ -26,15 +26,16 @@ def main(argv=None):
     import jax
     from mtlx.train import evaluate as E
     from mtlx.train.logs import atomic_write_text
-    from mtlx.train.loop import print_results, restore_state, setup
+    from mtlx.train.loop import print_results, restore_state, setup, text_generation
     from mtlx.train.step import make_eval_step
 
     s = setup(cfg, train=False)
     restored = restore_state(s, Path(args.workdir), args.checkpoint)
     eval_step = jax.jit(make_eval_step(s.model))
+    generate, decode = text_generation(s)
     results = E.evaluate_tasks(eval_step, restored.state.params, s.run.specs, s.run.eval,
                                s.eval_batches, max_batches=cfg.get("eval_max_batches", None),
-                               references=s.run.eval_refs)
+                               references=s.run.eval_refs, generate=generate, decode=decode)
     print_results(results, restored.step)
     out = Path(args.output) if args.output else Path(args.workdir) / "eval_results.json"
     atomic_write_text(out, json.dumps(results, indent=2, sort_keys=True))

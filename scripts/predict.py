@@ -10,7 +10,9 @@ Each input line names its task and gives the task's text fields, e.g.
     {"task": "squad", "question": "...", "context": "..."}
     {"task": "copa", "premise": "...", "choice1": "...", "choice2": "..."}
 Each output line repeats the input with "prediction" added: the label name (classification),
-the value (regression), the list of label names scored positive (multilabel), the index of
+the value (regression), the generated text (text-to-text tasks: config.text_to_text or a
+seq2seq task; for a class task the label name it generates, which may be none of them), the
+list of label names scored positive (multilabel), the index of
 the chosen candidate among the task's choice fields, as its labels count them (multiple
 choice; a task with source.min_choices takes requests whose trailing choice fields are
 empty or absent), one tag per word (token classification; null for a word that makes
@@ -62,19 +64,20 @@ def main(argv=None):
     from mtlx import data as D
     from mtlx.data.errors import ReadReport, RowErrors
     from mtlx.data.readers import make_example
-    from mtlx.train.loop import restore_state, setup
+    from mtlx.train.loop import restore_state, setup, text_generation
     from mtlx.train.step import make_eval_step
 
     s = setup(cfg, train=False)
     params = restore_state(s, Path(args.workdir), args.checkpoint).state.params
     eval_step = jax.jit(make_eval_step(s.model))
+    generate, decode = text_generation(s)
     specs = {sp.name: sp for sp in s.run.specs}
     requests = read_requests(Path(args.input), specs)
     outputs = {}
     for task, recs in requests.items():
         spec = specs[task]
         if spec.head not in ("classification", "regression", "token_classification", "span",
-                             "multiple_choice", "multilabel"):
+                             "multiple_choice", "multilabel", "seq2seq"):
             raise SystemExit(f"task {task!r}: prediction for head {spec.head!r} is not supported yet")
         examples = []
         for n, rec in recs:
@@ -110,8 +113,15 @@ def main(argv=None):
             decoder = SpanDecoder.for_task(spec, tok, SpanReferences.from_split(split))  # no golds
         for eb in D.eval_batches(tok, task_id, batch_size=cfg.get("eval_batch_size", 32),
                                  layout=s.run.layout, buckets=s.buckets):
-            preds, _, _ = jax.device_get(eval_step(params, eb.batch))
             example_index = np.asarray(eb.example_index)
+            if spec.head == "seq2seq":   # the greedily generated text
+                ids = np.asarray(generate(params, eb.batch))
+                for j, ex in enumerate(example_index):
+                    if ex >= 0:
+                        n, rec = recs[ex]
+                        outputs[n] = dict(rec, prediction=decode([int(t) for t in ids[j]]).strip())
+                continue
+            preds, _, _ = jax.device_get(eval_step(params, eb.batch))
             if decoder is not None:
                 decoder.add(preds, example_index, np.asarray(eb.row_index),
                             np.flatnonzero(example_index >= 0))

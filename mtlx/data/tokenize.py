@@ -475,8 +475,14 @@ def _seq2seq(spec, examples, owned, tokenizer, max_length, labelled) -> dict:
     else:
         targets = [[] for _ in examples]
     unit_starts, unit_example = _units(1, n, owned)
-    out = _base(enc["input_ids"], enc["token_type_ids"], np.full(n, IGNORE_INDEX), np.zeros(n),
-                unit_starts, unit_example)
+    # The gold answer as evaluation scores it (the loss reads target_ids only): the class index
+    # of a task with labels, the unrounded score of a "score" target.
+    labels, values = np.full(n, IGNORE_INDEX), np.zeros(n)
+    if labelled and spec.labels:
+        labels[:] = [ex.label for ex in examples]
+    elif labelled and spec.target == "score":
+        values[:] = [float(ex.label) for ex in examples]
+    out = _base(enc["input_ids"], enc["token_type_ids"], labels, values, unit_starts, unit_example)
     out["target_ids"], out["target_starts"] = _flatten(targets, np.int32)
     out["max_target_length"] = spec.max_target_length
     out["stats"] = {"truncated": _count_truncated(tokenizer, spec, inputs, None, enc["input_ids"], max_length)}

@@ -17,6 +17,9 @@ def base_config() -> ml_collections.ConfigDict:
     # context windows), truncation, null_answers, null_score_threshold (span tasks), e.g.
     # --config.task_overrides=ud_pos.stride=32,squad_v2.null_score_threshold=-1.5
     c.task_overrides = ()
+    c.text_to_text = False           # T5 backbones: every classification / regression task in
+                                     # its text-to-text form (mtlx.data.text_to_text), trained on
+                                     # target text, scored on greedily generated text
 
     c.data = ml_collections.ConfigDict()
     c.data.data_root = None          # None: the sample shipped in mtlx/data/sample; else a folder

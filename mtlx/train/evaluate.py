@@ -107,6 +107,47 @@ def task_inputs(spec, preds: Mapping[str, Any], batch, rows: np.ndarray):
     raise ValueError(f"task {spec.name!r}: evaluation of head kind {kind!r} is not supported")
 
 
+# Metrics that read 0/1 predictions: a generated text that is no label name is counted wrong
+# for them the way T5 does (t5.evaluation.metrics.f1_score_with_invalid: 1 - the reference).
+_BINARY_METRICS = ("f1", "acc_and_f1")
+
+
+def text_prediction(spec, text: str):
+    """A generated text as a text-to-text task's metrics read it (T5's postprocessors): the
+    class index of a label name, -1 when the text is none (always wrong); the number of a
+    "score" target, -1.0 when it does not parse (t5.data.postprocessors.string_to_float);
+    else the text itself."""
+    text = text.strip()
+    if spec.labels:
+        return spec.labels.index(text) if text in spec.labels else -1
+    if spec.target == "score":
+        try:
+            value = float(text)
+        except ValueError:
+            return -1.0
+        return value if np.isfinite(value) else -1.0
+    return text
+
+
+def seq2seq_inputs(spec, texts: Sequence[str], batch, rows: np.ndarray, decode: Callable):
+    """(predictions, references) of a text-to-text task's rows from their generated texts:
+    class indices against the gold labels, numbers against the unrounded gold scores, or
+    (free text) exact match of the text with the gold target text, as 1/0 against 1."""
+    preds = [text_prediction(spec, t) for t in texts]
+    if spec.labels:
+        p = np.asarray(preds, np.int64)
+        r = np.asarray(batch.labels)[rows].astype(np.int64)
+        if any(m in _BINARY_METRICS for m in metric_names(spec)):
+            p = np.where(p < 0, 1 - r, p)
+        return p, r
+    if spec.target == "score":
+        return np.asarray(preds, np.float64), np.asarray(batch.label_values)[rows].astype(np.float64)
+    targets = np.asarray(batch.target_ids)[rows]
+    gold = [decode([int(t) for t in row if t >= 0]).strip() for row in targets]
+    return (np.asarray([int(a == b) for a, b in zip(preds, gold)], np.int64),
+            np.ones(len(rows), np.int64))
+
+
 def metric_names(spec, text_answers: bool = False) -> tuple:
     """The metrics a task is scored with. Span tasks: SQuAD's ('exact_match', 'f1') when its
     answers are decoded to text (`text_answers`), else token-level exact span match."""
@@ -120,7 +161,9 @@ def metric_names(spec, text_answers: bool = False) -> tuple:
 def evaluate_tasks(eval_fn: Callable, params: Any, specs: Sequence, eval_data: Mapping[str, Any],
                    make_batches: Callable, place: Callable = lambda b: b,
                    max_batches: Optional[int] = None,
-                   references: Optional[Mapping[str, Any]] = None) -> dict:
+                   references: Optional[Mapping[str, Any]] = None,
+                   generate: Optional[Callable] = None,
+                   decode: Optional[Callable] = None) -> dict:
     """{task: {metric: value, 'loss': mean loss}} over each task's evaluation split.
 
     make_batches(task_name, task_id) yields mtlx.data EvalBatch objects; place(batch) puts a
@@ -129,6 +172,9 @@ def evaluate_tasks(eval_fn: Callable, params: Any, specs: Sequence, eval_data: M
     to text and scored with SQuAD's exact match and F1 (mtlx.train.spans); a task with
     null_answers (SQuAD 2.0) also reports 'has_answer.*', 'no_answer.*' and 'best.*'
     breakdowns (mtlx.metrics.squad_v2), which `headline` leaves out.
+    generate(params, batch) -> token ids [B, T] and decode(ids) -> text: text-to-text
+    (seq2seq) tasks are scored on the texts the model generates (greedy decoding), mapped to
+    the task's labels or scores as T5 does (`text_prediction`), with the task's own metrics.
     """
     from mtlx.train.spans import SpanDecoder
     references = references or {}
@@ -157,7 +203,14 @@ def evaluate_tasks(eval_fn: Callable, params: Any, specs: Sequence, eval_data: M
             rows = np.flatnonzero(np.asarray(eb.example_index) >= 0)
             if rows.size == 0:
                 continue
-            if decoder is not None:
+            if spec.head == "seq2seq":
+                if generate is None or decode is None:
+                    raise ValueError(f"task {spec.name!r}: a text-to-text task is scored on "
+                                     f"generated text: pass generate and decode")
+                ids = _gather(generate(params, place(eb.batch)))
+                texts = [decode([int(t) for t in ids[j]]) for j in rows]
+                acc.update(*seq2seq_inputs(spec, texts, batch, rows, decode))
+            elif decoder is not None:
                 decoder.add(preds, np.asarray(eb.example_index), np.asarray(eb.row_index), rows)
             elif words is not None:
                 words.add(np.asarray(preds["token_classification"]), np.asarray(eb.example_index),

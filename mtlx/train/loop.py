@@ -50,7 +50,11 @@ def build_specs(cfg) -> list:
             specs.append(D.task_from_config(entry))
     if not specs:
         raise ValueError("config.tasks is empty: name at least one task")
-    return apply_task_overrides(specs, cfg.get("task_overrides", ()))
+    specs = apply_task_overrides(specs, cfg.get("task_overrides", ()))
+    if cfg.get("text_to_text", False):
+        specs = [D.text_to_text(sp) if sp.head in ("classification", "regression") else sp
+                 for sp in specs]
+    return specs
 
 
 # TaskSpec fields a run may change (config.task_overrides); values are read as config values
@@ -96,6 +100,22 @@ def build_backbone(cfg):
     """(backbone config, pretrained params or None) from config.model."""
     backbone_cfg, params = _backbone(cfg.model)
     return with_execution_switches(backbone_cfg, cfg.model), params
+
+
+def text_generation(s) -> tuple:
+    """(generate, decode) for evaluating a run's text-to-text tasks, or (None, None) without
+    any: greedy decoding (mtlx.models.multitask.greedy_generate, jitted) of up to the batch
+    layout's target length, and the tokenizer's decode without special tokens."""
+    if not any(spec.head == "seq2seq" for spec in s.run.specs):
+        return None, None
+    from mtlx.models.multitask import greedy_generate
+    length = int(s.run.layout.target_length)
+    model, tokenizer = s.model, s.run.tokenizer
+    generate = jax.jit(lambda params, batch: greedy_generate(model, params, batch, length))
+
+    def decode(ids):
+        return tokenizer.decode(ids, skip_special_tokens=True)
+    return generate, decode
 
 
 def with_execution_switches(backbone_cfg, mc):
@@ -271,6 +291,9 @@ def make_packed_train_iterator(cfg, run, mixture, backbone_cfg, buckets):
 def setup(cfg, train: bool = True) -> Setup:
     """Data, model, optimizer and initial state from a config (no device placement yet)."""
     backbone_cfg, pretrained = build_backbone(cfg)
+    if cfg.get("text_to_text", False) and getattr(backbone_cfg, "model_type", "") != "t5":
+        raise ValueError(f"config.text_to_text=True needs a T5 backbone (an encoder-decoder that "
+                         f"generates text), got {type(backbone_cfg).__name__}")
     run = load_data(cfg, backbone_cfg, train=train)
     heads = task_heads(run.specs)
     names = [h.name for h in heads]
@@ -384,10 +407,13 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path,
             return distributed.global_batch(mesh, batch.select(rows), batch.batch_size)
         return jax.device_put(batch, sharding.batch_sharding(mesh, batch))
 
+    generate, decode = text_generation(s)
+
     def run_eval(params):
         return E.evaluate_tasks(eval_step, params, run.specs, run.eval, s.eval_batches, place_eval,
                                 references=run.eval_refs,
-                                max_batches=cfg.get("eval_max_batches", None))
+                                max_batches=cfg.get("eval_max_batches", None),
+                                generate=generate, decode=decode)
 
     logger = RunLogger(workdir, enabled=is_main)
     preempted = install_preemption_handler()
