@@ -63,7 +63,7 @@ def _fns(cfg):
     return jax.jit(forward), jax.jit(jax.grad(loss)), model
 
 
-@pytest.mark.parametrize("ffn", ["relu", "gated-gelu"])
+@pytest.mark.parametrize("ffn", ["relu", pytest.param("gated-gelu", marks=pytest.mark.heavy)])
 def test_outputs_and_gradients_equal_the_unrolled_model(ffn):
     cfg = _cfg(feed_forward_proj=ffn, tie_word_embeddings=ffn == "relu")
     inputs = _inputs()

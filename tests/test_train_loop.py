@@ -293,7 +293,10 @@ def test_evaluate_and_predict_scripts(uninterrupted, tmp_path):
     assert r.returncode != 0 and "bad.jsonl:1: unknown task 'nope'" in r.stderr
 
 
-@pytest.mark.parametrize("name", ["glue_shared_encoder", "glue_adapters", "glue_hyperformerpp"])
+# glue_adapters in CI; the other two (about 30 s each) with the heavy tests (CI time budget).
+@pytest.mark.parametrize("name", [pytest.param("glue_shared_encoder", marks=pytest.mark.heavy),
+                                  "glue_adapters",
+                                  pytest.param("glue_hyperformerpp", marks=pytest.mark.heavy)])
 def test_config_local_variants_train(name, tmp_path):
     cfg = load_config(str(ROOT / "configs" / f"{name}.py") + ":local")
     full = load_config(str(ROOT / "configs" / f"{name}.py"))
