@@ -80,9 +80,9 @@ def main(argv=None):
                              "multiple_choice", "multilabel", "seq2seq"):
             raise SystemExit(f"task {task!r}: prediction for head {spec.head!r} is not supported yet")
         examples = []
+        errors = RowErrors("raise", args.input, task)
         for n, rec in recs:
             if spec.head == "multiple_choice":   # the data files' checks: fields, empty choices
-                errors = RowErrors("raise", args.input, task)
                 try:
                     examples.append(make_example(spec, rec, False, errors, line=n))
                 except D.DataError as e:

@@ -38,11 +38,11 @@ from typing import Optional, Sequence
 import numpy as np
 
 from mtlx.batch import IGNORE_INDEX
+from mtlx.data.errors import DataError
+from mtlx.data.readers import SplitData
 
 # The label of a multiple-choice row standing for a candidate the example does not have.
 ABSENT_CHOICE = -1
-from mtlx.data.errors import DataError
-from mtlx.data.readers import SplitData
 
 log = logging.getLogger("mtlx.data")
 

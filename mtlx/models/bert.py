@@ -71,7 +71,7 @@ import numpy as np
 from mtlx.models.attention import IMPLEMENTATIONS, attend, padding_mask, right_padding_lengths
 from mtlx.models import precision
 from mtlx.models.remat import check_policy as check_remat_policy, remat_layer
-from mtlx.models.scan import check_uniform_extensions
+from mtlx.models.scan import check_uniform_extensions, scan_layers
 from mtlx.models.layers import (Extension, Projection, Routing, Site, extend_attention_kv,
                                 extend_embeddings, extend_layer_norm, extend_sublayer)
 from mtlx.models.tree import flat_paths
@@ -393,27 +393,13 @@ class BertEncoder(nn.Module):
         its own dropout key (split from this module's 'dropout' rng).
         """
         cfg = self.config
-        params = self.variables.get("params", {})
-        missing = [f"layer_{i}" for i in range(cfg.num_layers) if f"layer_{i}" not in params]
-        if missing:
-            raise KeyError(f"BertConfig.scan_layers: params have no {missing[:4]} "
-                           f"({cfg.num_layers} layers expected)")
-        # A copy of every layer's weights each step (stacked [num_layers, ...]); XLA fuses it
-        # into the scan's input but it is real memory traffic (module docstring).
-        stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs),
-                                         *[params[f"layer_{i}"] for i in range(cfg.num_layers)])
-        keys = None
-        if not deterministic and self.has_rng("dropout"):
-            keys = jax.random.split(self.make_rng("dropout"), cfg.num_layers)
         layer = layer_cls(cfg, 0, parent=None)
-
-        def body(carry, xs):
-            p, key = xs
-            rngs = {} if key is None else {"dropout": key}
-            return layer.apply({"params": p}, carry, mask, routing, deterministic, rngs=rngs), None
-
-        h, _ = jax.lax.scan(body, h, (stacked, keys))
-        return h
+        return scan_layers(
+            self, [f"layer_{i}" for i in range(cfg.num_layers)], h,
+            lambda p, carry, rngs: layer.apply({"params": p}, carry, mask, routing, deterministic,
+                                               rngs=rngs),
+            deterministic,
+            f"BertConfig.scan_layers: params have no {{missing}} ({cfg.num_layers} layers expected)")
 
 
 # Hooks a BertLayer calls, with the site names it offers to each (layer index aside).

@@ -1,4 +1,10 @@
-"""Scan over layers: what one traced layer body run for every layer needs of the extensions.
+"""Scan over layers: running a stack's layers as one traced body, and what that body needs of
+the extensions.
+
+`scan_layers` runs the layers `names` of a module (their parameters ``name/...`` stay where
+the unrolled model keeps them) as one `jax.lax.scan`: each forward pass stacks their
+parameters into [n, ...] arrays and gives each layer its own dropout key, split from the
+module's 'dropout' rng.
 
 Under `jax.lax.scan` ONE layer body is traced (with the first scanned layer's sites) and run for
 every layer, so each extension must attach identically at every scanned layer (same hooks, same
@@ -13,9 +19,36 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-from typing import Sequence
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
 
 from mtlx.models.layers import Site
+
+
+def scan_layers(module, names: Sequence[str], h, apply_layer: Callable, deterministic: bool,
+                missing_message: str):
+    """h through the layers `names` of `module` as one jax.lax.scan; apply_layer(params, h,
+    rngs) -> h runs ONE layer (a template module applied functionally). A layer without
+    parameters is a KeyError: `missing_message` followed by the missing names."""
+    params = module.variables.get("params", {})
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise KeyError(missing_message.format(missing=missing[:4]))
+    # A copy of every scanned layer's weights each step (stacked [n, ...]); XLA fuses it into
+    # the scan's input but it is real memory traffic.
+    stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[params[n] for n in names])
+    keys = None
+    if not deterministic and module.has_rng("dropout"):
+        keys = jax.random.split(module.make_rng("dropout"), len(names))
+
+    def body(carry, xs):
+        p, key = xs
+        return apply_layer(p, carry, {} if key is None else {"dropout": key}), None
+
+    h, _ = jax.lax.scan(body, h, (stacked, keys))
+    return h
 
 
 def check_uniform_extensions(extensions: Sequence, stack: str, layers: Sequence[int],

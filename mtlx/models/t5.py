@@ -78,7 +78,7 @@ import numpy as np
 from mtlx.models.attention import IMPLEMENTATIONS, attend, padding_mask
 from mtlx.models import precision
 from mtlx.models.remat import check_policy as check_remat_policy, remat_layer
-from mtlx.models.scan import check_uniform_extensions
+from mtlx.models.scan import check_uniform_extensions, scan_layers
 from mtlx.models.bert import EncoderOutput
 from mtlx.models.layers import (Extension, Projection, Routing, Site, extend_attention_kv,
                                 extend_embeddings, extend_layer_norm, extend_sublayer)
@@ -422,13 +422,12 @@ def remat_block(cfg: T5Config):
 
 
 # Hooks a T5Block calls, with the site names it offers to each (layer index aside).
+_PROJECTION_SITES = tuple(f"{k}.{n}" for k in ("attention", "cross_attention")
+                          for n in ("query", "key", "value", "output")) + (
+    "ffn.input", "ffn.gate", "ffn.output")
 _BLOCK_HOOKS = (
-    ("projection_input", tuple(f"{k}.{n}" for k in ("attention", "cross_attention")
-                               for n in ("query", "key", "value", "output"))
-     + ("ffn.input", "ffn.gate", "ffn.output")),
-    ("projection", tuple(f"{k}.{n}" for k in ("attention", "cross_attention")
-                         for n in ("query", "key", "value", "output"))
-     + ("ffn.input", "ffn.gate", "ffn.output")),
+    ("projection_input", _PROJECTION_SITES),
+    ("projection", _PROJECTION_SITES),
     ("attention_kv", ("attention",)),
     ("sublayer", ("attention", "cross_attention", "ffn")),
     ("layer_norm_output", ("attention.layer_norm", "cross_attention.layer_norm", "ffn.layer_norm")),
@@ -458,27 +457,15 @@ def _scan_blocks(module: nn.Module, stack: str, num_layers: int, h, mask, bias, 
     if num_layers < 2:
         return h
     check_scan_layers(cfg)
-    params = module.variables.get("params", {})
-    names = [f"layer_{i}" for i in range(1, num_layers)]
-    missing = [n for n in names if n not in params]
-    if missing:
-        raise KeyError(f"T5Config.scan_layers: {stack} params have no {missing[:4]} "
-                       f"({num_layers} layers expected)")
-    stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[params[n] for n in names])
-    keys = None
-    if not deterministic and module.has_rng("dropout"):
-        keys = jax.random.split(module.make_rng("dropout"), num_layers - 1)
     layer = remat_block(cfg)(cfg, stack, 1, parent=None)
 
-    def body(carry, xs):
-        p, key = xs
-        rngs = {} if key is None else {"dropout": key}
+    def apply_layer(p, carry, rngs):
         out, _ = layer.apply({"params": p}, carry, mask, bias, routing, deterministic,
                              encoder_hidden, cross_mask, positions, rngs=rngs)
-        return out, None
-
-    h, _ = jax.lax.scan(body, h, (stacked, keys))
-    return h
+        return out
+    return scan_layers(module, [f"layer_{i}" for i in range(1, num_layers)], h, apply_layer,
+                       deterministic, f"T5Config.scan_layers: {stack} params have no "
+                                      f"{{missing}} ({num_layers} layers expected)")
 
 
 def _bias_of_relative(cfg: T5Config, table, relative, bidirectional: bool):
