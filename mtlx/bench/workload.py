@@ -66,6 +66,9 @@ class Features:
     remat: str = "none"               # mtlx.models.remat policy
     donate: bool = True
     attention_dropout: float = ATTENTION_DROPOUT
+    # Dropout on the sublayers' outputs (BertConfig.hidden_dropout). Not a throughput switch of
+    # the same model: 0 measures what dropout (its random bits and masks) costs a step.
+    hidden_dropout: float = HIDDEN_DROPOUT
     prng: str = "threefry2x32"          # dropout's random bits: JAX's PRNG implementation
     scan_layers: bool = False         # BertConfig.scan_layers: the layers as one lax.scan
     routing: Optional[str] = None     # the PEFT methods' 'impl' (mtlx.peft.routing); None: theirs
@@ -106,7 +109,9 @@ class Features:
                 f"prng={self.prng}, scan_layers={'on' if self.scan_layers else 'off'}"
                 + (f", routing={self.routing}" if self.routing else "")
                 + (f", dots={self.dots}" if self.dots != "auto" else "")
-                + (f", frozen kernels {self.frozen_dtype}" if self.frozen_dtype else ""))
+                + (f", frozen kernels {self.frozen_dtype}" if self.frozen_dtype else "")
+                + (f", hidden_dropout={self.hidden_dropout}"
+                   if self.hidden_dropout != HIDDEN_DROPOUT else ""))
 
 
 def features_for(dtype: str, attention: str = "default", **kw) -> Features:
@@ -158,7 +163,7 @@ def backbone_config(cell: Cell, task_names: Optional[Sequence[str]] = None):
     from mtlx.models.bert import BertConfig
     from mtlx.peft import registry
     f = cell.features
-    cfg = BertConfig(**SIZES[cell.size], hidden_dropout=HIDDEN_DROPOUT,
+    cfg = BertConfig(**SIZES[cell.size], hidden_dropout=f.hidden_dropout,
                      attention_dropout=f.attention_dropout, dtype=jnp.dtype(f.dtype),
                      param_dtype=jnp.float32, attention_impl=f.attention, remat=f.remat,
                      scan_layers=f.scan_layers)
