@@ -486,7 +486,12 @@ def test_feature_variants_say_what_is_unavailable():
     gpu_short = HR.feature_variants(W.Features(), "gpu", short=True)
     assert "remat=dots" in gpu_short and "remat=full" not in gpu_short
     assert "scan_layers=on" not in short and "donate=off" not in short   # --quick on a CPU
-    assert not any(k.startswith(("prng", "attention_dropout")) for k in short)
+    assert not any(k.startswith(("prng", "attention_dropout", "activation_vjp")) for k in short)
+    # GELU's gradient: autodiff of the formula against the saved-input VJP (a GPU question)
+    assert v["activation_vjp=autodiff"].activation_vjp == "autodiff"
+    assert "activation_vjp=autodiff" in HR.feature_variants(W.Features(), "gpu", short=True)
+    with pytest.raises(ValueError, match="Features.activation_vjp"):
+        W.Features(activation_vjp="remat")
     g = HR.feature_variants(W.Features(), "gpu")
     assert g["attention=cudnn (attention_dropout=0)"].attention == "cudnn"
     gs = HR.feature_variants(W.Features(), "gpu", short=True)
@@ -591,17 +596,28 @@ def test_bench_notes_markers_are_checked_before_measuring(tmp_path):
         bench.main(["--cells", "adapters/tiny/32/1/4", "--notes", str(tmp_path / "x.md")])
 
 
-def test_profile_step_script_sums_op_kinds(capsys):
+def test_profile_step_script_sums_op_kinds(capsys, tmp_path):
     sys.path.insert(0, str(REPO / "scripts"))
     import profile_step
-    profile_step.main(["--cell", "shared/tiny/16/2/2", "--steps", "1", "--top", "5"])
+    profile_step.main(["--cell", "shared/tiny/16/2/2", "--cell", "shared/tiny/16/2/2:prng=rbg,hidden_dropout=0",
+                       "--steps", "1", "--top", "5", "--hlo-dir", str(tmp_path)])
     out = capsys.readouterr().out
-    assert "shared/tiny/16/2/2 (float32, attention=default" in out and "): 1 traced steps" in out
-    assert "op kind" in out
-    rows = [l for l in out.splitlines() if l.endswith(tuple("0123456789")) and "%" in l]
+    first, second = out.split("\nshared/tiny/16/2/2:prng=rbg,hidden_dropout=0 (")[0], out
+    assert "shared/tiny/16/2/2 (float32, attention=default" in first and "1 traced steps:" in first
+    assert "ms untraced" in first and "op kind" in first
+    rows = [l for l in first.splitlines() if l.endswith(tuple("0123456789")) and "%" in l]
     assert 1 <= len(rows) <= 5
+    # the second variant's Features overrides reached its step, and the summary compares both
+    assert "prng=rbg" in second and "hidden_dropout=0.0" in second
+    summary = out.split("\nsummary")[1].splitlines()
+    assert summary[1].split()[0] == "shared/tiny/16/2/2" and "1.000x" in summary[1]
+    assert summary[2].split()[0] == "shared/tiny/16/2/2:prng=rbg,hidden_dropout=0"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "shared_tiny_16_2_2.hlo.txt.gz", "shared_tiny_16_2_2_prng_rbg_hidden_dropout_0.hlo.txt.gz"]
     with pytest.raises(SystemExit, match="must be config/size/L/T/B"):
         profile_step.main(["--cell", "shared/tiny/16"])
+    with pytest.raises(SystemExit, match="unknown feature 'speed'"):
+        profile_step.main(["--cell", "shared/tiny/16/2/2:speed=2"])
 
 
 def test_a_run_stopped_after_a_phase_leaves_the_finished_figures_in_json(tmp_path, monkeypatch):

@@ -54,6 +54,7 @@ DTYPES = ("float32", "bfloat16")
 # threefry2x32 is JAX's default; 'rbg' / 'unsafe_rbg' use XLA's RngBitGenerator, much cheaper
 # per random bit (dropout draws B x L x d bits per sublayer and B x H x L x L for attention).
 PRNGS = ("threefry2x32", "rbg", "unsafe_rbg")
+ACTIVATION_VJPS = ("saved_input", "autodiff")
 LEARNING_RATE, WEIGHT_DECAY, CLIP_NORM = 1e-4, 0.01, 1.0
 HIDDEN_DROPOUT, ATTENTION_DROPOUT, HEAD_DROPOUT = 0.1, 0.1, 0.1
 
@@ -69,6 +70,9 @@ class Features:
     # Dropout on the sublayers' outputs (BertConfig.hidden_dropout). Not a throughput switch of
     # the same model: 0 measures what dropout (its random bits and masks) costs a step.
     hidden_dropout: float = HIDDEN_DROPOUT
+    # GELU's gradient: 'saved_input' (mtlx.models.activations, the default) or 'autodiff' (the
+    # formula differentiated by JAX, which keeps its intermediates): the A/B of that choice.
+    activation_vjp: str = "saved_input"
     prng: str = "threefry2x32"          # dropout's random bits: JAX's PRNG implementation
     scan_layers: bool = False         # BertConfig.scan_layers: the layers as one lax.scan
     routing: Optional[str] = None     # the PEFT methods' 'impl' (mtlx.peft.routing); None: theirs
@@ -98,6 +102,9 @@ class Features:
         if self.prng not in PRNGS:
             raise ValueError(f"mtlx/bench/workload.py: Features.prng must be one of {PRNGS}, "
                              f"got {self.prng!r}")
+        if self.activation_vjp not in ACTIVATION_VJPS:
+            raise ValueError(f"mtlx/bench/workload.py: Features.activation_vjp must be one of "
+                             f"{ACTIVATION_VJPS}, got {self.activation_vjp!r}")
         if self.attention == "cudnn" and self.attention_dropout > 0:
             # cuDNN's fused kernel cannot drop attention probabilities (mtlx.models.bert).
             raise ValueError(f"mtlx/bench/workload.py: Features.attention='cudnn' needs "
@@ -110,6 +117,8 @@ class Features:
                 + (f", routing={self.routing}" if self.routing else "")
                 + (f", dots={self.dots}" if self.dots != "auto" else "")
                 + (f", frozen kernels {self.frozen_dtype}" if self.frozen_dtype else "")
+                + (f", activation_vjp={self.activation_vjp}"
+                   if self.activation_vjp != "saved_input" else "")
                 + (f", hidden_dropout={self.hidden_dropout}"
                    if self.hidden_dropout != HIDDEN_DROPOUT else ""))
 
@@ -233,14 +242,18 @@ class MtlxSetup:
 def traced_with(step_fn, features: Features):
     """The step traced with the features' trace-time settings: `prng` as JAX's default PRNG
     (the train state's raw key data is wrapped with the default implementation inside
-    mtlx.train.step) and `dots` as mtlx.models.precision's policy."""
-    if features.prng == "threefry2x32" and features.dots == "auto":
+    mtlx.train.step), `dots` as mtlx.models.precision's policy and `activation_vjp`
+    (mtlx.models.activations.autodiff)."""
+    if (features.prng == "threefry2x32" and features.dots == "auto"
+            and features.activation_vjp == "saved_input"):
         return step_fn
 
     def step(state, batch):
+        import contextlib
         import jax
-        from mtlx.models import precision
-        with jax.default_prng_impl(features.prng), precision.policy(features.dots):
+        from mtlx.models import activations, precision
+        gelu = activations.autodiff() if features.activation_vjp == "autodiff" else contextlib.nullcontext()
+        with jax.default_prng_impl(features.prng), precision.policy(features.dots), gelu:
             return step_fn(state, batch)
     return step
 

@@ -69,7 +69,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtlx.models.attention import IMPLEMENTATIONS, attend, padding_mask, right_padding_lengths
-from mtlx.models import precision
+from mtlx.models import activations, precision
 from mtlx.models.remat import check_policy as check_remat_policy, remat_layer
 from mtlx.models.scan import check_uniform_extensions, scan_layers
 from mtlx.models.layers import (Extension, Projection, Routing, Site, extend_attention_kv,
@@ -80,25 +80,18 @@ MODEL_TYPES = ("bert", "roberta")
 EMBEDDINGS_SITE = Site("encoder", 0, "embeddings")
 
 
-def _gelu_exact(x):
-    return jax.nn.gelu(x, approximate=False)
-
-
-def _gelu_tanh(x):
-    return jax.nn.gelu(x, approximate=True)
-
-
 def _quick_gelu(x):
     return x * jax.nn.sigmoid(1.702 * x)
 
 
 # HF `hidden_act` names -> functions with the same formula (transformers/activations.py).
-# "gelu" is the exact erf form; gelu_new / gelu_fast / gelu_pytorch_tanh are the tanh form.
+# "gelu" is the exact erf form; gelu_new / gelu_fast / gelu_pytorch_tanh are the tanh form
+# (mtlx.models.activations: gradients that save only the input, float32 inside).
 ACTIVATIONS: Mapping[str, Callable] = {
-    "gelu": _gelu_exact,
-    "gelu_new": _gelu_tanh,
-    "gelu_fast": _gelu_tanh,
-    "gelu_pytorch_tanh": _gelu_tanh,
+    "gelu": activations.gelu,
+    "gelu_new": activations.gelu_tanh,
+    "gelu_fast": activations.gelu_tanh,
+    "gelu_pytorch_tanh": activations.gelu_tanh,
     "quick_gelu": _quick_gelu,
     "relu": jax.nn.relu,
     "silu": jax.nn.silu,

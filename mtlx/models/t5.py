@@ -76,7 +76,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtlx.models.attention import IMPLEMENTATIONS, attend, padding_mask
-from mtlx.models import precision
+from mtlx.models import activations, precision
 from mtlx.models.remat import check_policy as check_remat_policy, remat_layer
 from mtlx.models.scan import check_uniform_extensions, scan_layers
 from mtlx.models.bert import EncoderOutput
@@ -190,8 +190,8 @@ def relative_position_bucket(relative_position, bidirectional: bool, num_buckets
 
 
 def _gelu_tanh(x):
-    # HF's gelu_new: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
-    return jax.nn.gelu(x, approximate=True)
+    # HF's gelu_new: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))); its gradient saves only x.
+    return activations.gelu_tanh(x)
 
 
 def _widen_bias(bias, num_keys: int, stack: str, layer: int):

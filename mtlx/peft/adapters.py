@@ -27,6 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mtlx.models import activations
 from mtlx.models.layers import Site
 from mtlx.peft import routing as R
 from mtlx.peft.base import (TaskExtension, check_patterns, check_positive, matches_any,
@@ -34,8 +35,8 @@ from mtlx.peft.base import (TaskExtension, check_patterns, check_positive, match
 
 ACTIVATIONS: Mapping[str, Callable] = {
     "relu": jax.nn.relu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu": activations.gelu,
+    "gelu_new": activations.gelu_tanh,
     "swish": jax.nn.silu,
     "silu": jax.nn.silu,
     "tanh": jnp.tanh,

@@ -1,0 +1,111 @@
+"""GELU activations whose gradient keeps only their input.
+
+Autodiff of ``x * (erf(x / sqrt 2) + 1) / 2`` saves the intermediates of the formula for the
+backward pass (on the H100, BERT-base's compiled step kept three [tokens, 3072] tensors per layer
+where the input alone is enough, and its backward read four), and a feed-forward layer's
+activation is the largest tensor of a transformer layer. These versions are `jax.custom_vjp`
+functions that save only `x` and recompute the derivative from it:
+
+    exact:  d/dx x Phi(x) = Phi(x) + x phi(x),  Phi(x) = (1 + erf(x / sqrt 2)) / 2,
+                                                phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
+    tanh:   g(x) = x (1 + tanh u) / 2 = x s,  u = sqrt(2 / pi) (x + 0.044715 x^3),
+            s = sigmoid(2u) (= (1 + tanh u) / 2, without its cancellation in the left tail)
+            g'(x) = s + 2 x s (1 - s) sqrt(2 / pi) (1 + 3 * 0.044715 x^2)
+
+Both directions compute in float32 and return the input's dtype (as PyTorch's CUDA kernels do
+for bf16 tensors under autocast: "opmath" float32). The formulas are HF's `gelu` (exact) and
+`gelu_new` / `gelu_pytorch_tanh` (tanh); tests/test_activations.py checks values and gradients
+against jax.nn.gelu in float64 and against torch.
+
+`autodiff()` (a trace-time switch) traces the plain autodiff versions instead: the benchmark's
+A/B (mtlx.bench.workload.Features.activation_vjp).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_SQRT_HALF = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_TANH_C = 0.044715
+_autodiff = False
+
+
+@contextlib.contextmanager
+def autodiff():
+    """``with autodiff(): ...`` traces gelu / gelu_tanh as jax.nn.gelu (autodiff's residuals)."""
+    global _autodiff
+    previous, _autodiff = _autodiff, True
+    try:
+        yield
+    finally:
+        _autodiff = previous
+
+
+def _f32(x):
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+@jax.custom_vjp
+def _gelu_exact(x):
+    y = _f32(x)
+    return (0.5 * y * (1.0 + lax.erf(y * _SQRT_HALF))).astype(x.dtype)
+
+
+def _gelu_exact_fwd(x):
+    return _gelu_exact(x), x
+
+
+def _gelu_exact_bwd(x, g):
+    y = _f32(x)
+    cdf = 0.5 * (1.0 + lax.erf(y * _SQRT_HALF))
+    pdf = jnp.exp(-0.5 * y * y) * _INV_SQRT_2PI
+    return ((cdf + y * pdf) * _f32(g)).astype(x.dtype),
+
+
+_gelu_exact.defvjp(_gelu_exact_fwd, _gelu_exact_bwd)
+
+
+def _tanh_gate(y):
+    # (1 + tanh u) / 2 = sigmoid(2u): no 1 + (-1 + tiny) where u is very negative.
+    return jax.nn.sigmoid(2.0 * _SQRT_2_OVER_PI * (y + _TANH_C * y * y * y))
+
+
+@jax.custom_vjp
+def _gelu_tanh(x):
+    y = _f32(x)
+    return (y * _tanh_gate(y)).astype(x.dtype)
+
+
+def _gelu_tanh_fwd(x):
+    return _gelu_tanh(x), x
+
+
+def _gelu_tanh_bwd(x, g):
+    y = _f32(x)
+    s = _tanh_gate(y)
+    d = s + 2.0 * y * s * (1.0 - s) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _TANH_C * y * y)
+    return (d * _f32(g)).astype(x.dtype),
+
+
+_gelu_tanh.defvjp(_gelu_tanh_fwd, _gelu_tanh_bwd)
+
+
+def gelu(x):
+    """HF's `gelu`: x Phi(x) with the exact erf; the gradient saves only x."""
+    if _autodiff:
+        return jax.nn.gelu(x, approximate=False)
+    return _gelu_exact(x)
+
+
+def gelu_tanh(x):
+    """HF's `gelu_new` / `gelu_pytorch_tanh` (T5 v1.1's gated GELU); the gradient saves only x."""
+    if _autodiff:
+        return jax.nn.gelu(x, approximate=True)
+    return _gelu_tanh(x)
