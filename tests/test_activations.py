@@ -1,5 +1,6 @@
-"""mtlx.models.activations: GELU values and gradients against PyTorch (float64, autograd) and
-jax.nn.gelu, the residuals they keep, and BERT / T5 layers unchanged up to rounding."""
+"""mtlx.models.activations: the saved-input GELU VJPs' values and gradients against PyTorch
+(float64, autograd), the residuals they keep, the policy, and BERT's gradients unchanged up to
+rounding. The custom VJPs are traced under policy('saved_input') (the CPU's 'auto' is autodiff)."""
 
 import numpy as np
 import pytest
@@ -13,6 +14,12 @@ from mtlx.models import activations as A
 torch = pytest.importorskip("torch")
 
 CASES = [(A.gelu, "none"), (A.gelu_tanh, "tanh")]
+
+
+@pytest.fixture(autouse=True)
+def _saved_input():
+    with A.policy("saved_input"):
+        yield
 
 
 def _points(n=4001, seed=0):
@@ -87,8 +94,19 @@ def test_only_the_input_is_saved_for_the_backward(fn, plain):
     saved = big(fn)
     assert len(saved) == 1 and "argument" in saved[0][1], saved
     assert len(big(plain)) >= 3      # what autodiff of the formula keeps
-    with A.autodiff():               # the benchmark's A/B switch traces the plain version
+    with A.policy("autodiff"):       # the benchmark's A/B switch traces the plain version
         assert len(big(fn)) == len(big(plain))
+    with A.policy("auto"):           # on this CPU: autodiff; on an accelerator: the input only
+        assert len(big(fn)) == (len(big(plain)) if jax.default_backend() == "cpu" else 1)
+
+
+def test_policy_is_checked_and_restored():
+    with pytest.raises(ValueError, match="policy must be one of"):
+        A.set_policy("fast")
+    assert A.saves_input_only()
+    with A.policy("autodiff"):
+        assert not A.saves_input_only()
+    assert A.saves_input_only()
 
 
 def test_bert_gradients_equal_the_autodiff_activation():
@@ -105,7 +123,7 @@ def test_bert_gradients_equal_the_autodiff_activation():
         return jnp.sum(model.apply(p, ids, mask).last_hidden_state ** 2)
 
     g_new = jax.grad(loss)(params)
-    with A.autodiff():
+    with A.policy("autodiff"):
         g_old = jax.grad(loss)(params)
     scale = np.sqrt(sum(float(np.sum(np.asarray(b, np.float64) ** 2))
                         for b in jax.tree_util.tree_leaves(g_old)))

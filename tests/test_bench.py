@@ -487,9 +487,10 @@ def test_feature_variants_say_what_is_unavailable():
     assert "remat=dots" in gpu_short and "remat=full" not in gpu_short
     assert "scan_layers=on" not in short and "donate=off" not in short   # --quick on a CPU
     assert not any(k.startswith(("prng", "attention_dropout", "activation_vjp")) for k in short)
-    # GELU's gradient: autodiff of the formula against the saved-input VJP (a GPU question)
-    assert v["activation_vjp=autodiff"].activation_vjp == "autodiff"
-    assert "activation_vjp=autodiff" in HR.feature_variants(W.Features(), "gpu", short=True)
+    # GELU's gradient: the platform's 'auto' against the other choice (a GPU question)
+    assert v["activation_vjp=saved_input"].activation_vjp == "saved_input"
+    assert HR.feature_variants(W.Features(), "gpu", short=True)[
+        "activation_vjp=autodiff"].activation_vjp == "autodiff"
     with pytest.raises(ValueError, match="Features.activation_vjp"):
         W.Features(activation_vjp="remat")
     g = HR.feature_variants(W.Features(), "gpu")
@@ -708,3 +709,24 @@ def test_threads_probe_times_only_the_faster_setting():
     assert set(probe) == {"1", "2"} and all(v > 0 for v in probe.values())
     assert timed_threads == min(probe, key=probe.get)
     assert res["ratio"]["per_task"] > 0
+
+
+def test_hlo_traffic_counts_operands_and_results(tmp_path, capsys):
+    # One fused elementwise op over two f32[1000] operands: 8,000 bytes read, 4,000 written.
+    import gzip
+    import jax
+    import jax.numpy as jnp
+    sys.path.insert(0, str(REPO / "scripts"))
+    import hlo_traffic
+    text = jax.jit(lambda x, y: x * y + 1.0).lower(jnp.ones(1000), jnp.ones(1000)).compile().as_text()
+    path = tmp_path / "step.hlo.txt.gz"
+    with gzip.open(path, "wt") as f:
+        f.write(text)
+    ops = hlo_traffic.entry_ops(text)
+    assert sum(o[3] for o in ops) == 8000 and sum(o[4] for o in ops) == 4000
+    assert hlo_traffic.array_bytes("(bf16[2,3]{1,0}, pred[4], s8[8])") == 12 + 4 + 8
+    agg = hlo_traffic.main([str(path), "--top", "3"])
+    assert sum(a[1] + a[2] for a in agg.values()) == 12000
+    assert "0.00 GB read + written" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no ENTRY computation"):
+        hlo_traffic.entry_ops("HloModule m\n")

@@ -411,10 +411,12 @@ def feature_variants(base: W.Features, platform_name: str, short: bool = False,
                 f"not available on {platform_name}: cuDNN fused attention needs an NVIDIA GPU")
     else:
         out["attention=xla"] = rep(base, attention="xla")
-    # GELU's gradient saving only its input (mtlx.models.activations) against autodiff of the
-    # formula: memory traffic, so a GPU question (the tiny --quick CPU cell would not show it).
-    if base.activation_vjp == "saved_input" and (not short or platform_name == "gpu"):
-        out["activation_vjp=autodiff"] = rep(base, activation_vjp="autodiff")
+    # GELU's gradient: the platform's 'auto' choice (mtlx.models.activations: the saved input
+    # on accelerators, autodiff on a CPU) against the other; a GPU question of memory traffic
+    # (the tiny --quick CPU cell would not show it).
+    if base.activation_vjp == "auto" and (not short or platform_name == "gpu"):
+        other_vjp = "saved_input" if platform_name == "cpu" else "autodiff"
+        out[f"activation_vjp={other_vjp}"] = rep(base, activation_vjp=other_vjp)
     # Threefry bits for dropout are costly on accelerators (rbg is the usual answer there; on
     # this CPU it was slower: BUILD_NOTES.md): in the short list on a GPU only.
     if base.prng == "threefry2x32" and (not short or platform_name == "gpu"):

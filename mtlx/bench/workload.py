@@ -54,7 +54,7 @@ DTYPES = ("float32", "bfloat16")
 # threefry2x32 is JAX's default; 'rbg' / 'unsafe_rbg' use XLA's RngBitGenerator, much cheaper
 # per random bit (dropout draws B x L x d bits per sublayer and B x H x L x L for attention).
 PRNGS = ("threefry2x32", "rbg", "unsafe_rbg")
-ACTIVATION_VJPS = ("saved_input", "autodiff")
+ACTIVATION_VJPS = ("auto", "saved_input", "autodiff")
 LEARNING_RATE, WEIGHT_DECAY, CLIP_NORM = 1e-4, 0.01, 1.0
 HIDDEN_DROPOUT, ATTENTION_DROPOUT, HEAD_DROPOUT = 0.1, 0.1, 0.1
 
@@ -70,9 +70,9 @@ class Features:
     # Dropout on the sublayers' outputs (BertConfig.hidden_dropout). Not a throughput switch of
     # the same model: 0 measures what dropout (its random bits and masks) costs a step.
     hidden_dropout: float = HIDDEN_DROPOUT
-    # GELU's gradient: 'saved_input' (mtlx.models.activations, the default) or 'autodiff' (the
-    # formula differentiated by JAX, which keeps its intermediates): the A/B of that choice.
-    activation_vjp: str = "saved_input"
+    # GELU's gradient (mtlx.models.activations policy): 'auto' (saved input on accelerators,
+    # autodiff on a CPU), 'saved_input' or 'autodiff': the A/B of that choice.
+    activation_vjp: str = "auto"
     prng: str = "threefry2x32"          # dropout's random bits: JAX's PRNG implementation
     scan_layers: bool = False         # BertConfig.scan_layers: the layers as one lax.scan
     routing: Optional[str] = None     # the PEFT methods' 'impl' (mtlx.peft.routing); None: theirs
@@ -118,7 +118,7 @@ class Features:
                 + (f", dots={self.dots}" if self.dots != "auto" else "")
                 + (f", frozen kernels {self.frozen_dtype}" if self.frozen_dtype else "")
                 + (f", activation_vjp={self.activation_vjp}"
-                   if self.activation_vjp != "saved_input" else "")
+                   if self.activation_vjp != "auto" else "")
                 + (f", hidden_dropout={self.hidden_dropout}"
                    if self.hidden_dropout != HIDDEN_DROPOUT else ""))
 
@@ -243,17 +243,16 @@ def traced_with(step_fn, features: Features):
     """The step traced with the features' trace-time settings: `prng` as JAX's default PRNG
     (the train state's raw key data is wrapped with the default implementation inside
     mtlx.train.step), `dots` as mtlx.models.precision's policy and `activation_vjp`
-    (mtlx.models.activations.autodiff)."""
+    (mtlx.models.activations.policy)."""
     if (features.prng == "threefry2x32" and features.dots == "auto"
-            and features.activation_vjp == "saved_input"):
+            and features.activation_vjp == "auto"):
         return step_fn
 
     def step(state, batch):
-        import contextlib
         import jax
         from mtlx.models import activations, precision
-        gelu = activations.autodiff() if features.activation_vjp == "autodiff" else contextlib.nullcontext()
-        with jax.default_prng_impl(features.prng), precision.policy(features.dots), gelu:
+        with jax.default_prng_impl(features.prng), precision.policy(features.dots), \
+                activations.policy(features.activation_vjp):
             return step_fn(state, batch)
     return step
 
