@@ -4,8 +4,8 @@
 #   1. environment (scripts/gpu_env.py: packages, devices, JAX's bf16 matmul rate);
 #   2. scripts/profile_step.py over the variants, one process: per variant the first call
 #      (compile), the untraced step time and MFU, then 3 traced steps summed by kernel category
-#      (matmul, cuDNN attention, fusions, copies) and by kernel, and the share of wall time the
-#      GPU's streams were busy; a summary table last;
+#      (matmul, cuDNN attention, fusions, copies) and by kernel, and the share of the untraced
+#      step the kernels cover (the rest: the GPU waiting on the host); a summary table last;
 #   3. every variant's compiled step as HLO text in OUT_DIR/hlo.tar (read offline, at no device
 #      time: which products went to cuBLAS or Triton, what fused).
 # Writes OUT_DIR/{env.txt, profile.txt, hlo.tar, log.txt}.

@@ -82,7 +82,7 @@ def profile_cell(text: str, steps: int, top: int, dtype: str = "float32",
                  attention: str = "default", frozen_dtype=None, hlo_dir=None) -> dict:
     """Builds the cell (with its ':field=value' Features overrides), times untraced steps,
     then traces `steps` steps and sums the traced ops by kind (and on a GPU by category, with
-    the share of wall time its streams were busy). Returns the figures."""
+    the share of the untraced step its kernels cover). Returns the figures."""
     import dataclasses
     import jax
     import numpy as np
@@ -175,7 +175,9 @@ def profile_cell(text: str, steps: int, top: int, dtype: str = "float32",
             else:
                 hi = max(hi, e)
         covered += hi - lo
-        busy = covered / 1e9 / steps / wall
+        # Kernel time (union over streams) against the UNTRACED step: tracing slows the host,
+        # so the traced wall time says little about idle gaps in a normal run.
+        busy = covered / 1e9 / steps / step_s
     print(f"\n{text} ({features.describe()})")
     print(f"  first call (compile + step) {first_s:.1f} s; step {1e3 * step_s:.2f} ms untraced "
           f"(median of 3 blocks of {n}); {cell.batch_size / step_s:,.0f} ex/s; model FLOPs "
@@ -183,7 +185,7 @@ def profile_cell(text: str, steps: int, top: int, dtype: str = "float32",
                                          f"TFLOP/s ({peak.source})" if mfu else ""))
     print(f"  {steps} traced steps: {1e3 * wall:.1f} ms/step wall, op time {total / 1e6 / steps:.1f} "
           f"ms/step over all worker threads (on a GPU: its streams' kernels)"
-          + (f"; streams busy {100 * busy:.0f}% of wall" if busy is not None else ""))
+          + (f"; kernels cover {100 * busy:.0f}% of the untraced step" if busy is not None else ""))
     if cats:
         print(f"  {'category':28s} {'ms/step':>9s} {'share':>7s}")
         for k, v in cats.most_common():
