@@ -493,6 +493,11 @@ def test_feature_variants_say_what_is_unavailable():
         "activation_vjp=autodiff"].activation_vjp == "autodiff"
     with pytest.raises(ValueError, match="Features.activation_vjp"):
         W.Features(activation_vjp="remat")
+    assert v["dropout_draws=bernoulli"].dropout_draws == "bernoulli"
+    assert "dropout_draws=bernoulli" in HR.feature_variants(W.Features(), "gpu", short=True)
+    assert not any(k.startswith("dropout_draws") for k in short)
+    with pytest.raises(ValueError, match="Features.dropout_draws"):
+        W.Features(dropout_draws="philox")
     g = HR.feature_variants(W.Features(), "gpu")
     assert g["attention=cudnn (attention_dropout=0)"].attention == "cudnn"
     gs = HR.feature_variants(W.Features(), "gpu", short=True)

@@ -421,6 +421,10 @@ def feature_variants(base: W.Features, platform_name: str, short: bool = False,
     # this CPU it was slower: BUILD_NOTES.md): in the short list on a GPU only.
     if base.prng == "threefry2x32" and (not short or platform_name == "gpu"):
         out["prng=rbg (dropout random bits)"] = rep(base, prng="rbg")
+    # Dropout's draws: four 16-bit draws a threefry hash (mtlx.models.dropout) or flax's float
+    # draw per element.
+    if base.dropout_draws == "hash16" and (not short or platform_name == "gpu"):
+        out["dropout_draws=bernoulli"] = rep(base, dropout_draws="bernoulli")
     out[f"dtype={other_dtype}"] = rep(base, dtype=other_dtype, attention=other_attention,
                                       frozen_dtype=None)
     # bf16 products (mtlx.models.precision): on a CPU the default ('auto') accumulates into

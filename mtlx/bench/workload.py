@@ -55,6 +55,7 @@ DTYPES = ("float32", "bfloat16")
 # per random bit (dropout draws B x L x d bits per sublayer and B x H x L x L for attention).
 PRNGS = ("threefry2x32", "rbg", "unsafe_rbg")
 ACTIVATION_VJPS = ("auto", "saved_input", "autodiff")
+DROPOUT_DRAWS = ("hash16", "bernoulli")
 LEARNING_RATE, WEIGHT_DECAY, CLIP_NORM = 1e-4, 0.01, 1.0
 HIDDEN_DROPOUT, ATTENTION_DROPOUT, HEAD_DROPOUT = 0.1, 0.1, 0.1
 
@@ -73,6 +74,9 @@ class Features:
     # GELU's gradient (mtlx.models.activations policy): 'auto' (saved input on accelerators,
     # autodiff on a CPU), 'saved_input' or 'autodiff': the A/B of that choice.
     activation_vjp: str = "auto"
+    # Dropout's draws (mtlx.models.dropout policy): 'hash16' (four 16-bit draws a threefry
+    # hash, the default) or 'bernoulli' (flax's float draw per element): the A/B.
+    dropout_draws: str = "hash16"
     prng: str = "threefry2x32"          # dropout's random bits: JAX's PRNG implementation
     scan_layers: bool = False         # BertConfig.scan_layers: the layers as one lax.scan
     routing: Optional[str] = None     # the PEFT methods' 'impl' (mtlx.peft.routing); None: theirs
@@ -105,6 +109,9 @@ class Features:
         if self.activation_vjp not in ACTIVATION_VJPS:
             raise ValueError(f"mtlx/bench/workload.py: Features.activation_vjp must be one of "
                              f"{ACTIVATION_VJPS}, got {self.activation_vjp!r}")
+        if self.dropout_draws not in DROPOUT_DRAWS:
+            raise ValueError(f"mtlx/bench/workload.py: Features.dropout_draws must be one of "
+                             f"{DROPOUT_DRAWS}, got {self.dropout_draws!r}")
         if self.attention == "cudnn" and self.attention_dropout > 0:
             # cuDNN's fused kernel cannot drop attention probabilities (mtlx.models.bert).
             raise ValueError(f"mtlx/bench/workload.py: Features.attention='cudnn' needs "
@@ -119,6 +126,8 @@ class Features:
                 + (f", frozen kernels {self.frozen_dtype}" if self.frozen_dtype else "")
                 + (f", activation_vjp={self.activation_vjp}"
                    if self.activation_vjp != "auto" else "")
+                + (f", dropout_draws={self.dropout_draws}"
+                   if self.dropout_draws != "hash16" else "")
                 + (f", hidden_dropout={self.hidden_dropout}"
                    if self.hidden_dropout != HIDDEN_DROPOUT else ""))
 
@@ -242,17 +251,17 @@ class MtlxSetup:
 def traced_with(step_fn, features: Features):
     """The step traced with the features' trace-time settings: `prng` as JAX's default PRNG
     (the train state's raw key data is wrapped with the default implementation inside
-    mtlx.train.step), `dots` as mtlx.models.precision's policy and `activation_vjp`
-    (mtlx.models.activations.policy)."""
+    mtlx.train.step), `dots` as mtlx.models.precision's policy, `activation_vjp`
+    (mtlx.models.activations.policy) and `dropout_draws` (mtlx.models.dropout.policy)."""
     if (features.prng == "threefry2x32" and features.dots == "auto"
-            and features.activation_vjp == "auto"):
+            and features.activation_vjp == "auto" and features.dropout_draws == "hash16"):
         return step_fn
 
     def step(state, batch):
         import jax
-        from mtlx.models import activations, precision
+        from mtlx.models import activations, dropout, precision
         with jax.default_prng_impl(features.prng), precision.policy(features.dots), \
-                activations.policy(features.activation_vjp):
+                activations.policy(features.activation_vjp), dropout.policy(features.dropout_draws):
             return step_fn(state, batch)
     return step
 

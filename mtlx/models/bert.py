@@ -68,6 +68,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtlx.models.dropout import Dropout, dropout
 from mtlx.models.attention import IMPLEMENTATIONS, attend, padding_mask, right_padding_lengths
 from mtlx.models import activations, precision
 from mtlx.models.remat import check_policy as check_remat_policy, remat_layer
@@ -193,9 +194,7 @@ def attend_with_prob_dropout(q, k, v, mask, rate: float, rng):
     if mask is not None:
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
-    if rate > 0.0:
-        keep = jax.random.bernoulli(rng, 1.0 - rate, probs.shape)
-        probs = jnp.where(keep, probs / (1.0 - rate), 0.0)
+    probs = dropout(probs, rate, rng)
     return precision.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
 
 
@@ -234,7 +233,7 @@ class BertEmbeddings(nn.Module):
         h = h + embed(cfg.type_vocab_size, "token_type_embeddings")(token_type_ids)
         h = h + embed(cfg.max_position_embeddings, "position_embeddings")(position_ids)
         h = _layer_norm(cfg, "layer_norm")(h).astype(cfg.dtype)
-        return nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
+        return Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
 
 
 class BertSelfAttention(nn.Module):
@@ -277,7 +276,7 @@ class BertSelfAttention(nn.Module):
         ctx = ctx.astype(cfg.dtype).reshape(b, l, cfg.hidden_size)
         out = _projection(cfg, cfg.hidden_size, Site("encoder", self.layer, "attention.output"),
                           "output")(ctx, routing)
-        out = nn.Dropout(cfg.hidden_dropout)(out, deterministic=deterministic)
+        out = Dropout(cfg.hidden_dropout)(out, deterministic=deterministic)
         out = extend_sublayer(cfg.extensions, Site("encoder", self.layer, "attention"), x, out, routing)
         return _residual_norm(cfg, x, out, "layer_norm", Site("encoder", self.layer, "attention.layer_norm"),
                               routing)
@@ -296,7 +295,7 @@ class BertFeedForward(nn.Module):
         h = ACTIVATIONS[cfg.hidden_act](h)
         out = _projection(cfg, cfg.hidden_size, Site("encoder", self.layer, "ffn.output"),
                           "output")(h, routing)
-        out = nn.Dropout(cfg.hidden_dropout)(out, deterministic=deterministic)
+        out = Dropout(cfg.hidden_dropout)(out, deterministic=deterministic)
         out = extend_sublayer(cfg.extensions, Site("encoder", self.layer, "ffn"), x, out, routing)
         return _residual_norm(cfg, x, out, "layer_norm", Site("encoder", self.layer, "ffn.layer_norm"),
                               routing)

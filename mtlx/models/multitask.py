@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from mtlx.batch import Batch, check_task_ids
 from mtlx.models import heads as H
+from mtlx.models.dropout import Dropout
 from mtlx.models.layers import Routing
 
 
@@ -76,7 +77,7 @@ class MultiTaskModel(nn.Module):
             check_task_order(self.backbone_config, self.task_names)
         self.backbone = backbone_module(self.backbone_config)
         self.heads = TaskHeads(self.tasks)
-        self.dropout = nn.Dropout(self.head_dropout)
+        self.dropout = Dropout(self.head_dropout)
         self.generators = {
             ext.name: ext.generator() for ext in getattr(self.backbone_config, "extensions", ())
             if ext.generator() is not None}

@@ -75,6 +75,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtlx.models.dropout import Dropout, dropout
 from mtlx.models.attention import IMPLEMENTATIONS, attend, padding_mask
 from mtlx.models import activations, precision
 from mtlx.models.remat import check_policy as check_remat_policy, remat_layer
@@ -212,8 +213,7 @@ def _attend_with_prob_dropout(q, k, v, mask, bias, rate: float, rng):
         logits = logits + bias.astype(jnp.float32)
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
-    keep = jax.random.bernoulli(rng, 1.0 - rate, probs.shape)
-    probs = jnp.where(keep, probs / (1.0 - rate), 0.0)
+    probs = dropout(probs, rate, rng)
     return precision.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
 
 
@@ -315,7 +315,7 @@ class T5SelfAttention(nn.Module):
         ctx = _attention(self, cfg, q, k, v, mask,
                          _widen_bias(bias, k.shape[1], self.stack, self.layer), deterministic)
         y = proj["output"](ctx.astype(cfg.dtype).reshape(*x.shape[:-1], cfg.inner_dim), routing)
-        y = nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
+        y = Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
         y = extend_sublayer(cfg.extensions, Site(self.stack, self.layer, "attention"), h, y, routing)
         return h + y, bias, new_cache
 
@@ -345,7 +345,7 @@ class T5CrossAttention(nn.Module):
         q = _split_heads(cfg, proj["query"](x, routing))
         ctx = _attention(self, cfg, q, kv[0], kv[1], mask, None, deterministic)
         y = proj["output"](ctx.astype(cfg.dtype).reshape(*x.shape[:-1], cfg.inner_dim), routing)
-        y = nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
+        y = Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
         y = extend_sublayer(cfg.extensions, Site(self.stack, self.layer, "cross_attention"), h, y,
                             routing)
         return h + y
@@ -372,9 +372,9 @@ class T5FeedForward(nn.Module):
                  * proj("gate", cfg.d_ff, cfg.d_model ** -0.5)(x, routing))
         else:
             y = jax.nn.relu(proj("input", cfg.d_ff, cfg.d_model ** -0.5)(x, routing))
-        y = nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
+        y = Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
         y = proj("output", cfg.d_model, cfg.d_ff ** -0.5)(y, routing)
-        y = nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
+        y = Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
         y = extend_sublayer(cfg.extensions, Site(self.stack, self.layer, "ffn"), h, y, routing)
         return h + y
 
@@ -517,7 +517,7 @@ class T5Encoder(nn.Module):
                                  f"{x.shape[1]} to {h.shape[1]}; it cannot be combined with "
                                  f"packed rows ({name})")
         mask = padding_mask(attention_mask, segment_ids)
-        h = nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
+        h = Dropout(cfg.dropout_rate)(h, deterministic=deterministic)
         bias = None  # layer 0 computes it, the others reuse it
         block = remat_block(cfg)
         scan = cfg.scan_layers and not self.is_initializing()
@@ -529,7 +529,7 @@ class T5Encoder(nn.Module):
             h = _scan_blocks(self, "encoder", cfg.num_layers, h, mask, bias, routing,
                              deterministic, None, None, position_ids)
         h = T5LayerNorm(cfg, name="final_layer_norm")(h)
-        return nn.Dropout(cfg.dropout_rate)(h, deterministic=deterministic), attention_mask
+        return Dropout(cfg.dropout_rate)(h, deterministic=deterministic), attention_mask
 
 
 class T5Decoder(nn.Module):
@@ -543,7 +543,7 @@ class T5Decoder(nn.Module):
         self.layers = [block(cfg, "decoder", i, name=f"layer_{i}")
                        for i in range(cfg.num_decoder_layers)]
         self.final_layer_norm = T5LayerNorm(cfg)
-        self.dropout = nn.Dropout(cfg.dropout_rate)
+        self.dropout = Dropout(cfg.dropout_rate)
 
     def __call__(self, embeddings, attention_mask, encoder_hidden, encoder_attention_mask,
                  routing, deterministic: bool = True):
