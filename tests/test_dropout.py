@@ -77,3 +77,22 @@ def test_bernoulli_policy_traces_flax_formula():
     with pytest.raises(ValueError, match="policy must be one of"):
         with D.policy("philox"):
             pass
+
+
+def test_draws_are_the_hash_words_16_bits_at_a_time():
+    # Element j of a row uses group j // 4 (its position in the array is the hash counter) and
+    # 16 bits of its two output words: low half of the first, high half, then the second's.
+    from jax.extend.random import threefry2x32_p
+    key = jax.random.key(11)
+    shape, rate = (3, 10), 0.5
+    data = jax.random.key_data(key)
+    groups = np.arange(3 * 3, dtype=np.uint32).reshape(3, 3)
+    hi, lo = threefry2x32_p.bind(data[0], data[1], jnp.zeros((3, 3), jnp.uint32), jnp.asarray(groups))
+    hi, lo = np.asarray(hi), np.asarray(lo)
+    want = np.zeros(shape, bool)
+    for r in range(3):
+        for j in range(10):
+            g, k = divmod(j, 4)
+            word = hi[r, g] if k < 2 else lo[r, g]
+            want[r, j] = ((int(word) >> (16 * (k % 2))) & 0xFFFF) >= 32768
+    np.testing.assert_array_equal(np.asarray(D.keep_mask(key, shape, rate)), want)

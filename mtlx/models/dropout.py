@@ -85,11 +85,19 @@ def keep_mask(rng, shape, rate: float):
         groups = lead + (-(-d // 4),)
         hi, lo = threefry2x32_p.bind(data[0], data[1], jnp.zeros(groups, jnp.uint32),
                                      _counters(groups))
-        words = jnp.stack([hi, lo], axis=-1)                          # [*lead, d/4, 2]
+        words = (hi, lo)                                   # 2 words = 4 draws a group
     else:
-        words = jax.random.bits(rng, lead + (-(-d // 2),), jnp.uint32)[..., None]  # [*lead, d/2, 1]
-    draws = jnp.stack([words & 0xFFFF, words >> 16], axis=-1)          # [..., 16-bit draws]
-    draws = draws.reshape(lead + (-1,))[..., :d]
+        groups = lead + (-(-d // 2),)
+        words = (jax.random.bits(rng, groups, jnp.uint32),)  # 1 word = 2 draws a group
+    # Draw k of a group: 16 bits of word k // 2. Written with broadcasts and an iota (no stack:
+    # XLA:CPU materialised a stacked copy of every mask), so it fuses into the consumer.
+    per = 2 * len(words)
+    wide = groups + (per,)
+    k = lax.broadcasted_iota(jnp.uint32, wide, len(groups))
+    word = jnp.broadcast_to(words[0][..., None], wide)
+    if len(words) == 2:
+        word = jnp.where(k < 2, word, jnp.broadcast_to(words[1][..., None], wide))
+    draws = ((word >> ((k & 1) * 16)) & 0xFFFF).reshape(lead + (-1,))[..., :d]
     return (draws >= t).reshape(shape)
 
 
