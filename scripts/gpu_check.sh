@@ -33,15 +33,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu_check_out}
 mkdir -p "$OUT"
-if [ -z "${PYTHON:-}" ]; then
-  if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONUNBUFFERED=1
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
-# JAX and PyTorch share the card: no up-front grab of 75% of its memory by JAX.
-export XLA_PYTHON_CLIENT_PREALLOCATE=false
-export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-3}
+. scripts/gpu_common.sh
 BUDGET=${GPU_CHECK_BUDGET_S:-210}
 # The whole script's wall-clock limit: the benchmark and the profile are stopped (timeout) so
 # that it ends by then; bench.json and bench.md keep every phase finished before the stop.

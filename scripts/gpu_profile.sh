@@ -21,14 +21,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-gpu_profile_out}
 mkdir -p "$OUT/hlo"
-if [ -z "${PYTHON:-}" ]; then
-  if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
-fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONUNBUFFERED=1
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
-export XLA_PYTHON_CLIENT_PREALLOCATE=false
-export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-3}
+. scripts/gpu_common.sh
 LIMIT=${GPU_PROFILE_LIMIT_S:-300}
 LOG="$OUT/log.txt"
 : > "$LOG"

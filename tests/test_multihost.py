@@ -20,30 +20,71 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_match_single_process(tmp_path):
-    from tests.test_sharding import run
-    ref_params, _, _ = run(None)
-    out = tmp_path / "params.npz"
+def run_two_workers(script: str, argv, timeout: float):
+    """Runs tests/<script> as processes 0 and 1 of a 2-process run (argv(port, i) -> its
+    arguments), one host device each; fails with both logs unless both exit 0."""
     port = str(free_port())
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("XLA_FLAGS", None)
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / "mh_worker.py"), port, str(i), str(out)],
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / script)] + argv(port, i),
                               env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
              for i in range(2)]
     logs = []
     for p in procs:
         try:
-            logs.append(p.communicate(timeout=300)[0].decode()[-3000:])
+            logs.append(p.communicate(timeout=timeout)[0].decode()[-3000:])
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
             raise
     assert all(p.returncode == 0 for p in procs), "\n---\n".join(logs)
+
+
+def test_two_processes_match_single_process(tmp_path):
+    from tests.test_sharding import run
+    ref_params, _, _ = run(None)
+    out = tmp_path / "params.npz"
+    run_two_workers("mh_worker.py", lambda port, i: [port, str(i), str(out)], timeout=300)
     got = np.load(out)
     flat = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(ref_params)}
     assert set(got.files) == set(flat)
     for k, v in flat.items():
         np.testing.assert_allclose(got[k], v, atol=1e-5, rtol=1e-5, err_msg=k)
+
+
+@pytest.mark.heavy
+def test_two_process_run_evaluates_text_to_text_tasks_like_one(tmp_path, t5_tok_dir):
+    """The whole loop on two processes: a T5 run with text-to-text tasks (config.text_to_text)
+    trains, generates each process's rows of every eval batch, gathers them and scores the
+    texts as the single-process run does."""
+    import json
+    from mtlx.train.config import load_config
+    from mtlx.train.loop import train_and_evaluate
+    from tests.conftest import write_t5_text_to_text_config
+    # Several processes need one length bucket (mtlx.data.pipeline): both runs get it. A zero
+    # learning rate keeps both runs' parameters equal through the steps (Adam turns the
+    # all-reduce's rounding into 1e-3 differences otherwise), so the evaluations must agree
+    # to float rounding: the same rows generated, gathered and scored.
+    config = write_t5_text_to_text_config(tmp_path / "config.py", t5_tok_dir,
+                                          extra=["c.data.buckets = (c.data.max_length,)",
+                                                 "c.optim.learning_rate = 0.0",
+                                                 "c.weighting.report.lookahead_lr = 1e-3"])
+    single = train_and_evaluate(load_config(str(config)), tmp_path / "one", progress=False)
+    out = tmp_path / "two.json"
+    run_two_workers("mh_loop_worker.py",
+                    lambda port, i: [port, str(i), str(config), str(tmp_path / "two"), str(out)],
+                    timeout=900)
+    two = json.loads(out.read_text())
+    assert set(two) == set(single) == {"rte", "stsb"}
+    for task, metrics in single.items():
+        assert set(two[task]) == set(metrics)
+        for name, value in metrics.items():
+            # (an untrained tiny T5 may generate one constant text for STS-B: its correlations
+            # are NaN on both sides)
+            assert two[task][name] == pytest.approx(value, rel=1e-5, abs=1e-6, nan_ok=True), \
+                (task, name, two[task][name], value)
+    # the runs generated and scored text: RTE's accuracy is a share of its dev examples
+    assert 0.0 <= single["rte"]["accuracy"] <= 1.0 and np.isfinite(single["rte"]["loss"])
 
 
 def test_process_slices_are_disjoint_and_cover():

@@ -16,21 +16,6 @@ from mtlx.data.pipeline import BatchLayout
 from mtlx.train.evaluate import evaluate_tasks, text_prediction
 
 
-@pytest.fixture(scope="module")
-def t5_tok_dir(tmp_path_factory):
-    from tokenizers import SentencePieceUnigramTokenizer
-    from transformers import T5TokenizerFast
-    text = [ex.texts[0] for ex in load_split("sst2", "train").examples]
-    text += ["acceptable unacceptable entailment not_entailment equivalent not_equivalent "
-             "0.0 1.2 3.8 4.6 5.0 sentence1 sentence2 rte mrpc stsb cola"] * 20
-    sp = SentencePieceUnigramTokenizer()
-    sp.train_from_iterator(text, vocab_size=400, special_tokens=["<pad>", "</s>", "<unk>"])
-    path = tmp_path_factory.mktemp("t5tok")
-    T5TokenizerFast(tokenizer_object=sp._tokenizer, pad_token="<pad>", eos_token="</s>",
-                    unk_token="<unk>", extra_ids=0).save_pretrained(path)
-    return path
-
-
 def test_text_prediction_follows_t5s_postprocessors():
     rte = text_to_text(get_task("rte"))
     assert text_prediction(rte, "entailment") == 0 and text_prediction(rte, " not_entailment ") == 1
@@ -109,18 +94,9 @@ def test_training_run_with_text_to_text_tasks(t5_tok_dir, tmp_path):
     import sys
     from mtlx.train.config import load_config
     from mtlx.train.loop import train_and_evaluate
+    from tests.conftest import write_t5_text_to_text_config
     from tests.test_train_loop import DEMO, ROOT
-    config = tmp_path / "config.py"
-    config.write_text(f"from mtlx.train.config import load_config\n\n"
-                      f"def get_config(arg=None):\n"
-                      f"    c = load_config({DEMO + ':local'!r})\n"
-                      f"    c.tasks = ('rte', 'stsb')\n"
-                      f"    c.text_to_text = True\n"
-                      f"    c.data.tokenizer = {str(t5_tok_dir)!r}\n"
-                      f"    c.model.family = 't5'\n"
-                      f"    c.model.config = dict(vocab_size=400, d_model=16, d_kv=8, d_ff=32,\n"
-                      f"                          num_layers=2, num_heads=2)\n"
-                      f"    return c\n")
+    config = write_t5_text_to_text_config(tmp_path / "config.py", t5_tok_dir)
     results = train_and_evaluate(load_config(str(config)), tmp_path / "run", progress=False)
     assert set(results["rte"]) == {"accuracy", "loss"} and 0 <= results["rte"]["accuracy"] <= 1
     assert {"pearson", "spearman", "loss"} == set(results["stsb"])

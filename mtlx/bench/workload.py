@@ -89,29 +89,17 @@ class Features:
         if self.routing is not None:
             from mtlx.peft.routing import check_impl
             check_impl(self.routing, "Features.routing")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"mtlx/bench/workload.py: Features.dtype must be one of {DTYPES}, "
-                             f"got {self.dtype!r}")
-        if self.attention not in IMPLEMENTATIONS:
-            raise ValueError(f"mtlx/bench/workload.py: Features.attention must be one of "
-                             f"{IMPLEMENTATIONS}, got {self.attention!r}")
-        check_policy(self.remat, "Features.remat")
         from mtlx.models.precision import POLICIES
-        if self.dots not in POLICIES:
-            raise ValueError(f"mtlx/bench/workload.py: Features.dots must be one of {POLICIES}, "
-                             f"got {self.dots!r}")
+        for name, choices in (("dtype", DTYPES), ("attention", IMPLEMENTATIONS),
+                              ("dots", POLICIES), ("prng", PRNGS),
+                              ("activation_vjp", ACTIVATION_VJPS), ("dropout_draws", DROPOUT_DRAWS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"mtlx/bench/workload.py: Features.{name} must be one of "
+                                 f"{choices}, got {getattr(self, name)!r}")
+        check_policy(self.remat, "Features.remat")
         if self.frozen_dtype is not None and self.frozen_dtype != self.dtype:
             raise ValueError(f"mtlx/bench/workload.py: Features.frozen_dtype must be None or the "
                              f"compute dtype {self.dtype!r}, got {self.frozen_dtype!r}")
-        if self.prng not in PRNGS:
-            raise ValueError(f"mtlx/bench/workload.py: Features.prng must be one of {PRNGS}, "
-                             f"got {self.prng!r}")
-        if self.activation_vjp not in ACTIVATION_VJPS:
-            raise ValueError(f"mtlx/bench/workload.py: Features.activation_vjp must be one of "
-                             f"{ACTIVATION_VJPS}, got {self.activation_vjp!r}")
-        if self.dropout_draws not in DROPOUT_DRAWS:
-            raise ValueError(f"mtlx/bench/workload.py: Features.dropout_draws must be one of "
-                             f"{DROPOUT_DRAWS}, got {self.dropout_draws!r}")
         if self.attention == "cudnn" and self.attention_dropout > 0:
             # cuDNN's fused kernel cannot drop attention probabilities (mtlx.models.bert).
             raise ValueError(f"mtlx/bench/workload.py: Features.attention='cudnn' needs "

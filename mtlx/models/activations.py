@@ -32,45 +32,29 @@ benchmark's A/B (mtlx.bench.workload.Features.activation_vjp) and for tests.
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from mtlx.models.policy import TracePolicy
+
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _TANH_C = 0.044715
 POLICIES = ("auto", "saved_input", "autodiff")
-_policy = "auto"
-
-
-def set_policy(name: str) -> str:
-    """Sets the GELU gradient policy (see module doc); returns the previous one."""
-    global _policy
-    if name not in POLICIES:
-        raise ValueError(f"mtlx.models.activations: policy must be one of {POLICIES}, got {name!r}")
-    previous, _policy = _policy, name
-    return previous
-
-
-@contextlib.contextmanager
-def policy(name: str):
-    """``with policy('autodiff'): ...`` traces the activations inside under that policy."""
-    previous = set_policy(name)
-    try:
-        yield
-    finally:
-        set_policy(previous)
+_POLICY = TracePolicy("mtlx.models.activations", POLICIES, "auto")
+set_policy = _POLICY.set      # (name) -> the previous policy
+policy = _POLICY.scope        # ``with policy('autodiff'): ...``
 
 
 def saves_input_only() -> bool:
     """Whether gelu / gelu_tanh traced now take the saved-input VJP."""
-    if _policy == "auto":
+    if _POLICY.value == "auto":
         return jax.default_backend() != "cpu"
-    return _policy == "saved_input"
+    return _POLICY.value == "saved_input"
 
 
 def _f32(x):

@@ -23,7 +23,6 @@ A/B (mtlx.bench.workload.Features.dropout_draws).
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import flax.linen as nn
@@ -32,22 +31,12 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend.random import threefry2x32_p
 
+from mtlx.models.policy import TracePolicy
+
 _LEVELS = 1 << 16
 POLICIES = ("hash16", "bernoulli")
-_policy = "hash16"
-
-
-@contextlib.contextmanager
-def policy(name: str):
-    """``with policy('bernoulli'): ...`` traces dropout inside as flax.linen.Dropout does."""
-    global _policy
-    if name not in POLICIES:
-        raise ValueError(f"mtlx.models.dropout: policy must be one of {POLICIES}, got {name!r}")
-    previous, _policy = _policy, name
-    try:
-        yield
-    finally:
-        _policy = previous
+_POLICY = TracePolicy("mtlx.models.dropout", POLICIES, "hash16")
+policy = _POLICY.scope        # ``with policy('bernoulli'): ...`` traces flax's formula
 
 
 def _threshold(rate: float) -> int:
@@ -108,7 +97,7 @@ def dropout(x, rate: float, rng):
         return x
     if rate >= 1.0:
         return jnp.zeros_like(x)
-    if _policy == "bernoulli":
+    if _POLICY.value == "bernoulli":
         keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
         return lax.select(keep, x / (1.0 - rate), jnp.zeros_like(x))
     keep = keep_mask(rng, x.shape, rate)

@@ -34,7 +34,6 @@ The policy is read at trace time: set it before a step is compiled.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from typing import Optional
 
@@ -42,43 +41,25 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from mtlx.models.policy import TracePolicy
+
 POLICIES = ("auto", "f32_accumulate", "native")
-_policy = "auto"
-
-
-def set_policy(policy: str) -> str:
-    """Set the low-precision product policy (see module doc); returns the previous one."""
-    global _policy
-    if policy not in POLICIES:
-        raise ValueError(f"mtlx.models.precision: policy must be one of {POLICIES}, got {policy!r}")
-    previous, _policy = _policy, policy
-    return previous
-
-
-def get_policy() -> str:
-    return _policy
-
-
-@contextlib.contextmanager
-def policy(name: str):
-    """``with policy('native'): ...`` traces the products inside under that policy."""
-    previous = set_policy(name)
-    try:
-        yield
-    finally:
-        set_policy(previous)
+_POLICY = TracePolicy("mtlx.models.precision", POLICIES, "auto")
+set_policy = _POLICY.set      # (name) -> the previous policy
+get_policy = _POLICY.get
+policy = _POLICY.scope        # ``with policy('native'): ...`` traces the products inside under it
 
 
 def f32_accumulate(*operands) -> bool:
     """Whether products of these operands take the float32-accumulating path now."""
-    if _policy == "native":
+    if _POLICY.value == "native":
         return False
     dtype = jnp.dtype(operands[0].dtype)
     if dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         return False
     if any(jnp.dtype(x.dtype) != dtype for x in operands):
         return False
-    return _policy == "f32_accumulate" or jax.default_backend() == "cpu"
+    return _POLICY.value == "f32_accumulate" or jax.default_backend() == "cpu"
 
 
 def _product(spec: str, a, b):
