@@ -57,7 +57,11 @@ def test_rate_edges_and_module():
     x = jnp.arange(12.0).reshape(3, 4)
     assert D.dropout(x, 0.0, jax.random.key(0)) is x
     assert np.all(np.asarray(D.dropout(x, 1.0, jax.random.key(0))) == 0)
-    assert bool(jnp.all(D.keep_mask(jax.random.key(0), (), 1e-9)))  # rounds to one level of 2^16
+    assert bool(jnp.all(D.keep_mask(jax.random.key(0), (), 1e-9)))
+    # a rate below 2^-17 rounds to 0: nothing dropped, nothing rescaled (T5's keep-all test)
+    assert D.dropout(x, 1e-9, jax.random.key(0)) is x and D.keep_scale(1e-9) == 1.0
+    # one level of 2^-16 is the smallest rate that drops
+    assert D.keep_scale(2.0 ** -16) == 65536 / 65535
     m = D.Dropout(0.5)
     assert m.apply({}, x, deterministic=True) is x
     y = m.apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(2)})

@@ -6,7 +6,7 @@ output words XORed). Here each hash's 64 output bits make four 16-bit draws, eac
 when its draw is >= t, t = round(rate * 2**16): four elements per hash, a quarter of the words
 to hold. The kept values are scaled (in float32) by 2**16 / (2**16 - t), the exact inverse of
 the kept probability, so E[dropout(x)] = x as with the float draw; the dropped fraction is the rate
-rounded to a multiple of 2**-16 (0.1 -> 0.100006).
+rounded to a multiple of 2**-16 (0.1 -> 0.100006; a rate under 2**-17 drops nothing).
 
 The hash counters are each element group's position in the array (an iota per dimension, as
 JAX's partitionable threefry does), so a batch sharded over devices draws the same bits as one
@@ -40,7 +40,8 @@ policy = _POLICY.scope        # ``with policy('bernoulli'): ...`` traces flax's 
 
 
 def _threshold(rate: float) -> int:
-    return min(_LEVELS, max(1, round(float(rate) * _LEVELS)))
+    # The rate rounded to a multiple of 2^-16: below 2^-17 it is 0 (nothing dropped).
+    return min(_LEVELS, max(0, round(float(rate) * _LEVELS)))
 
 
 def keep_scale(rate: float) -> float:
@@ -92,10 +93,10 @@ def keep_mask(rng, shape, rate: float):
 
 def dropout(x, rate: float, rng):
     """x with each element zeroed with probability ~rate (see module doc), the rest scaled by
-    keep_scale(rate); x itself when rate is 0, zeros when it is 1."""
-    if rate <= 0.0:
+    keep_scale(rate); x itself when the rate rounds to 0 (below 2^-17), zeros when to 1."""
+    if _threshold(rate) == 0:
         return x
-    if rate >= 1.0:
+    if _threshold(rate) == _LEVELS:
         return jnp.zeros_like(x)
     if _POLICY.value == "bernoulli":
         keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
