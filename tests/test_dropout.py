@@ -62,6 +62,8 @@ def test_rate_edges_and_module():
     assert D.dropout(x, 1e-9, jax.random.key(0)) is x and D.keep_scale(1e-9) == 1.0
     # one level of 2^-16 is the smallest rate that drops
     assert D.keep_scale(2.0 ** -16) == 65536 / 65535
+    with pytest.raises(ValueError, match="keeps nothing"):
+        D.keep_scale(1.0)
     m = D.Dropout(0.5)
     assert m.apply({}, x, deterministic=True) is x
     y = m.apply({}, x, deterministic=False, rngs={"dropout": jax.random.key(2)})

@@ -46,7 +46,10 @@ def _threshold(rate: float) -> int:
 
 def keep_scale(rate: float) -> float:
     """The factor kept values are multiplied by: the inverse of the kept probability."""
-    return _LEVELS / (_LEVELS - _threshold(rate))
+    t = _threshold(rate)
+    if t == _LEVELS:
+        raise ValueError(f"mtlx.models.dropout: rate {rate} keeps nothing: no scale for kept values")
+    return _LEVELS / (_LEVELS - t)
 
 
 def _counters(shape):
