@@ -87,7 +87,7 @@ def _quick_gelu(x):
 
 # HF `hidden_act` names -> functions with the same formula (transformers/activations.py).
 # "gelu" is the exact erf form; gelu_new / gelu_fast / gelu_pytorch_tanh are the tanh form
-# (mtlx.models.activations: gradients that save only the input, float32 inside).
+# (mtlx.models.activations: on accelerators their gradients save only the input).
 ACTIVATIONS: Mapping[str, Callable] = {
     "gelu": activations.gelu,
     "gelu_new": activations.gelu_tanh,

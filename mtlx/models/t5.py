@@ -191,7 +191,8 @@ def relative_position_bucket(relative_position, bidirectional: bool, num_buckets
 
 
 def _gelu_tanh(x):
-    # HF's gelu_new: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))); its gradient saves only x.
+    # HF's gelu_new: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))); on accelerators its
+    # gradient saves only x (mtlx.models.activations).
     return activations.gelu_tanh(x)
 
 
