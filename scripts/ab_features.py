@@ -49,19 +49,13 @@ def main(argv=None):
     if args.field not in fields:
         raise SystemExit(f"scripts/ab_features.py: unknown Features field {args.field!r}; "
                          f"known: {sorted(fields)}")
-    kind = type(getattr(base, args.field))
-
-    def value(text):
-        if kind is bool:
-            return text.lower() in ("1", "true", "on", "yes")
-        return kind(text) if kind in (int, float) else text
 
     opts = HR.Options(repeats=args.repeats, steps=0, block_seconds=args.block_seconds, warmup=1,
                       baseline_modes=(), verbose=False)
     runners = []
     for side in (args.a, args.b):
         cell = W.Cell(c, s, int(l), int(t), int(b),
-                      dataclasses.replace(base, **{args.field: value(side)}))
+                      dataclasses.replace(base, **{args.field: W.feature_value(base, args.field, side)}))
         runner, _ = HR._build_mtlx_runner(cell, opts, side)
         runners.append(runner)
     times = HR.interleave(runners, opts.repeats, opts.steps, opts.block_seconds)

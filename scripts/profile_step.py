@@ -63,19 +63,13 @@ def parse_variant(text: str):
     return cell, over
 
 
-def _coerce(features, key: str, value: str):
+def _override(features, key: str, value: str):
     import dataclasses
-    fields = {f.name: f for f in dataclasses.fields(features)}
+    from mtlx.bench.workload import feature_value
+    fields = {f.name for f in dataclasses.fields(features)}
     if key not in fields:
         raise SystemExit(f"scripts/profile_step.py: unknown feature {key!r}; known: {sorted(fields)}")
-    current = getattr(features, key)
-    if isinstance(current, bool):
-        return value.lower() in ("1", "true", "on", "yes")
-    if isinstance(current, float):
-        return float(value)
-    if value.lower() == "none":
-        return None
-    return value
+    return feature_value(features, key, value)
 
 
 def profile_cell(text: str, steps: int, top: int, dtype: str = "float32",
@@ -96,7 +90,7 @@ def profile_cell(text: str, steps: int, top: int, dtype: str = "float32",
     c, s, l, t, b = parts
     features = W.features_for(dtype, attention, frozen_dtype=frozen_dtype)
     if over:
-        features = dataclasses.replace(features, **{k: _coerce(features, k, v) for k, v in over.items()})
+        features = dataclasses.replace(features, **{k: _override(features, k, v) for k, v in over.items()})
     cell = W.Cell(c, s, int(l), int(t), int(b), features)
     setup = W.build_mtlx(cell, num_batches=2)
     state = setup.state

@@ -498,6 +498,11 @@ def test_feature_variants_say_what_is_unavailable():
     assert not any(k.startswith("dropout_draws") for k in short)
     with pytest.raises(ValueError, match="Features.dropout_draws"):
         W.Features(dropout_draws="philox")
+    # command-line text typed like the field (profile_step's overrides, ab_features' sides)
+    f = W.Features()
+    assert W.feature_value(f, "donate", "off") is False and W.feature_value(f, "scan_layers", "on") is True
+    assert W.feature_value(f, "hidden_dropout", "0") == 0.0
+    assert W.feature_value(f, "routing", "onehot") == "onehot" and W.feature_value(f, "routing", "none") is None
     g = HR.feature_variants(W.Features(), "gpu")
     assert g["attention=cudnn (attention_dropout=0)"].attention == "cudnn"
     gs = HR.feature_variants(W.Features(), "gpu", short=True)

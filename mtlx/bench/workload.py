@@ -120,6 +120,21 @@ class Features:
                    if self.hidden_dropout != HIDDEN_DROPOUT else ""))
 
 
+def feature_value(features: Features, field: str, text: str):
+    """A command line's text for one Features field, typed like the field's current value:
+    a bool from 1/true/on/yes, a number for a number, None for 'none', else the text
+    (scripts/profile_step.py's 'cell:field=value', scripts/ab_features.py's A and B). The
+    field must exist (each script names an unknown one in its own words)."""
+    current = getattr(features, field)
+    if isinstance(current, bool):
+        return text.lower() in ("1", "true", "on", "yes")
+    if isinstance(current, (int, float)):
+        return type(current)(text)
+    if text.lower() == "none":
+        return None
+    return text
+
+
 def features_for(dtype: str, attention: str = "default", **kw) -> Features:
     """Features from command-line choices (scripts/bench.py, scripts/profile_step.py):
     attention 'default' | 'xla' | 'cudnn'; cuDNN's fused kernel cannot drop attention

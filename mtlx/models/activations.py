@@ -61,24 +61,25 @@ def _f32(x):
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-@jax.custom_vjp
-def _gelu_exact(x):
-    y = _f32(x)
-    return (0.5 * y * (1.0 + lax.erf(y * _SQRT_HALF))).astype(x.dtype)
+def _saving_input_only(value, derivative):
+    """A custom-VJP activation: value(y) forward and derivative(y) * g backward, both on the
+    input in float32 (y) and returned in its dtype; the input is all the backward keeps."""
+    @jax.custom_vjp
+    def act(x):
+        return value(_f32(x)).astype(x.dtype)
+
+    def fwd(x):
+        return act(x), x
+
+    def bwd(x, g):
+        return (derivative(_f32(x)) * _f32(g)).astype(x.dtype),
+
+    act.defvjp(fwd, bwd)
+    return act
 
 
-def _gelu_exact_fwd(x):
-    return _gelu_exact(x), x
-
-
-def _gelu_exact_bwd(x, g):
-    y = _f32(x)
-    cdf = 0.5 * (1.0 + lax.erf(y * _SQRT_HALF))
-    pdf = jnp.exp(-0.5 * y * y) * _INV_SQRT_2PI
-    return ((cdf + y * pdf) * _f32(g)).astype(x.dtype),
-
-
-_gelu_exact.defvjp(_gelu_exact_fwd, _gelu_exact_bwd)
+def _normal_cdf(y):
+    return 0.5 * (1.0 + lax.erf(y * _SQRT_HALF))
 
 
 def _tanh_gate(y):
@@ -86,24 +87,15 @@ def _tanh_gate(y):
     return jax.nn.sigmoid(2.0 * _SQRT_2_OVER_PI * (y + _TANH_C * y * y * y))
 
 
-@jax.custom_vjp
-def _gelu_tanh(x):
-    y = _f32(x)
-    return (y * _tanh_gate(y)).astype(x.dtype)
-
-
-def _gelu_tanh_fwd(x):
-    return _gelu_tanh(x), x
-
-
-def _gelu_tanh_bwd(x, g):
-    y = _f32(x)
+def _tanh_derivative(y):
     s = _tanh_gate(y)
-    d = s + 2.0 * y * s * (1.0 - s) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _TANH_C * y * y)
-    return (d * _f32(g)).astype(x.dtype),
+    return s + 2.0 * y * s * (1.0 - s) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _TANH_C * y * y)
 
 
-_gelu_tanh.defvjp(_gelu_tanh_fwd, _gelu_tanh_bwd)
+_gelu_exact = _saving_input_only(
+    lambda y: y * _normal_cdf(y),
+    lambda y: _normal_cdf(y) + y * (jnp.exp(-0.5 * y * y) * _INV_SQRT_2PI))
+_gelu_tanh = _saving_input_only(lambda y: y * _tanh_gate(y), _tanh_derivative)
 
 
 def gelu(x):
