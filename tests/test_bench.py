@@ -498,6 +498,22 @@ def test_feature_variants_say_what_is_unavailable():
     assert not any(k.startswith("dropout_draws") for k in short)
     with pytest.raises(ValueError, match="Features.dropout_draws"):
         W.Features(dropout_draws="philox")
+    # the gather's gradient: in a routed cell, the platform's 'auto' against the other choice
+    assert HR.feature_variants(W.Features(), "cpu", routed=True)["gather_grad=onehot"].gather_grad == "onehot"
+    assert HR.feature_variants(W.Features(), "gpu", short=True, routed=True)[
+        "gather_grad=scatter"].gather_grad == "scatter"
+    assert not any(k.startswith("gather_grad") for k in v)      # not routed
+    assert not any(k.startswith("gather_grad")
+                   for k in HR.feature_variants(W.Features(routing="onehot"), "gpu", routed=True))
+    with pytest.raises(ValueError, match="Features.gather_grad"):
+        W.Features(gather_grad="atomic")
+    # BERT's residual LayerNorm gradient: saved inputs (the default) against autodiff
+    assert v["layer_norm_vjp=autodiff"].layer_norm_vjp == "autodiff"
+    assert HR.feature_variants(W.Features(), "gpu", short=True)[
+        "layer_norm_vjp=autodiff"].layer_norm_vjp == "autodiff"
+    assert not any(k.startswith("layer_norm_vjp") for k in short)
+    with pytest.raises(ValueError, match="Features.layer_norm_vjp"):
+        W.Features(layer_norm_vjp="fused")
     # command-line text typed like the field (profile_step's overrides, ab_features' sides)
     f = W.Features()
     assert W.feature_value(f, "donate", "off") is False and W.feature_value(f, "scan_layers", "on") is True
@@ -752,3 +768,19 @@ def test_ab_features_script_times_one_switch(capsys):
     assert "hash16" in out and "bernoulli / hash16 (median step time)" in out
     with pytest.raises(SystemExit, match="unknown Features field 'speed'"):
         ab_features.main(["speed", "1", "2", "--cell", "shared/tiny/16/2/2"])
+
+
+def test_gather_grad_feature_reaches_the_step():
+    """Features.gather_grad is traced into the cell's step: 'onehot' sums the gathered adapter
+    weights' gradients without a scatter, 'auto' on a CPU keeps autodiff's scatter-add."""
+    def ops(grad):
+        cell = W.Cell("adapters", "tiny", 16, 4, 4, W.Features(gather_grad=grad))
+        setup = W.build_mtlx(cell, num_batches=1)
+        text = setup.step.lower(setup.state, setup.batches[0]).as_text()
+        # (jnp.take's lowering is a private function shared by its calls: its scatter-add
+        # appears once a signature; other scatters, e.g. the loss's, stay in both)
+        return text.count('stablehlo.scatter"'), text.count("stablehlo.dot_general")
+    (scatters_auto, dots_auto), (scatters_onehot, dots_onehot) = ops("auto"), ops("onehot")
+    assert scatters_onehot < scatters_auto
+    # 2 layers x 2 adapter sites x (down, up) x (kernel, bias): one contraction each
+    assert dots_onehot - dots_auto == 16

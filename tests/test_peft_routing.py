@@ -5,6 +5,7 @@ tests/test_peft_t5.py), and tasks without weights get the plain model's outputs.
 import dataclasses
 
 import jax
+import jax.extend
 import numpy as np
 import pytest
 
@@ -208,3 +209,92 @@ def test_batch_sharded_over_devices_gives_the_same_outputs(impl):
     out = apply_jit(model, replicated, sharded)
     for key in ref:
         np.testing.assert_allclose(out[key], ref[key], atol=1e-5, rtol=0)
+
+
+def _primitives(fn, *args):
+    """Every primitive of fn's jaxpr, nested jaxprs (custom VJPs' rules, jit) included."""
+    out = set()
+
+    def walk(jaxpr):
+        for e in jaxpr.eqns:
+            out.add(str(e.primitive))
+            for sub in jax.extend.core.jaxprs_in_params(e.params):
+                walk(sub)
+    walk(jax.make_jaxpr(fn)(*args).jaxpr)
+    return out
+
+
+@pytest.mark.parametrize("policy", ["onehot", "scatter"])
+@pytest.mark.parametrize("group_shape", [(9,), (3, 4)])   # per example, per token
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gathered_rows_gradient_is_the_sum_per_group(policy, group_shape, dtype):
+    """take_rows' gradient with respect to the stacked weights: each group's row gets the sum
+    of its examples' (tokens') cotangents, whichever way it is summed (a one-hot contraction
+    for accelerators, autodiff's scatter-add), against float64 sums in a loop."""
+    rng = np.random.default_rng(5)
+    w = jax.numpy.asarray(rng.normal(size=(4, 6, 3)), dtype)
+    group = rng.integers(0, 4, size=group_shape)
+    group[(0,) * len(group_shape)] = 3      # group 1 may be empty, the others not
+    ct = jax.numpy.asarray(rng.normal(size=group_shape + (6, 3)), dtype)
+
+    def loss(v):
+        with R.gather_grad(policy):
+            rows = R.take_rows(v, jax.numpy.asarray(group))
+        return jax.numpy.sum(rows.astype(np.float32) * ct.astype(np.float32))
+    got = np.asarray(jax.jit(jax.grad(loss))(w), np.float64)
+    want = np.zeros((4, 6, 3))
+    for idx in np.ndindex(*group_shape):
+        want[group[idx]] += np.asarray(ct[idx], np.float64)
+    # float32: sums in another order; bf16: the sum rounded once to bf16 (8 bits)
+    tol = 1e-5 if dtype == "float32" else 2.0 ** -8 * np.abs(want).max()
+    np.testing.assert_allclose(got, want, atol=tol, rtol=0)
+    with R.gather_grad(policy):
+        prims = _primitives(jax.grad(loss), w)
+    assert ("scatter-add" in prims) == (policy == "scatter"), prims
+    assert ("dot_general" in prims) == (policy == "onehot"), prims
+
+
+def test_gathered_rows_gradient_policy_auto_is_scatter_on_a_cpu_and_checked():
+    assert jax.default_backend() == "cpu" and R.gathers_by_onehot() is False
+    with R.gather_grad("onehot"):
+        assert R.gathers_by_onehot() is True
+    assert R._GATHER_GRAD.value == "auto"
+    with pytest.raises(ValueError, match="mtlx.peft.routing: policy must be one of"):
+        R.set_gather_grad("atomic")
+
+
+@pytest.mark.parametrize("method", ["houlsby", "lora", "prefix"])
+def test_model_gradients_equal_under_both_gather_gradients(method):
+    """A mixed batch through a routed model: the per-task weights' gradients (and everything
+    else's) agree between the one-hot contraction and the scatter-add, with the batch split
+    over the 8 host devices for the one-hot side (its contraction crosses the batch axis)."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    cfgs = METHODS[method] if method != "houlsby" else [dict(METHODS[method][0], tasks=["a", "c", "d"])]
+    model = build(tiny_bert(), TASKS, NAMES, cfgs)
+    ids = [0, 1, 2, 3, 2, 0, 3, 1, 1, 1, 0, 2, 3, 3, 0, 2]
+    batch = batch_for(ids, seed=6)
+    params = random_params(model, batch)
+
+    def loss(p, b):
+        out = model.apply({"params": p}, b)
+        return sum(jax.numpy.sum(jax.numpy.square(v.astype(np.float32)))
+                   for v in jax.tree_util.tree_leaves(out) if jax.numpy.issubdtype(v.dtype, np.floating))
+
+    grads = {}
+    for policy in ("scatter", "onehot"):
+        with R.gather_grad(policy):
+            fn = jax.jit(jax.grad(loss))
+            if policy == "onehot" and len(jax.devices()) >= 8:
+                mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+                b = jax.device_put(batch, NamedSharding(mesh, P("data")))
+                grads[policy] = fn(jax.device_put(params, NamedSharding(mesh, P())), b)
+            else:
+                grads[policy] = fn(params, batch)
+    flat_s = dict(jax.tree_util.tree_leaves_with_path(grads["scatter"]))
+    flat_o = dict(jax.tree_util.tree_leaves_with_path(grads["onehot"]))
+    routed = 0
+    for path, g in flat_s.items():
+        name = jax.tree_util.keystr(path)
+        np.testing.assert_allclose(flat_o[path], g, atol=2e-5, rtol=2e-5, err_msg=name)
+        routed += ("'a'" in name or "'c'" in name) and float(np.abs(g).max()) > 0
+    assert routed > 0   # the tasks' own weights got (non-zero) gradients

@@ -398,6 +398,11 @@ def feature_variants(base: W.Features, platform_name: str, short: bool = False,
         for impl in (("onehot",) if short else ROUTINGS):
             if impl != own:
                 out[f"routing={impl}"] = rep(base, routing=impl)
+        # The gather's gradient (mtlx.peft.routing.take_rows): 'auto' is the one-hot contraction
+        # on accelerators and the scatter-add on a CPU; the other choice against it.
+        if own == "gather" and base.gather_grad == "auto" and (not short or platform_name == "gpu"):
+            other_grad = "onehot" if platform_name == "cpu" else "scatter"
+            out[f"gather_grad={other_grad}"] = rep(base, gather_grad=other_grad)
     # Order = priority under a time budget: attention and dropout's random bits (the likely
     # costs on a GPU) before the dtype, remat, donation and scan.
     if base.attention != "cudnn":
@@ -417,6 +422,10 @@ def feature_variants(base: W.Features, platform_name: str, short: bool = False,
     if base.activation_vjp == "auto" and (not short or platform_name == "gpu"):
         other_vjp = "saved_input" if platform_name == "cpu" else "autodiff"
         out[f"activation_vjp={other_vjp}"] = rep(base, activation_vjp=other_vjp)
+    # BERT's residual LayerNorm gradient (mtlx.models.norms): saved inputs (the default)
+    # against autodiff of the formula.
+    if base.layer_norm_vjp == "saved_inputs" and (not short or platform_name == "gpu"):
+        out["layer_norm_vjp=autodiff"] = rep(base, layer_norm_vjp="autodiff")
     # Threefry bits for dropout are costly on accelerators (rbg is the usual answer there; on
     # this CPU it was slower: BUILD_NOTES.md): in the short list on a GPU only.
     if base.prng == "threefry2x32" and (not short or platform_name == "gpu"):

@@ -56,6 +56,8 @@ DTYPES = ("float32", "bfloat16")
 PRNGS = ("threefry2x32", "rbg", "unsafe_rbg")
 ACTIVATION_VJPS = ("auto", "saved_input", "autodiff")
 DROPOUT_DRAWS = ("hash16", "bernoulli")
+GATHER_GRADS = ("auto", "onehot", "scatter")
+LAYER_NORM_VJPS = ("saved_inputs", "autodiff")
 LEARNING_RATE, WEIGHT_DECAY, CLIP_NORM = 1e-4, 0.01, 1.0
 HIDDEN_DROPOUT, ATTENTION_DROPOUT, HEAD_DROPOUT = 0.1, 0.1, 0.1
 
@@ -77,6 +79,12 @@ class Features:
     # Dropout's draws (mtlx.models.dropout policy): 'hash16' (four 16-bit draws a threefry
     # hash, the default) or 'bernoulli' (flax's float draw per element): the A/B.
     dropout_draws: str = "hash16"
+    # The 'gather' routing's gradient (mtlx.peft.routing.gather_grad policy): 'auto' (a one-hot
+    # contraction on accelerators, the scatter-add on a CPU), 'onehot' or 'scatter': the A/B.
+    gather_grad: str = "auto"
+    # BERT's residual LayerNorm gradient (mtlx.models.norms policy): 'saved_inputs' (the
+    # default) or 'autodiff': the A/B.
+    layer_norm_vjp: str = "saved_inputs"
     prng: str = "threefry2x32"          # dropout's random bits: JAX's PRNG implementation
     scan_layers: bool = False         # BertConfig.scan_layers: the layers as one lax.scan
     routing: Optional[str] = None     # the PEFT methods' 'impl' (mtlx.peft.routing); None: theirs
@@ -92,7 +100,8 @@ class Features:
         from mtlx.models.precision import POLICIES
         for name, choices in (("dtype", DTYPES), ("attention", IMPLEMENTATIONS),
                               ("dots", POLICIES), ("prng", PRNGS),
-                              ("activation_vjp", ACTIVATION_VJPS), ("dropout_draws", DROPOUT_DRAWS)):
+                              ("activation_vjp", ACTIVATION_VJPS), ("dropout_draws", DROPOUT_DRAWS),
+                              ("gather_grad", GATHER_GRADS), ("layer_norm_vjp", LAYER_NORM_VJPS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"mtlx/bench/workload.py: Features.{name} must be one of "
                                  f"{choices}, got {getattr(self, name)!r}")
@@ -116,6 +125,8 @@ class Features:
                    if self.activation_vjp != "auto" else "")
                 + (f", dropout_draws={self.dropout_draws}"
                    if self.dropout_draws != "hash16" else "")
+                + (f", gather_grad={self.gather_grad}" if self.gather_grad != "auto" else "")
+                + (f", layer_norm_vjp={self.layer_norm_vjp}" if self.layer_norm_vjp != "saved_inputs" else "")
                 + (f", hidden_dropout={self.hidden_dropout}"
                    if self.hidden_dropout != HIDDEN_DROPOUT else ""))
 
@@ -255,16 +266,22 @@ def traced_with(step_fn, features: Features):
     """The step traced with the features' trace-time settings: `prng` as JAX's default PRNG
     (the train state's raw key data is wrapped with the default implementation inside
     mtlx.train.step), `dots` as mtlx.models.precision's policy, `activation_vjp`
-    (mtlx.models.activations.policy) and `dropout_draws` (mtlx.models.dropout.policy)."""
+    (mtlx.models.activations.policy), `dropout_draws` (mtlx.models.dropout.policy),
+    `gather_grad` (mtlx.peft.routing.gather_grad) and `layer_norm_vjp`
+    (mtlx.models.norms.policy)."""
     if (features.prng == "threefry2x32" and features.dots == "auto"
-            and features.activation_vjp == "auto" and features.dropout_draws == "hash16"):
+            and features.activation_vjp == "auto" and features.dropout_draws == "hash16"
+            and features.gather_grad == "auto" and features.layer_norm_vjp == "saved_inputs"):
         return step_fn
 
     def step(state, batch):
         import jax
-        from mtlx.models import activations, dropout, precision
+        from mtlx.models import activations, dropout, norms, precision
+        from mtlx.peft import routing
         with jax.default_prng_impl(features.prng), precision.policy(features.dots), \
-                activations.policy(features.activation_vjp), dropout.policy(features.dropout_draws):
+                activations.policy(features.activation_vjp), \
+                dropout.policy(features.dropout_draws), routing.gather_grad(features.gather_grad), \
+                norms.policy(features.layer_norm_vjp):
             return step_fn(state, batch)
     return step
 

@@ -71,6 +71,7 @@ import numpy as np
 from mtlx.models.dropout import Dropout, dropout
 from mtlx.models.attention import IMPLEMENTATIONS, attend, padding_mask, right_padding_lengths
 from mtlx.models import activations, precision
+from mtlx.models.norms import ResidualLayerNorm
 from mtlx.models.remat import check_policy as check_remat_policy, remat_layer
 from mtlx.models.scan import check_uniform_extensions, scan_layers
 from mtlx.models.layers import (Extension, Projection, Routing, Site, extend_attention_kv,
@@ -211,8 +212,10 @@ def _projection(cfg: BertConfig, features: int, site: Site, name: str) -> Projec
 
 
 def _residual_norm(cfg: BertConfig, x, sub_out, name: str, site: Site, routing):
-    h = x.astype(jnp.float32) + sub_out.astype(jnp.float32)
-    y = _layer_norm(cfg, name)(h).astype(cfg.dtype)
+    # LayerNorm(x + sub_out): the sum and the statistics in float32, the output in cfg.dtype;
+    # its gradient keeps only the two inputs (mtlx.models.norms).
+    y = ResidualLayerNorm(epsilon=cfg.layer_norm_eps, param_dtype=cfg.param_dtype,
+                          out_dtype=cfg.dtype, name=name)(x, sub_out)
     return extend_layer_norm(cfg.extensions, site, y, routing)
 
 

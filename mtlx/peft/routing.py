@@ -31,6 +31,16 @@ B L k n numbers), so per-token routing runs 'gather' as 'onehot' for up to
 `PER_TOKEN_ONEHOT_MAX_GROUPS` groups (G x the FLOPs) and as 'ragged' beyond (a sort, no
 G-fold work); 'ragged' and 'onehot' stay what they are.
 
+Gathered rows' gradients. The gradient of a gather (``w[group]``) sums each example's row back
+into its group's row. Autodiff writes that as a scatter-add, which on a GPU is atomic adds with
+B/G examples contending for every address: on an H100 the 48 scatter-adds of the BERT-base
+adapters' 8-task step (B=128) took 4.3 ms of its 37 ms (BUILD_NOTES.md). `take_rows` gathers
+the same rows with that sum written as a contraction with the examples' one-hot group matrix
+([G, B] x [B, k n]: 2 B G k n FLOPs, one small GEMM, float32 accumulation, exact: each sum's
+terms are the same numbers, only their order differs). Which one is traced is a trace-time
+policy (`gather_grad`): 'auto' (the contraction on accelerators, the scatter-add on a CPU, where
+XLA adds rows in a loop without atomics and G x the FLOPs would cost more), 'onehot', 'scatter'.
+
 The functions here are plain functions of arrays: the hypernetworks (mtlx.peft.hyper) call
 them with weights they generate, the extension modules with weights they own.
 """
@@ -44,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtlx.models import precision as mp
+from mtlx.models.policy import TracePolicy
 
 IMPLEMENTATIONS = ("gather", "ragged", "onehot")
 # Chosen by scripts/bench_routing.py on CPU (its docstring has the numbers): with 'gather' 8
@@ -53,6 +64,49 @@ DEFAULT_IMPL = "gather"
 # many groups and as 'ragged' beyond. On the BERT-base adapters step 'onehot' at 6 tasks cost
 # ~7% a step (BUILD_NOTES.md); at 64 tasks it would multiply the adapters' FLOPs by 64.
 PER_TOKEN_ONEHOT_MAX_GROUPS = 16
+
+
+GATHER_GRADS = ("auto", "onehot", "scatter")
+_GATHER_GRAD = TracePolicy("mtlx.peft.routing", GATHER_GRADS, "auto")
+set_gather_grad = _GATHER_GRAD.set      # (name) -> the previous policy
+gather_grad = _GATHER_GRAD.scope        # ``with gather_grad('scatter'): ...``
+
+
+def gathers_by_onehot() -> bool:
+    """Whether `take_rows` traced now sums gathered rows' gradients by a one-hot contraction."""
+    if _GATHER_GRAD.value == "auto":
+        return jax.default_backend() != "cpu"
+    return _GATHER_GRAD.value == "onehot"
+
+
+def take_rows(values, group):
+    """values [G, ...] -> values[group] ([*group.shape, ...]); its gradient with respect to
+    `values` per the `gather_grad` policy (module doc). `group` must lie in [0, G)."""
+    if not gathers_by_onehot():
+        return jnp.take(values, group, axis=0)
+    g, dtype, lead = values.shape[0], values.dtype, group.ndim
+
+    @jax.custom_vjp
+    def take(v, grp):
+        return jnp.take(v, grp, axis=0)
+
+    def fwd(v, grp):
+        return take(v, grp), grp
+
+    def bwd(grp, ct):
+        if ct.dtype != jnp.float32 and jax.default_backend() == "cpu":
+            ct = ct.astype(jnp.float32)  # XLA:CPU has no bf16 x bf16 -> f32 product
+        onehot = jax.nn.one_hot(grp, g, dtype=ct.dtype)            # [*group, G]
+        # 0/1 times ct is exact in ct's dtype; the sums accumulate in float32 (HIGHEST keeps a
+        # float32 ct out of a GPU's TF32 products).
+        dv = jax.lax.dot_general(
+            onehot, ct, ((tuple(range(lead)), tuple(range(lead))), ((), ())),
+            precision=jax.lax.Precision.HIGHEST if ct.dtype == jnp.float32 else None,
+            preferred_element_type=jnp.float32)
+        return dv.astype(dtype), None
+
+    take.defvjp(fwd, bwd)
+    return take(values, group)
 
 
 def check_impl(impl: str, key: str = "impl") -> None:
@@ -92,7 +146,7 @@ def per_example(values, group):
     when G == 1."""
     if values.shape[0] == 1:
         return jnp.broadcast_to(values, tuple(group.shape) + values.shape[1:])
-    return jnp.take(values, group, axis=0)
+    return take_rows(values, group)
 
 
 def broadcast_rows(v, like):
@@ -134,7 +188,7 @@ def routed_matmul(x, w, group, impl: str = DEFAULT_IMPL, precision=None):
     if impl == "gather" and group.ndim > 1:
         impl = "onehot" if w.shape[0] <= PER_TOKEN_ONEHOT_MAX_GROUPS else "ragged"
     if impl == "gather":
-        wb = jnp.take(w, group, axis=0)  # [B, k, n]
+        wb = take_rows(w, group)  # [B, k, n]
         flat = x.reshape(x.shape[0], -1, x.shape[-1])
         if fast:
             y = mp.einsum("bik,bkn->bin", flat, wb)
