@@ -514,6 +514,12 @@ def test_feature_variants_say_what_is_unavailable():
     assert not any(k.startswith("layer_norm_vjp") for k in short)
     with pytest.raises(ValueError, match="Features.layer_norm_vjp"):
         W.Features(layer_norm_vjp="fused")
+    # the grouped global gradient norm against optax's (a kernel-count question: routed cells)
+    assert v["grad_norm=per_leaf"].grad_norm == "per_leaf"
+    assert "grad_norm=per_leaf" in HR.feature_variants(W.Features(), "gpu", short=True, routed=True)
+    assert "grad_norm=per_leaf" not in HR.feature_variants(W.Features(), "gpu", short=True)
+    with pytest.raises(ValueError, match="Features.grad_norm"):
+        W.Features(grad_norm="flat")
     # command-line text typed like the field (profile_step's overrides, ab_features' sides)
     f = W.Features()
     assert W.feature_value(f, "donate", "off") is False and W.feature_value(f, "scan_layers", "on") is True

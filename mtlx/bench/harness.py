@@ -426,6 +426,10 @@ def feature_variants(base: W.Features, platform_name: str, short: bool = False,
     # against autodiff of the formula.
     if base.layer_norm_vjp == "saved_inputs" and (not short or platform_name == "gpu"):
         out["layer_norm_vjp=autodiff"] = rep(base, layer_norm_vjp="autodiff")
+    # The global gradient norm over chunks of leaves (mtlx.train.optim) against optax's
+    # reduction a leaf: a kernel count question in routed cells (many per-task leaves).
+    if base.grad_norm == "grouped" and (not short or (platform_name == "gpu" and routed)):
+        out["grad_norm=per_leaf"] = rep(base, grad_norm="per_leaf")
     # Threefry bits for dropout are costly on accelerators (rbg is the usual answer there; on
     # this CPU it was slower: BUILD_NOTES.md): in the short list on a GPU only.
     if base.prng == "threefry2x32" and (not short or platform_name == "gpu"):

@@ -58,6 +58,7 @@ ACTIVATION_VJPS = ("auto", "saved_input", "autodiff")
 DROPOUT_DRAWS = ("hash16", "bernoulli")
 GATHER_GRADS = ("auto", "onehot", "scatter")
 LAYER_NORM_VJPS = ("saved_inputs", "autodiff")
+GRAD_NORMS = ("grouped", "per_leaf")
 LEARNING_RATE, WEIGHT_DECAY, CLIP_NORM = 1e-4, 0.01, 1.0
 HIDDEN_DROPOUT, ATTENTION_DROPOUT, HEAD_DROPOUT = 0.1, 0.1, 0.1
 
@@ -85,6 +86,9 @@ class Features:
     # BERT's residual LayerNorm gradient (mtlx.models.norms policy): 'saved_inputs' (the
     # default) or 'autodiff': the A/B.
     layer_norm_vjp: str = "saved_inputs"
+    # The global gradient norm (clipping, the grad_norm metric; mtlx.train.optim policy):
+    # 'grouped' (leaves concatenated in chunks, the default) or 'per_leaf' (optax's): the A/B.
+    grad_norm: str = "grouped"
     prng: str = "threefry2x32"          # dropout's random bits: JAX's PRNG implementation
     scan_layers: bool = False         # BertConfig.scan_layers: the layers as one lax.scan
     routing: Optional[str] = None     # the PEFT methods' 'impl' (mtlx.peft.routing); None: theirs
@@ -101,7 +105,8 @@ class Features:
         for name, choices in (("dtype", DTYPES), ("attention", IMPLEMENTATIONS),
                               ("dots", POLICIES), ("prng", PRNGS),
                               ("activation_vjp", ACTIVATION_VJPS), ("dropout_draws", DROPOUT_DRAWS),
-                              ("gather_grad", GATHER_GRADS), ("layer_norm_vjp", LAYER_NORM_VJPS)):
+                              ("gather_grad", GATHER_GRADS), ("layer_norm_vjp", LAYER_NORM_VJPS),
+                              ("grad_norm", GRAD_NORMS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"mtlx/bench/workload.py: Features.{name} must be one of "
                                  f"{choices}, got {getattr(self, name)!r}")
@@ -127,6 +132,7 @@ class Features:
                    if self.dropout_draws != "hash16" else "")
                 + (f", gather_grad={self.gather_grad}" if self.gather_grad != "auto" else "")
                 + (f", layer_norm_vjp={self.layer_norm_vjp}" if self.layer_norm_vjp != "saved_inputs" else "")
+                + (f", grad_norm={self.grad_norm}" if self.grad_norm != "grouped" else "")
                 + (f", hidden_dropout={self.hidden_dropout}"
                    if self.hidden_dropout != HIDDEN_DROPOUT else ""))
 
@@ -267,21 +273,23 @@ def traced_with(step_fn, features: Features):
     (the train state's raw key data is wrapped with the default implementation inside
     mtlx.train.step), `dots` as mtlx.models.precision's policy, `activation_vjp`
     (mtlx.models.activations.policy), `dropout_draws` (mtlx.models.dropout.policy),
-    `gather_grad` (mtlx.peft.routing.gather_grad) and `layer_norm_vjp`
-    (mtlx.models.norms.policy)."""
+    `gather_grad` (mtlx.peft.routing.gather_grad), `layer_norm_vjp`
+    (mtlx.models.norms.policy) and `grad_norm` (mtlx.train.optim.grad_norm_policy)."""
     if (features.prng == "threefry2x32" and features.dots == "auto"
             and features.activation_vjp == "auto" and features.dropout_draws == "hash16"
-            and features.gather_grad == "auto" and features.layer_norm_vjp == "saved_inputs"):
+            and features.gather_grad == "auto" and features.layer_norm_vjp == "saved_inputs"
+            and features.grad_norm == "grouped"):
         return step_fn
 
     def step(state, batch):
         import jax
         from mtlx.models import activations, dropout, norms, precision
         from mtlx.peft import routing
+        from mtlx.train import optim
         with jax.default_prng_impl(features.prng), precision.policy(features.dots), \
                 activations.policy(features.activation_vjp), \
                 dropout.policy(features.dropout_draws), routing.gather_grad(features.gather_grad), \
-                norms.policy(features.layer_norm_vjp):
+                norms.policy(features.layer_norm_vjp), optim.grad_norm_policy(features.grad_norm):
             return step_fn(state, batch)
     return step
 

@@ -4,6 +4,14 @@
 their '/'-joined paths (e.g. heads + adapters + layer norms); frozen parameters get
 `optax.set_to_zero()` through `optax.multi_transform`, so they stay bit-identical, receive no
 weight decay and hold no optimizer state.
+
+The global gradient norm (clipping and the 'grad_norm' metric) is `global_norm`: the leaves of a
+dtype raveled and concatenated in chunks, one sum of squares (float32) a chunk, instead of optax's
+one reduction a leaf. A multi-task model has many small per-task leaves (BERT-base adapters, 8
+tasks: 768), and on the H100 the compiled 8-task step ran ~600 more reduction kernels than the
+shared encoder's, each too small to hide its launch (BUILD_NOTES.md). The choice is a trace-time
+policy, `grad_norm_policy('per_leaf')` for optax's formula (the benchmark's A/B,
+mtlx.bench.workload.Features.grad_norm).
 """
 
 from __future__ import annotations
@@ -13,10 +21,60 @@ from typing import Any, Optional, Sequence
 
 import flax.traverse_util as tu
 import jax
+import jax.numpy as jnp
 import optax
+
+from mtlx.models.policy import TracePolicy
 
 OPTIMIZERS = ("adamw", "adafactor", "sgd")
 SCHEDULES = ("constant", "linear", "cosine")
+GRAD_NORMS = ("grouped", "per_leaf")
+_GRAD_NORM = TracePolicy("mtlx.train.optim", GRAD_NORMS, "grouped")
+set_grad_norm_policy = _GRAD_NORM.set      # (name) -> the previous policy
+grad_norm_policy = _GRAD_NORM.scope        # ``with grad_norm_policy('per_leaf'): ...``
+# Leaves a concatenation: bounded so that a fused reduction's operands stay few (a GPU kernel's
+# parameters are limited; XLA splits larger fusions).
+NORM_CHUNK = 64
+# Only leaves this small are concatenated: a large leaf's reduction is a large kernel anyway,
+# and concatenating leaves sharded differently would make XLA gather them first (FSDP / tensor
+# parallelism); small leaves (biases, norms, adapters, LoRA, heads) are few bytes to move.
+NORM_SMALL_LEAF = 1 << 16
+
+
+def global_norm(tree: Any) -> jax.Array:
+    """The L2 norm of all the tree's leaves together (float32). 'grouped' (the default): the
+    small leaves (at most NORM_SMALL_LEAF elements) of each dtype, raveled, concatenated
+    NORM_CHUNK at a time, each concatenation squared and summed in float32, larger leaves one
+    sum each; 'per_leaf': optax.tree.norm (a sum per leaf, in the leaf's dtype)."""
+    if _GRAD_NORM.value == "per_leaf":
+        return optax.tree.norm(tree).astype(jnp.float32)
+    groups: dict = {}
+    total = jnp.zeros((), jnp.float32)
+    for x in jax.tree_util.tree_leaves(tree):
+        if x.size > NORM_SMALL_LEAF:
+            total = total + jnp.sum(jnp.square(x.astype(jnp.float32)))
+        else:
+            groups.setdefault(jnp.dtype(x.dtype), []).append(jnp.ravel(x))
+    for xs in groups.values():
+        for i in range(0, len(xs), NORM_CHUNK):
+            part = xs[i:i + NORM_CHUNK]
+            flat = part[0] if len(part) == 1 else jnp.concatenate(part)
+            total = total + jnp.sum(jnp.square(flat.astype(jnp.float32)))
+    return jnp.sqrt(total)
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+    """optax.clip_by_global_norm with the norm of `global_norm` (same rule: updates scaled by
+    max_norm / norm when the norm is at least max_norm)."""
+    def update_fn(updates, state, params=None):
+        del params
+        g_norm = global_norm(updates)
+        trigger = g_norm < max_norm
+
+        def clip_fn(t):
+            return jax.lax.select(trigger, t, (t / g_norm.astype(t.dtype)) * max_norm)
+        return jax.tree_util.tree_map(clip_fn, updates), state
+    return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
 def path_str(path) -> str:
@@ -123,7 +181,7 @@ def make_optimizer(cfg, params: Any, trainable: Optional[Any] = None) -> optax.G
     chain = []
     clip = cfg.get("grad_clip_norm", None)
     if clip:
-        chain.append(optax.clip_by_global_norm(float(clip)))
+        chain.append(clip_by_global_norm(float(clip)))
     chain.append(opt)
     tx = optax.chain(*chain)
     if trainable is None:

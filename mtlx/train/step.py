@@ -96,6 +96,7 @@ from mtlx.models import heads as H
 from mtlx.models.bert import BertEncoder, BertPooler
 from mtlx.models.t5 import T5Encoder, T5Model
 from mtlx.weighting.balancing import GramBalancing
+from mtlx.train import optim
 
 GRADS_WRT = ("params", "representation")
 REPRESENTATIONS = ("hidden", "pooled")
@@ -635,7 +636,7 @@ def make_train_step(model, tx: optax.GradientTransformation, *,
 
         metrics.update({"loss": jnp.sum(weights * losses), "task_loss": losses,
                         "task_count": counts, "task_weight": weights,
-                        "grad_norm": optax.tree.norm(g_train)})
+                        "grad_norm": optim.global_norm(g_train)})
         if schedule is not None:
             metrics["learning_rate"] = schedule(state.step)
         new_state = state.replace(
