@@ -12,6 +12,7 @@ for name in ("jax", "flax", "optax", "numpy", "torch", "transformers", "peft", "
         missing.append(f"{name} ({e})")
 import jax
 print("jax devices:", jax.devices())
+print("XLA_FLAGS:", os.environ.get("XLA_FLAGS", ""))
 if os.environ.get("MTLX_GPU_CHECK_CPU") != "1" and jax.devices()[0].platform != "gpu":
     missing.append("a GPU for JAX (jax.devices() has none; install jax[cuda])")
 try:
