@@ -17,7 +17,9 @@ export TF_CPP_MIN_LOG_LEVEL=${TF_CPP_MIN_LOG_LEVEL:-3}
 # printed after the first variant are then with warm tuning results; MTLX_GPU_AUTOTUNE_CACHE=0
 # turns it off.
 if [ "${MTLX_GPU_AUTOTUNE_CACHE:-1}" != "0" ]; then
-  _AT="--xla_gpu_per_fusion_autotune_cache_dir=${MTLX_GPU_AUTOTUNE_DIR:-/tmp/mtlx_xla_autotune}"
+  _ATDIR=${MTLX_GPU_AUTOTUNE_DIR:-/tmp/mtlx_xla_autotune}
+  mkdir -p "$_ATDIR"   # XLA requires the directory to exist
+  _AT="--xla_gpu_per_fusion_autotune_cache_dir=$_ATDIR"
   if XLA_FLAGS="${XLA_FLAGS:-} $_AT" "$PYTHON" -c "import jax; jax.numpy.ones(1).block_until_ready()" >/dev/null 2>&1; then
     export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }$_AT"
   fi
