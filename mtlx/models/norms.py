@@ -22,7 +22,7 @@ Which one a trace takes is a policy (trace time, as mtlx.models.activations'):
   'saved_inputs'  the custom VJP (the default);
   'autodiff'      flax.linen.LayerNorm's formula over the float32 sum, differentiated by JAX.
 Measured on the dev CPU (Zen 5; BUILD_NOTES.md, `scripts/ab_features.py layer_norm_vjp autodiff
-saved_inputs`): the BERT-base adapters step 1.03-1.06x faster in float32 (three runs), 1.02x
+saved_inputs`): the BERT-base adapters step 1.03-1.07x faster in float32 (two runs), 1.02x
 in bf16, the shared encoder's float32 step 1.03x; on a GPU it is the next lease's A/B.
 `ResidualLayerNorm` is the module (parameters 'scale' and 'bias' as flax's LayerNorm, so
 checkpoints and Hugging Face conversion are unchanged). The benchmark's A/B switch is
