@@ -268,6 +268,11 @@ class MtlxSetup:
     trainable_count: int
 
 
+# Features read while the step is traced (traced_with), in the order their scopes are entered.
+TRACE_TIME_FIELDS = ("prng", "dots", "activation_vjp", "dropout_draws", "gather_grad",
+                     "layer_norm_vjp", "grad_norm")
+
+
 def traced_with(step_fn, features: Features):
     """The step traced with the features' trace-time settings: `prng` as JAX's default PRNG
     (the train state's raw key data is wrapped with the default implementation inside
@@ -275,21 +280,23 @@ def traced_with(step_fn, features: Features):
     (mtlx.models.activations.policy), `dropout_draws` (mtlx.models.dropout.policy),
     `gather_grad` (mtlx.peft.routing.gather_grad), `layer_norm_vjp`
     (mtlx.models.norms.policy) and `grad_norm` (mtlx.train.optim.grad_norm_policy)."""
-    if (features.prng == "threefry2x32" and features.dots == "auto"
-            and features.activation_vjp == "auto" and features.dropout_draws == "hash16"
-            and features.gather_grad == "auto" and features.layer_norm_vjp == "saved_inputs"
-            and features.grad_norm == "grouped"):
+    defaults = {f.name: f.default for f in dataclasses.fields(Features)}
+    if all(getattr(features, name) == defaults[name] for name in TRACE_TIME_FIELDS):
         return step_fn
 
     def step(state, batch):
+        import contextlib
         import jax
         from mtlx.models import activations, dropout, norms, precision
         from mtlx.peft import routing
         from mtlx.train import optim
-        with jax.default_prng_impl(features.prng), precision.policy(features.dots), \
-                activations.policy(features.activation_vjp), \
-                dropout.policy(features.dropout_draws), routing.gather_grad(features.gather_grad), \
-                norms.policy(features.layer_norm_vjp), optim.grad_norm_policy(features.grad_norm):
+        scopes = {"prng": jax.default_prng_impl, "dots": precision.policy,
+                  "activation_vjp": activations.policy, "dropout_draws": dropout.policy,
+                  "gather_grad": routing.gather_grad, "layer_norm_vjp": norms.policy,
+                  "grad_norm": optim.grad_norm_policy}
+        with contextlib.ExitStack() as stack:
+            for name in TRACE_TIME_FIELDS:
+                stack.enter_context(scopes[name](getattr(features, name)))
             return step_fn(state, batch)
     return step
 

@@ -57,12 +57,17 @@ def _stats(h, eps: float):
     return mean, lax.rsqrt(var + eps)
 
 
-def _residual_layer_norm_ref(x, s, scale, bias, eps: float, out_dtype):
-    """Autodiff's version: the same formula as the custom VJP's forward."""
+def _forward(x, s, scale, bias, eps: float, out_dtype):
+    """(y in out_dtype, the rows' mean, 1/std): flax's formula over the float32 sum."""
     h = x.astype(jnp.float32) + s.astype(jnp.float32)
     mean, rstd = _stats(h, eps)
     y = (h - mean) * (rstd * scale.astype(jnp.float32)) + bias.astype(jnp.float32)
-    return y.astype(out_dtype)
+    return y.astype(out_dtype), mean, rstd
+
+
+def _residual_layer_norm_ref(x, s, scale, bias, eps: float, out_dtype):
+    """Autodiff's version: the same formula as the custom VJP's forward."""
+    return _forward(x, s, scale, bias, eps, out_dtype)[0]
 
 
 def residual_layer_norm(x, s, scale, bias, eps: float, out_dtype: Any = jnp.float32):
@@ -79,10 +84,8 @@ def _fused(x, s, scale, bias, eps, out_dtype):
         return _residual_layer_norm_ref(x, s, scale, bias, eps, out_dtype)
 
     def fwd(x, s, scale, bias):
-        h = x.astype(jnp.float32) + s.astype(jnp.float32)
-        mean, rstd = _stats(h, eps)
-        y = (h - mean) * (rstd * scale.astype(jnp.float32)) + bias.astype(jnp.float32)
-        return y.astype(out_dtype), (x, s, scale, bias, mean, rstd)
+        y, mean, rstd = _forward(x, s, scale, bias, eps, out_dtype)
+        return y, (x, s, scale, bias, mean, rstd)
 
     def bwd(res, dy):
         x, s, scale, bias, mean, rstd = res

@@ -22,6 +22,13 @@ class TracePolicy:
     def get(self) -> str:
         return self.value
 
+    def chosen(self, choice: str) -> bool:
+        """Whether `choice` is in force now, 'auto' meaning: on accelerators, not on a CPU."""
+        if self.value == "auto":
+            import jax
+            return jax.default_backend() != "cpu"
+        return self.value == choice
+
     def set(self, name: str) -> str:
         """Sets the policy; returns the previous one."""
         previous, self.value = self.value, self._check(name)

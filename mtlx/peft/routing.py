@@ -74,9 +74,7 @@ gather_grad = _GATHER_GRAD.scope        # ``with gather_grad('scatter'): ...``
 
 def gathers_by_onehot() -> bool:
     """Whether `take_rows` traced now sums gathered rows' gradients by a one-hot contraction."""
-    if _GATHER_GRAD.value == "auto":
-        return jax.default_backend() != "cpu"
-    return _GATHER_GRAD.value == "onehot"
+    return _GATHER_GRAD.chosen("onehot")
 
 
 def take_rows(values, group):
@@ -91,7 +89,7 @@ def take_rows(values, group):
         return jnp.take(v, grp, axis=0)
 
     def fwd(v, grp):
-        return take(v, grp), grp
+        return jnp.take(v, grp, axis=0), grp
 
     def bwd(grp, ct):
         if ct.dtype != jnp.float32 and jax.default_backend() == "cpu":
