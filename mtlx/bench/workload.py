@@ -59,6 +59,7 @@ DROPOUT_DRAWS = ("hash16", "bernoulli")
 GATHER_GRADS = ("auto", "onehot", "scatter")
 LAYER_NORM_VJPS = ("saved_inputs", "autodiff")
 GRAD_NORMS = ("grouped", "per_leaf")
+STACK_STATES = ("auto", "on", "off")
 LEARNING_RATE, WEIGHT_DECAY, CLIP_NORM = 1e-4, 0.01, 1.0
 HIDDEN_DROPOUT, ATTENTION_DROPOUT, HEAD_DROPOUT = 0.1, 0.1, 0.1
 
@@ -89,6 +90,10 @@ class Features:
     # The global gradient norm (clipping, the grad_norm metric; mtlx.train.optim policy):
     # 'grouped' (leaves concatenated in chunks, the default) or 'per_leaf' (optax's): the A/B.
     grad_norm: str = "grouped"
+    # The train state at the step's jit boundary (mtlx.train.stacking, config.stack_state):
+    # 'auto' (small same-shaped leaves stacked from 3,072 leaves on, as the loop does), 'on',
+    # 'off': the A/B of the host's per-array dispatch work.
+    stack_state: str = "auto"
     prng: str = "threefry2x32"          # dropout's random bits: JAX's PRNG implementation
     scan_layers: bool = False         # BertConfig.scan_layers: the layers as one lax.scan
     routing: Optional[str] = None     # the PEFT methods' 'impl' (mtlx.peft.routing); None: theirs
@@ -106,7 +111,7 @@ class Features:
                               ("dots", POLICIES), ("prng", PRNGS),
                               ("activation_vjp", ACTIVATION_VJPS), ("dropout_draws", DROPOUT_DRAWS),
                               ("gather_grad", GATHER_GRADS), ("layer_norm_vjp", LAYER_NORM_VJPS),
-                              ("grad_norm", GRAD_NORMS)):
+                              ("grad_norm", GRAD_NORMS), ("stack_state", STACK_STATES)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"mtlx/bench/workload.py: Features.{name} must be one of "
                                  f"{choices}, got {getattr(self, name)!r}")
@@ -133,6 +138,7 @@ class Features:
                 + (f", gather_grad={self.gather_grad}" if self.gather_grad != "auto" else "")
                 + (f", layer_norm_vjp={self.layer_norm_vjp}" if self.layer_norm_vjp != "saved_inputs" else "")
                 + (f", grad_norm={self.grad_norm}" if self.grad_norm != "grouped" else "")
+                + (f", stack_state={self.stack_state}" if self.stack_state != "auto" else "")
                 + (f", hidden_dropout={self.hidden_dropout}"
                    if self.hidden_dropout != HIDDEN_DROPOUT else ""))
 
@@ -313,7 +319,7 @@ def build_mtlx(cell: Cell, seed: int = 0, num_batches: int = 4, device=None,
     from mtlx.bench.flops import step_flops
     from mtlx.models.multitask import MultiTaskModel, init_params
     from mtlx.peft import registry
-    from mtlx.train import optim
+    from mtlx.train import optim, stacking
     from mtlx.train.step import create_state, make_train_step, unpack_batch
 
     device = device or jax.devices()[0]
@@ -342,10 +348,15 @@ def build_mtlx(cell: Cell, seed: int = 0, num_batches: int = 4, device=None,
     # would compile an executable that the second call (committed state) cannot reuse.
     state = jax.device_put(state, device)
     del params
-    # `trainable` as the training loop passes it: frozen backbone weights are not differentiated.
-    step = jax.jit(traced_with(make_train_step(model, tx, trainable=trainable), cell.features),
-                   donate_argnums=(0,) if cell.features.donate else ())
     leaves = jax.tree_util.tree_leaves(state.params)
+    # `trainable` as the training loop passes it: frozen backbone weights are not differentiated.
+    step_fn = traced_with(make_train_step(model, tx, trainable=trainable), cell.features)
+    if stacking.wants_stacking(cell.features.stack_state, state, key="Features.stack_state"):
+        # As the loop does (mtlx.train.loop): the state crosses the jit boundary stacked.
+        plan = stacking.StackPlan.for_tree(state)
+        step_fn = stacking.stacked_step(step_fn, plan)
+        state = jax.device_put(stacking.pack_fn(plan, donate=True)(state), device)
+    step = jax.jit(step_fn, donate_argnums=(0,) if cell.features.donate else ())
     count = int(sum(x.size for x in leaves))
     if trainable is None:
         n_train = count

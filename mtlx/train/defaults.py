@@ -78,6 +78,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.optim.accum_steps = 1          # gradient accumulation microbatches per step
 
     c.batch_size = 32                # global batch (all processes together)
+    c.stack_state = "auto"           # auto|on|off: the train state's small same-shaped leaves
+                                     # (many tasks' adapters, heads, their optimizer moments)
+                                     # pass the step's jit boundary as a few stacked arrays
+                                     # (mtlx.train.stacking); 'auto': from 3,072 leaves on.
+                                     # Same values; less host work a step, longer compile
     c.task_weights = None            # static per-task loss weights (None = 1 each)
 
     # Task balancing (mtlx.weighting; REFERENCE.md section 3). See mtlx/train/step.py.

@@ -26,7 +26,7 @@ from mtlx import metrics as M
 from mtlx.models import hf
 from mtlx.models.heads import TaskHead
 from mtlx.models.multitask import MultiTaskModel, init_params, with_backbone
-from mtlx.train import distributed, evaluate as E, optim, sharding
+from mtlx.train import distributed, evaluate as E, optim, sharding, stacking
 from mtlx.train.checkpoint import Checkpointer, install_preemption_handler
 from mtlx.train.config import ConfigError, convert_value
 from mtlx.train.logs import RunLogger, atomic_write_text
@@ -390,9 +390,21 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path,
                                   grads_wrt=wc.grads_wrt, representation=wc.representation,
                                   sequential=wc.sequential,
                                   weighting_tx=default_weighting_tx(wc.learning_rate))))
+    # Many tasks' small leaves travel stacked through the step's jit boundary (host dispatch
+    # per array; mtlx.train.stacking); the loop unstacks for evaluation and checkpoints.
+    start_step = int(jax.device_get(state.step))
+    plan = None
+    if stacking.wants_stacking(cfg.get("stack_state", "auto"), abstract_state):
+        plan = stacking.StackPlan.for_tree(abstract_state, sharding.tree_shardings(mesh, abstract_state))
     train_step, state_sh = sharding.jit_train_step(step_fn, mesh, abstract_state, init_batch,
-                                                   donate=True)
-    state = jax.device_put(state, state_sh)
+                                                   donate=True, stack=plan)
+    if plan is None:
+        state = jax.device_put(state, state_sh)
+        view = lambda st: st  # noqa: E731
+    else:
+        state = stacking.pack_fn(plan, state_sh)(
+            jax.device_put(state, sharding.tree_shardings(mesh, abstract_state)))
+        view = stacking.unpack_fn(plan)
     eval_step = jax.jit(make_eval_step(model))
     multi = jax.process_count() > 1
 
@@ -418,7 +430,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path,
     logger = RunLogger(workdir, enabled=is_main)
     preempted = install_preemption_handler()
     total = int(cfg.optim.num_train_steps)
-    start = int(jax.device_get(state.step))
+    start = start_step
     probe = report = None  # task-affinity report (mtlx.weighting.affinity)
     if wc is not None and wc.report.enabled:
         probe = jax.jit(make_affinity_probe(
@@ -484,7 +496,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path,
             save_now = done % cfg.checkpoint.every == 0 or done == total or stop
             if eval_now:
                 check(pending)
-                results = run_eval(state.params)
+                results = run_eval(view(state).params)
                 last_eval_step = done
                 scalars = {f"eval/{t}/{k}": v for t, r in results.items() for k, v in r.items()}
                 scalars["eval/avg"] = E.summary_score(results)
@@ -492,11 +504,11 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path,
                     m = jax.device_get(metrics)
                     scalars.update(WA.weight_scalars(m["task_weight"], m["task_count"], names))
                     if probe is not None:
-                        scalars.update(report.add(done, jax.device_get(probe(state.params, batch))))
+                        scalars.update(report.add(done, jax.device_get(probe(view(state).params, batch))))
                 logger.write(done, scalars, kind="eval")
             if save_now:
                 check(pending)
-                ckpt.save(done, state, data_state=prefetched.state(),
+                ckpt.save(done, view(state), data_state=prefetched.state(),
                           metrics=E.selection_metrics(results, cfg.checkpoint.get("best_metric", "avg"))
                           if eval_now else None)
             if stop:
@@ -511,11 +523,16 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path,
         ckpt.close()
         preempted.uninstall()
 
+    state = view(state)
     final_step = int(jax.device_get(state.step))
     if last_eval_step != final_step and final_step >= total:
         results = run_eval(state.params)
     if is_main:
-        logger.write(final_step, {"compile/train_step_executables": count_compilations(train_step)}, kind="info")
+        logger.write(final_step, {"compile/train_step_executables": count_compilations(train_step),
+                                  "compile/train_step_state_leaves": len(jax.tree_util.tree_leaves(state)),
+                                  "compile/train_step_state_arrays": (plan.num_arrays if plan is not None
+                                                                      else len(jax.tree_util.tree_leaves(state)))},
+                     kind="info")
         logger.plot()
         logger.close()
         atomic_write_text(workdir / "eval_results.json", json.dumps(results, indent=2, sort_keys=True))

@@ -117,10 +117,18 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def jit_train_step(step_fn, mesh: Mesh, abstract_state: Any, abstract_batch: Any, donate: bool = True):
+def jit_train_step(step_fn, mesh: Mesh, abstract_state: Any, abstract_batch: Any, donate: bool = True,
+                   stack=None):
     """`jax.jit` with shardings (= pjit): state sharded by rules, batch over (data, fsdp),
-    metrics replicated, the old state's buffers donated to the new one."""
+    metrics replicated, the old state's buffers donated to the new one.
+
+    stack: a `mtlx.train.stacking.StackPlan` of the state (made with these shardings): the
+    jitted step then takes and returns the state in its `Stacked` form, and the shardings
+    returned are that form's."""
     state_sh = tree_shardings(mesh, abstract_state)
+    if stack is not None:
+        from mtlx.train import stacking
+        step_fn, state_sh = stacking.stacked_step(step_fn, stack), stack.shardings(state_sh)
     return jax.jit(step_fn, in_shardings=(state_sh, batch_sharding(mesh, abstract_batch)),
                    out_shardings=(state_sh, replicated(mesh)),
                    donate_argnums=(0,) if donate else ()), state_sh

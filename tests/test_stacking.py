@@ -1,0 +1,119 @@
+"""The train state's small leaves stacked at the step's jit boundary (mtlx.train.stacking):
+the plan, the round trip, and steps equal to the unstacked step (one device and sharded)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mtlx.train import sharding, stacking
+
+
+def _tree():
+    return {"heads": {f"t{i}": {"kernel": jnp.full((4, 3), float(i)), "bias": jnp.arange(3.0) + i}
+                      for i in range(3)},
+            "big": jnp.ones((300, 300)),             # over 2^16 elements: passes as it is
+            "lone": jnp.zeros((5, 7), jnp.bfloat16),  # no other leaf of its shape and dtype
+            "ids": jnp.arange(3, dtype=jnp.int32), "ids2": jnp.arange(3, 6, dtype=jnp.int32),
+            "key": jax.random.key(0)}
+
+
+def test_plan_groups_same_shape_dtype_small_leaves_and_round_trips():
+    tree = _tree()
+    plan = stacking.StackPlan.for_tree(tree)
+    leaves = jax.tree_util.tree_leaves(tree)
+    shapes = sorted((leaves[g[0]].shape, str(leaves[g[0]].dtype), len(g)) for g in plan.groups)
+    assert shapes == [((3,), "float32", 3), ((3,), "int32", 2), ((4, 3), "float32", 3)]
+    rest = sorted(str(leaves[i].shape) for i in plan.rest)
+    assert rest == ["()", "(300, 300)", "(5, 7)"]  # the key, the big leaf, the lone one
+    assert plan.num_arrays == 6 and plan.num_leaves == 11
+    packed = plan.pack(tree)
+    assert isinstance(packed, stacking.Stacked) and len(jax.tree_util.tree_leaves(packed)) == 6
+    for unpack in (plan.unpack, stacking.unpack_fn(plan), jax.jit(plan.unpack)):
+        back = unpack(packed if unpack is plan.unpack else stacking.pack_fn(plan)(tree))
+        assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(tree)
+        for a, b in zip(jax.tree_util.tree_leaves(back), leaves):
+            if jax.dtypes.issubdtype(b.dtype, jax.dtypes.prng_key):
+                a, b = jax.random.key_data(a), jax.random.key_data(b)
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+            assert a.dtype == b.dtype
+
+
+def test_plan_refuses_another_tree_and_wants_stacking_reads_its_setting():
+    plan = stacking.StackPlan.for_tree(_tree())
+    with pytest.raises(ValueError, match="structure differs"):
+        plan.pack({"x": jnp.ones(3)})
+    with pytest.raises(ValueError, match="stacks"):
+        plan.unpack(stacking.Stacked((), ()))
+    few = [jnp.ones(2)] * 3
+    many = [jnp.ones(2)] * stacking.AUTO_MIN_LEAVES
+    assert not stacking.wants_stacking("auto", few) and stacking.wants_stacking("auto", many)
+    assert stacking.wants_stacking("on", few) and not stacking.wants_stacking("off", many)
+    assert stacking.wants_stacking(True, few) and not stacking.wants_stacking(False, many)
+    with pytest.raises(ValueError, match="config.stack_state"):
+        stacking.wants_stacking("yes", few)
+
+
+def _run_cell(stack):
+    from mtlx.bench import workload as W
+    cell = W.Cell("adapters", "tiny", 32, 8, 8, dataclasses.replace(W.Features(), stack_state=stack))
+    setup = W.build_mtlx(cell, num_batches=3)
+    state, out = setup.state, []
+    for b in setup.batches[:3]:
+        state, metrics = setup.step(state, b)
+        out.append(jax.device_get(metrics))
+    return setup, state, out
+
+
+def test_stacked_step_equals_the_unstacked_step():
+    s_on, st_on, m_on = _run_cell("on")
+    s_off, st_off, m_off = _run_cell("off")
+    assert isinstance(st_on, stacking.Stacked) and not isinstance(st_off, stacking.Stacked)
+    n_leaves = len(jax.tree_util.tree_leaves(st_off))
+    assert len(jax.tree_util.tree_leaves(st_on)) < n_leaves / 4  # the call's arrays
+    plan = stacking.StackPlan.for_tree(st_off)
+    full = stacking.unpack_fn(plan)(st_on)
+    # The same computation compiled into other fusions: equal up to float32 rounding (an
+    # ulp or two after three AdamW steps; dev CPU), not bit for bit.
+    worst = 0.0
+    for a, b in zip(jax.tree_util.tree_leaves(full), jax.tree_util.tree_leaves(st_off)):
+        a, b = np.asarray(a), np.asarray(b)
+        assert a.dtype == b.dtype and a.shape == b.shape
+        if a.dtype.kind != "f":
+            np.testing.assert_array_equal(a, b)
+            continue
+        np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-9)
+        worst = max(worst, float(np.max(np.abs(a - b))))
+    assert worst < 1e-6
+    for a, b in zip(m_on, m_off):
+        for k in b:
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-6, atol=1e-7)
+    assert int(full.step) == 3
+
+
+def test_sharded_stacked_step_matches_the_sharded_step():
+    from tests.test_sharding import STEPS, batch16, reference_setup
+    mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
+    results = []
+    for stack in (False, True):
+        step, state = reference_setup()
+        abstract = jax.eval_shape(lambda s: s, state)
+        tree_sh = sharding.tree_shardings(mesh, abstract)
+        plan = stacking.StackPlan.for_tree(abstract, tree_sh) if stack else None
+        jitted, state_sh = sharding.jit_train_step(step, mesh, abstract, batch16(0), stack=plan)
+        state = jax.device_put(state, tree_sh)
+        if plan is not None:
+            assert plan.groups  # the heads' biases and the layer norms stack
+            state = stacking.pack_fn(plan, state_sh)(state)
+            for arr, sh in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(state_sh)):
+                assert arr.sharding.is_equivalent_to(sh, arr.ndim)
+        for i in range(STEPS):
+            b = batch16(i)
+            state, _ = jitted(state, jax.device_put(b, sharding.batch_sharding(mesh, b)))
+        if plan is not None:
+            state = stacking.unpack_fn(plan)(state)
+        results.append([np.asarray(x) for x in jax.tree_util.tree_leaves(state.params)])
+    for a, b in zip(*results):  # other fusions: float32 rounding apart
+        np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-9)
