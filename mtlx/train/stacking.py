@@ -170,7 +170,17 @@ def stacked_step(step_fn: Callable, plan: StackPlan) -> Callable:
 def pack_fn(plan: StackPlan, shardings: Optional[Stacked] = None, donate: bool = False) -> Callable:
     """A jitted tree -> Stacked (one program instead of an eager op per leaf); donate: the
     tree's buffers are given up (its large leaves pass without a copy)."""
-    return jax.jit(plan.pack, out_shardings=shardings, donate_argnums=(0,) if donate else ())
+    packed = jax.jit(plan.pack, out_shardings=shardings, donate_argnums=(0,) if donate else ())
+    if not donate:
+        return packed
+
+    def pack(tree):
+        import warnings
+        with warnings.catch_warnings():
+            # The stacked leaves' buffers cannot become the stacks (other shapes): expected.
+            warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+            return packed(tree)
+    return pack
 
 
 def unpack_fn(plan: StackPlan) -> Callable:
