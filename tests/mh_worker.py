@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 from mtlx.train import distributed, sharding  # noqa: E402
 
 
-def main(port: str, pid: int, out: str):
+def main(port: str, pid: int, out: str, stack: bool = False):
     import ml_collections
     cfg = ml_collections.ConfigDict(dict(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
                                          process_id=pid))
@@ -24,12 +24,22 @@ def main(port: str, pid: int, out: str):
     step_fn, state = reference_setup()
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2})  # 4 devices over 2 processes
     abstract = jax.eval_shape(lambda s: s, state)
-    step, state_sh = sharding.jit_train_step(step_fn, mesh, abstract, batch16(0))
-    state = jax.device_put(state, state_sh)
+    plan = None
+    if stack:  # the state's small leaves stacked at the jit boundary (mtlx.train.stacking)
+        from mtlx.train import stacking
+        plan = stacking.StackPlan.for_tree(abstract, sharding.tree_shardings(mesh, abstract))
+    step, state_sh = sharding.jit_train_step(step_fn, mesh, abstract, batch16(0), stack=plan)
+    if plan is None:
+        state = jax.device_put(state, state_sh)
+    else:
+        state = stacking.pack_fn(plan, state_sh)(
+            jax.device_put(state, sharding.tree_shardings(mesh, abstract)))
     rows = distributed.process_slice(16)
     for i in range(STEPS):
         local = batch16(i).select(np.arange(16)[rows])  # this process reads only its rows
         state, metrics = step(state, distributed.global_batch(mesh, local, 16))
+    if plan is not None:
+        state = stacking.unpack_fn(plan)(state)
     gathered = jax.experimental.multihost_utils.process_allgather(state.params, tiled=True)
     if pid == 0:
         flat = {jax.tree_util.keystr(k): np.asarray(v)
@@ -40,4 +50,4 @@ def main(port: str, pid: int, out: str):
 
 if __name__ == "__main__":
     import jax.experimental.multihost_utils  # noqa: F401
-    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3], stack=sys.argv[4:] == ["stack"])

@@ -40,11 +40,15 @@ def run_two_workers(script: str, argv, timeout: float):
     assert all(p.returncode == 0 for p in procs), "\n---\n".join(logs)
 
 
-def test_two_processes_match_single_process(tmp_path):
+@pytest.mark.parametrize("stack", [False, True], ids=["leaves", "stacked"])
+def test_two_processes_match_single_process(tmp_path, stack):
+    """stacked: the state's small leaves cross the jit boundary stacked (mtlx.train.stacking),
+    the stacks sharded over the global mesh like their leaves."""
     from tests.test_sharding import run
     ref_params, _, _ = run(None)
     out = tmp_path / "params.npz"
-    run_two_workers("mh_worker.py", lambda port, i: [port, str(i), str(out)], timeout=300)
+    run_two_workers("mh_worker.py", lambda port, i: [port, str(i), str(out)] + (["stack"] if stack else []),
+                    timeout=300)
     got = np.load(out)
     flat = {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(ref_params)}
     assert set(got.files) == set(flat)

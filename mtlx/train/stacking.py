@@ -124,11 +124,16 @@ class StackPlan:
             raise ValueError(f"mtlx.train.stacking: {len(stacked.stacks)} stacks and "
                              f"{len(stacked.rest)} other leaves, the plan has {len(self.groups)} "
                              f"and {len(self.rest)}")
+        return self.assemble([[arr[j] for j in range(len(g))]
+                              for g, arr in zip(self.groups, stacked.stacks)], stacked.rest)
+
+    def assemble(self, rows: Sequence[Sequence[Any]], rest: Sequence[Any]) -> Any:
+        """The tree from each stack's rows (in its group's order) and the other leaves."""
         out = [None] * self.num_leaves
-        for g, arr in zip(self.groups, stacked.stacks):
-            for j, i in enumerate(g):
-                out[i] = arr[j]
-        for i, x in zip(self.rest, stacked.rest):
+        for g, parts in zip(self.groups, rows):
+            for i, x in zip(g, parts):
+                out[i] = x
+        for i, x in zip(self.rest, rest):
             out[i] = x
         return jax.tree_util.tree_unflatten(self.treedef, out)
 
@@ -190,11 +195,5 @@ def unpack_fn(plan: StackPlan) -> Callable:
                                    for g, arr in zip(plan.groups, stacks)])
 
     def unpack(stacked: Stacked) -> Any:
-        out = [None] * plan.num_leaves
-        for g, parts in zip(plan.groups, rows(stacked.stacks)):
-            for i, x in zip(g, parts):
-                out[i] = x
-        for i, x in zip(plan.rest, stacked.rest):
-            out[i] = x
-        return jax.tree_util.tree_unflatten(plan.treedef, out)
+        return plan.assemble(rows(stacked.stacks), stacked.rest)
     return unpack
