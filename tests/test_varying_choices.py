@@ -231,3 +231,81 @@ def test_training_run_and_predict_script_with_a_varying_choice_task(tmp_path):
         sys.path.pop(0)
     with pytest.raises(SystemExit, match=r"bad.jsonl:1: choice field\(s\) \['B'\] are empty"):
         predict.main([*common, "--input", str(bad), "--output", str(pred)])
+
+
+# ----------------------------------------------------------------- one field holding a list
+
+def _list_task(tmp_path, rows, name="swag", fmt="jsonl", **extra):
+    """The same questions with their candidates in ONE field (source.choice_list)."""
+    if fmt == "jsonl":
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    else:
+        path = tmp_path / f"{name}.tsv"
+        lines = ["q\tendings\tlabel\tid"] + [
+            f"{r['q']}\t{r['endings'] if isinstance(r['endings'], str) else json.dumps(r['endings'])}"
+            f"\t{r['label']}\t{r['id']}" for r in rows]
+        path.write_text("\n".join(lines) + "\n")
+    config = {"name": name, "head": "multiple_choice", "format": fmt,
+              "files": {"train": str(path)}, "choice_list": "endings", "max_choices": 5,
+              "min_choices": 3, "columns": {"q": "q", "endings": "endings", "label": "label", "id": "id"}}
+    config.update(extra)
+    return task_from_config(config)
+
+
+def _as_lists(rows):
+    return [{"q": r["q"], "label": r["label"], "id": r["id"],
+             "endings": [r[c] for c in CHOICES if r[c]]} for r in rows]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "tsv"])
+def test_a_list_field_reads_and_tokenizes_like_choice_fields(tmp_path, tok, fmt):
+    rows = _questions()
+    fields = load_split(_task(tmp_path, rows), "train")
+    listed_spec = _list_task(tmp_path, _as_lists(rows), fmt=fmt)
+    assert listed_spec.text_fields == ("q",) and listed_spec.source.num_choices == 5
+    listed = load_split(listed_spec, "train")
+    assert [ex.choices for ex in listed.examples] == [ex.choices for ex in fields.examples]
+    assert [ex.label for ex in listed.examples] == [ex.label for ex in fields.examples]
+    a = tokenize_split(fields, tok, max_length=64)
+    b = tokenize_split(listed, tok, max_length=64)
+    for key in ("input_ids", "type_ids", "row_starts", "labels", "unit_starts", "unit_example"):
+        np.testing.assert_array_equal(getattr(a, key), getattr(b, key), err_msg=key)
+
+
+@pytest.mark.parametrize("endings,message", [
+    ("not json", "choice list field 'endings' is not a JSON array"),
+    ('{"a": 1}', "must be a list of texts"),
+    (["one", " ", "three"], r"candidate\(s\) \[1\] of choice list field 'endings' are empty"),
+    (["one", "two"], "holds 2 candidates; the task takes between min_choices=3 and max_choices=5"),
+    (["a", "b", "c", "d", "e", "f"], "holds 6 candidates"),
+])
+def test_bad_lists_name_the_line(tmp_path, endings, message):
+    rows = _as_lists(_questions(4))
+    rows[2] = dict(rows[2], endings=endings, label="0")
+    spec = _list_task(tmp_path, rows)
+    with pytest.raises(DataError, match=message) as info:
+        load_split(spec, "train")
+    assert "swag.jsonl:3:" in str(info.value) and "task 'swag'" in str(info.value)
+
+
+def test_a_list_field_without_min_choices_takes_exactly_max_choices(tmp_path):
+    rows = _as_lists(_questions(3))  # 3, 4 and 5 candidates
+    spec = _list_task(tmp_path, rows, min_choices=0)
+    with pytest.raises(DataError, match=r"holds 3 candidates; the task takes max_choices=5 \(set min_choices"):
+        load_split(spec, "train")
+    skipped = load_split(spec, "train", on_error="skip")
+    assert [len(ex.choices) for ex in skipped.examples] == [5]
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"max_choices": 0}, "choice_list .* goes with max_choices >= 2"),
+    ({"max_choices": 1}, "choice_list .* goes with max_choices >= 2"),
+    ({"choices": ["A", "B"], "columns": {"q": "q", "endings": "endings", "label": "label",
+                                         "A": "A", "B": "B"}}, "instead of choice fields"),
+    ({"min_choices": 6}, r"min_choices must be 0 or an integer in 2..5 \(the number of choice "
+                         r"fields, or max_choices\)"),
+])
+def test_list_field_settings_are_checked(tmp_path, extra, message):
+    with pytest.raises(ValueError, match=message):
+        _list_task(tmp_path, _as_lists(_questions(3)), **extra)

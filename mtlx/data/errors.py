@@ -28,6 +28,7 @@ REASONS = (
     "bad_conll_line",    # a CoNLL-U / CoNLL-2003 line that does not parse
     "bad_json",          # a JSON line or record that does not parse or lacks a field
     "bad_answer",        # a QA answer whose text is not at its character offset
+    "bad_choices",       # a multiple-choice list (source.choice_list) of the wrong length
 )
 
 

@@ -184,7 +184,11 @@ def make_example(spec: TaskSpec, record: Mapping[str, Any], labelled: bool, erro
             return None
         texts.append(str(value))
     choices = ()
-    if spec.head == "multiple_choice":
+    if spec.head == "multiple_choice" and spec.source.choice_list:
+        choices = _listed_choices(spec, record.get(spec.source.choice_list), errors, loc)
+        if choices is None:
+            return None
+    elif spec.head == "multiple_choice":
         fields = spec.source.choices
         choices = tuple(str(record.get(f) or "") for f in fields)
         filled = [bool(c.strip()) for c in choices]
@@ -214,6 +218,38 @@ def make_example(spec: TaskSpec, record: Mapping[str, Any], labelled: bool, erro
     uid = record.get("id")
     return Example(texts=tuple(texts), label=label, choices=choices,
                    uid="" if uid is None else str(uid), line=line)
+
+
+def _listed_choices(spec: TaskSpec, raw: Any, errors: RowErrors, loc: dict) -> Optional[tuple]:
+    """The candidates of one list field (source.choice_list): a JSON array (a list already in
+    JSONL, a JSON text in a TSV/CSV cell) of non-empty texts, as many as the task takes."""
+    field, most, least = spec.source.choice_list, spec.source.max_choices, spec.source.min_choices
+    value = raw
+    if isinstance(raw, str):
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError as e:
+            errors.bad("bad_json", f"choice list field {field!r} is not a JSON array: {e.msg} "
+                       f"(column {e.colno} of {raw[:60]!r})", **loc)
+            return None
+    if not isinstance(value, list) or not all(isinstance(c, (str, int, float)) and not isinstance(c, bool)
+                                              for c in value):
+        errors.bad("bad_json", f"choice list field {field!r} must be a list of texts, got "
+                   f"{str(raw)[:60]!r}", **loc)
+        return None
+    choices = tuple(str(c) for c in value)
+    empty = [i for i, c in enumerate(choices) if not c.strip()]
+    if empty:
+        errors.bad("empty_text", f"candidate(s) {empty} of choice list field {field!r} are empty", **loc)
+        return None
+    n = len(choices)
+    if n > most or n < (least or most):
+        want = f"between min_choices={least} and max_choices={most}" if least else \
+            f"max_choices={most} (set min_choices for a varying number)"
+        errors.bad("bad_choices",
+                   f"choice list field {field!r} holds {n} candidates; the task takes {want}", **loc)
+        return None
+    return choices
 
 
 def _parse_label(spec: TaskSpec, raw: Any, num_choices: int, errors: RowErrors, loc: dict):
@@ -269,7 +305,8 @@ def _parse_label(spec: TaskSpec, raw: Any, num_choices: int, errors: RowErrors, 
 def _column_indices(spec: TaskSpec, entry, header: Optional[list], path: Path) -> dict:
     """field -> column index, checking that every needed column exists."""
     columns = dict(entry.columns or spec.source.columns)
-    needed = list(spec.text_fields) + list(spec.source.choices)
+    needed = list(spec.text_fields) + list(spec.source.choices) + (
+        [spec.source.choice_list] if spec.source.choice_list else [])
     missing_fields = [f for f in needed if f not in columns]
     if missing_fields:
         raise DataError(f"no column mapping for field(s) {missing_fields}", path=path, task=spec.name)

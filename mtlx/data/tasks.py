@@ -71,6 +71,12 @@ class Source:
     raw_labels:  label values as written in the file, aligned with `TaskSpec.labels` (GLUE writes
                  "0"/"1" for the classes tfds calls "unacceptable"/"acceptable"); default: labels.
     choices:     multiple choice: the fields holding the candidate answers, in order.
+    choice_list: multiple choice: instead of `choices`, ONE field holding the candidates as a
+                 list in order (HellaSwag's "endings", SWAG-style JSONL): a JSON array in
+                 JSONL, a JSON array written in the cell in TSV/CSV; with `max_choices`.
+    max_choices: with `choice_list`: the rows an example takes (its candidates, then absent
+                 ones); an example must hold exactly that many candidates, or between
+                 `min_choices` and it when min_choices is set.
     min_choices: multiple choice with a varying number of candidates (ARC: 3 to 5): an example
                  may leave the choice fields after its first `min_choices` empty (trailing
                  only: the label indexes the fields in order); 0 (default): every choice field
@@ -91,6 +97,8 @@ class Source:
     raw_labels: tuple = ()
     choices: tuple = ()
     min_choices: int = 0
+    choice_list: str = ""
+    max_choices: int = 0
     tag_column: str = "upos"
     label_separator: str = ","
     preprocess: str = ""
@@ -106,6 +114,11 @@ class Source:
     @property
     def splits(self) -> tuple:
         return tuple(f.split for f in self.files)
+
+    @property
+    def num_choices(self) -> int:
+        """Multiple choice: the rows an example takes (choice fields, or max_choices)."""
+        return self.max_choices if self.choice_list else len(self.choices)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,14 +189,25 @@ class TaskSpec:
             raise ValueError(f"{where}: truncation must be one of {TRUNCATION}, got {self.truncation!r}")
         if self.max_length < 8:
             raise ValueError(f"{where}: max_length must be >= 8, got {self.max_length}")
-        if self.head == "multiple_choice" and len(self.source.choices) < 2:
-            raise ValueError(f"{where}: multiple choice needs >= 2 choice fields in source.choices")
-        k, m = len(self.source.choices), self.source.min_choices
+        src = self.source
+        if src.choice_list or src.max_choices:
+            mc = src.max_choices
+            if self.head != "multiple_choice" or src.choices or not src.choice_list \
+                    or isinstance(mc, bool) or not isinstance(mc, int) or mc < 2:
+                raise ValueError(f"{where}: choice_list (one field holding the candidates) goes "
+                                 f"with max_choices >= 2 (the rows an example takes), instead of "
+                                 f"choice fields, on a multiple-choice task; got "
+                                 f"choice_list={src.choice_list!r}, max_choices={mc!r}, "
+                                 f"choices={list(src.choices)} (head {self.head!r})")
+        elif self.head == "multiple_choice" and len(src.choices) < 2:
+            raise ValueError(f"{where}: multiple choice needs >= 2 choice fields in source.choices "
+                             f"(or one list field: choice_list with max_choices)")
+        k, m = src.num_choices, src.min_choices
         if m and (self.head != "multiple_choice" or isinstance(m, bool) or not isinstance(m, int)
                   or not 2 <= m <= k):
             raise ValueError(f"{where}: min_choices must be 0 or an integer in 2..{k} (the number "
-                             f"of choice fields) on a multiple-choice task, got {m!r} "
-                             f"(head {self.head!r})")
+                             f"of choice fields, or max_choices) on a multiple-choice task, got "
+                             f"{m!r} (head {self.head!r})")
         if self.target not in ("", "score") or (self.target and self.head != "seq2seq"):
             raise ValueError(f"{where}: target must be '' or 'score' (seq2seq only), got {self.target!r}")
         if self.head == "seq2seq" and self.target == "score" and self.labels:
@@ -271,6 +295,8 @@ _CONFIG_KEYS = {
     "header": "files have a header row (default true)", "max_length": "tokens per row",
     "truncation": "pair truncation", "label_separator": "multilabel separator",
     "choices": "multiple-choice fields",
+    "choice_list": "multiple choice: one field holding the candidates as a (JSON) list",
+    "max_choices": "with choice_list: the rows an example takes",
     "min_choices": "multiple choice: fewest filled choice fields (trailing ones may be empty; "
                    "default: all)",
     "train_split": "split to train on",
@@ -346,9 +372,11 @@ def task_from_config(config: Union[Mapping[str, Any], str, Path]) -> TaskSpec:
     if head != "multiple_choice" and "label" not in columns:
         raise ValueError(f"{origin}: task {name!r}: columns needs a 'label' entry (the label column)")
     choices = tuple(config.get("choices", ()))
+    choice_list = str(config.get("choice_list", "") or "")
+    listed = choices + ((choice_list,) if choice_list else ())
     text_fields = tuple(config.get("text_fields") or
-                        [f for f in columns if f not in ("label", "id") and f not in choices])
-    missing = [f for f in text_fields + choices if f not in columns]
+                        [f for f in columns if f not in ("label", "id") and f not in listed])
+    missing = [f for f in text_fields + listed if f not in columns]
     if missing:
         raise ValueError(f"{origin}: task {name!r}: fields {missing} have no entry in columns")
     labelled = dict(config.get("labelled", {}))
@@ -358,7 +386,8 @@ def task_from_config(config: Union[Mapping[str, Any], str, Path]) -> TaskSpec:
     source = Source(
         format=fmt, root=str(config.get("root", root)), files=files,
         columns=tuple(columns.items()), raw_labels=tuple(str(x) for x in config.get("raw_labels", ())),
-        choices=choices, min_choices=config.get("min_choices", 0),
+        choices=choices, min_choices=config.get("min_choices", 0), choice_list=choice_list,
+        max_choices=config.get("max_choices", 0),
         label_separator=config.get("label_separator", ","), reference=origin)
     spec = TaskSpec(
         name=name, head=head, source=source,
@@ -384,8 +413,8 @@ def _split_keys(config: dict, files) -> dict:
 
 def _span_task_from_config(config: dict, origin: str, root: str) -> TaskSpec:
     name = config["name"]
-    bad = [k for k in ("columns", "labels", "raw_labels", "choices", "min_choices", "label_separator", "header",
-                       "text_fields") if k in config]
+    bad = [k for k in ("columns", "labels", "raw_labels", "choices", "min_choices", "choice_list",
+                       "max_choices", "label_separator", "header", "text_fields") if k in config]
     if bad:
         raise ValueError(f"{origin}: task {name!r}: key(s) {bad} do not apply to SQuAD-format "
                          f"JSON (question + context, answers in the file)")

@@ -425,7 +425,7 @@ def _span(spec, examples, owned, tokenizer, max_length, labelled) -> dict:
 
 
 def _multiple_choice(spec, examples, owned, tokenizer, max_length, labelled) -> dict:
-    k = len(spec.source.choices)
+    k = spec.source.num_choices
     first, second, labels, present = [], [], [], []
     for ex in examples:
         context = " ".join(ex.texts)
