@@ -28,13 +28,13 @@ LOG="$OUT/log.txt"
 START=$(date +%s)
 # The A/Bs of the switches not yet timed on a GPU (BUILD_NOTES.md, "For the next lease"):
 # BERT's residual LayerNorm VJP, the gather's one-hot gradient (8 tasks against 1), the grouped
-# gradient norm, dropout's draws, the state stacked at the jit boundary (does the 8-task step's
-# GPU wait on the host's per-array dispatch? mtlx.train.stacking; in that order: a limit stops
-# the last ones).
+# gradient norm, dropout's draws, the state NOT stacked at the jit boundary (the 8-task state's
+# 2,655 leaves stack by default since the eleventh session: does its GPU wait on the host's
+# per-array dispatch without? mtlx.train.stacking; in that order: a limit stops the last ones).
 V="shared/base/128/1/128;shared/base/128/1/128:layer_norm_vjp=autodiff"
 V="$V;adapters/base/128/1/128;adapters/base/128/8/128;adapters/base/128/8/128:gather_grad=scatter"
 V="$V;adapters/base/128/8/128:grad_norm=per_leaf;shared/base/128/1/128:dropout_draws=bernoulli"
-V="$V;adapters/base/128/8/128:stack_state=on"
+V="$V;adapters/base/128/8/128:stack_state=off"
 V=${GPU_PROFILE_VARIANTS:-$V}
 
 echo "== 1. environment" | tee -a "$LOG"

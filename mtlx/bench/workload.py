@@ -91,7 +91,7 @@ class Features:
     # 'grouped' (leaves concatenated in chunks, the default) or 'per_leaf' (optax's): the A/B.
     grad_norm: str = "grouped"
     # The train state at the step's jit boundary (mtlx.train.stacking, config.stack_state):
-    # 'auto' (small same-shaped leaves stacked from 3,072 leaves on, as the loop does), 'on',
+    # 'auto' (small same-shaped leaves stacked from 1,024 leaves on, as the loop does), 'on',
     # 'off': the A/B of the host's per-array dispatch work.
     stack_state: str = "auto"
     prng: str = "threefry2x32"          # dropout's random bits: JAX's PRNG implementation
@@ -350,10 +350,14 @@ def build_mtlx(cell: Cell, seed: int = 0, num_batches: int = 4, device=None,
     del params
     leaves = jax.tree_util.tree_leaves(state.params)
     # `trainable` as the training loop passes it: frozen backbone weights are not differentiated.
-    step_fn = traced_with(make_train_step(model, tx, trainable=trainable), cell.features)
+    plan = None
     if stacking.wants_stacking(cell.features.stack_state, state, key="Features.stack_state"):
-        # As the loop does (mtlx.train.loop): the state crosses the jit boundary stacked.
+        # As the loop does (mtlx.train.loop): the state crosses the jit boundary stacked and
+        # the update runs on the stacks.
         plan = stacking.StackPlan.for_tree(state)
+        tx = optim.make_optimizer(optim_config(), state.params, trainable, stacked=True)
+    step_fn = traced_with(make_train_step(model, tx, trainable=trainable), cell.features)
+    if plan is not None:
         step_fn = stacking.stacked_step(step_fn, plan)
         state = jax.device_put(stacking.pack_fn(plan, donate=True)(state), device)
     step = jax.jit(step_fn, donate_argnums=(0,) if cell.features.donate else ())

@@ -81,7 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.stack_state = "auto"           # auto|on|off: the train state's small same-shaped leaves
                                      # (many tasks' adapters, heads, their optimizer moments)
                                      # pass the step's jit boundary as a few stacked arrays
-                                     # (mtlx.train.stacking); 'auto': from 3,072 leaves on.
+                                     # (mtlx.train.stacking); 'auto': from 1,024 leaves on.
                                      # Same values; less host work a step, longer compile
     c.task_weights = None            # static per-task loss weights (None = 1 each)
 

@@ -382,6 +382,14 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path,
 
     mesh = sharding.make_mesh(cfg.get("mesh", None) and cfg.mesh.to_dict())
     abstract_state = jax.eval_shape(lambda s: s, state)
+    # Many tasks' small leaves travel stacked through the step's jit boundary (host dispatch
+    # per array) and are updated stacked (a program per group, not per leaf; the state keeps
+    # its per-leaf form): mtlx.train.stacking. The loop unstacks for evaluation and checkpoints.
+    start_step = int(jax.device_get(state.step))
+    plan = None
+    if stacking.wants_stacking(cfg.get("stack_state", "auto"), abstract_state):
+        plan = stacking.StackPlan.for_tree(abstract_state, sharding.tree_shardings(mesh, abstract_state))
+        tx = optim.make_optimizer(cfg.optim, abstract_state.params, s.trainable, stacked=True)
     wc = cfg.get("weighting", None)
     step_fn = make_train_step(model, tx, task_weights=cfg.get("task_weights", None),
                               accum_steps=cfg.optim.get("accum_steps", 1), schedule=s.schedule,
@@ -390,12 +398,6 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path,
                                   grads_wrt=wc.grads_wrt, representation=wc.representation,
                                   sequential=wc.sequential,
                                   weighting_tx=default_weighting_tx(wc.learning_rate))))
-    # Many tasks' small leaves travel stacked through the step's jit boundary (host dispatch
-    # per array; mtlx.train.stacking); the loop unstacks for evaluation and checkpoints.
-    start_step = int(jax.device_get(state.step))
-    plan = None
-    if stacking.wants_stacking(cfg.get("stack_state", "auto"), abstract_state):
-        plan = stacking.StackPlan.for_tree(abstract_state, sharding.tree_shardings(mesh, abstract_state))
     train_step, state_sh = sharding.jit_train_step(step_fn, mesh, abstract_state, init_batch,
                                                    donate=True, stack=plan)
     if plan is None:

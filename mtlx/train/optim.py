@@ -164,20 +164,35 @@ def _decay_mask(params):
         lambda p, x: x.ndim > 1 and "norm" not in path_str(p).lower(), params)
 
 
-def make_optimizer(cfg, params: Any, trainable: Optional[Any] = None) -> optax.GradientTransformation:
-    """The full update rule: clip -> optimizer(schedule) on trainable params, zero elsewhere."""
+def make_optimizer(cfg, params: Any, trainable: Optional[Any] = None,
+                   stacked: bool = False) -> optax.GradientTransformation:
+    """The full update rule: clip -> optimizer(schedule) on trainable params, zero elsewhere.
+
+    stacked: the update runs on the small same-shaped leaves stacked per group
+    (`mtlx.train.stacking.stacked_transform`: a few large elementwise programs instead of one
+    per leaf; the state stays the per-leaf, name-keyed one); AdamW and SGD only (Adafactor
+    factors by shape, so it keeps its per-leaf update)."""
+    name = cfg.get("optimizer", "adamw")
+    if name not in OPTIMIZERS:
+        raise ValueError(f"config.optimizer: unknown optimizer {name!r}; known: {list(OPTIMIZERS)}")
+    if stacked and name in ("adamw", "sgd"):
+        from mtlx.train import stacking
+        return stacking.stacked_transform(lambda tr, dm: _build(cfg, tr, dm), params, trainable,
+                                          _decay_mask(params))
+    return _build(cfg, trainable, _decay_mask)
+
+
+def _build(cfg, trainable: Optional[Any], decay_mask) -> optax.GradientTransformation:
     name = cfg.get("optimizer", "adamw")
     sched = make_schedule(cfg)
     wd = float(cfg.get("weight_decay", 0.0))
     if name == "adamw":
         opt = optax.adamw(sched, b1=cfg.get("adam_b1", 0.9), b2=cfg.get("adam_b2", 0.999),
-                          eps=cfg.get("adam_eps", 1e-8), weight_decay=wd, mask=_decay_mask)
+                          eps=cfg.get("adam_eps", 1e-8), weight_decay=wd, mask=decay_mask)
     elif name == "adafactor":
-        opt = optax.adafactor(sched, weight_decay_rate=wd or None, weight_decay_mask=_decay_mask)
-    elif name == "sgd":
-        opt = optax.sgd(sched, momentum=cfg.get("momentum", None))
+        opt = optax.adafactor(sched, weight_decay_rate=wd or None, weight_decay_mask=decay_mask)
     else:
-        raise ValueError(f"config.optimizer: unknown optimizer {name!r}; known: {list(OPTIMIZERS)}")
+        opt = optax.sgd(sched, momentum=cfg.get("momentum", None))
     chain = []
     clip = cfg.get("grad_clip_norm", None)
     if clip:

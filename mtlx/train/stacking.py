@@ -9,26 +9,28 @@ same-shaped, same-dtype, same-sharding small leaves into one array ([k, *shape])
 call and taking them apart inside it (static slices that XLA fuses into their consumers)
 makes the call handle a few dozen arrays instead.
 
-Only the jit boundary changes. Inside the step the state is the ordinary name-keyed pytree
-(`StackPlan.unpack`), the step's code, its gradients and the optimizer are untouched; the
-values equal the unstacked step's up to float32 rounding (XLA fuses the two programs
-differently: an ulp or two after a few AdamW steps, tests/test_stacking.py). Outside it the loop
-keeps a `Stacked` state and unstacks it for evaluation and checkpoints, so checkpoints stay keyed
-by name (adding, removing or reordering tasks keeps them loadable).
+Inside the step the state is the ordinary name-keyed pytree (`StackPlan.unpack`) for the
+model and its gradients; the optimizer's update runs on the stacks again
+(`stacked_transform`, `mtlx.train.optim.make_optimizer(..., stacked=True)`: AdamW and SGD,
+one elementwise program a group of same-shaped leaves with the same masks), its state kept in
+the per-leaf form. Values equal the unstacked step's up to float32 rounding (the clipping
+norm sums in another order, XLA fuses differently: an ulp or two after a few AdamW steps,
+tests/test_stacking.py). Outside the step the loop keeps a `Stacked` state and unstacks it for
+evaluation and checkpoints, so checkpoints stay keyed by name (adding, removing or reordering
+tasks keeps them loadable).
 
 Which leaves stack: those of at most `max_leaf_size` elements (2^16), grouped by (shape,
 dtype, sharding), groups of two or more; larger leaves (the backbone's kernels) and singletons
 pass as they are. A stack's sharding is its leaves' with a leading unsharded axis.
 
-Cost: compile time. Each per-leaf update then reads its own rows of a stack, so XLA:CPU no
-longer shares one compiled kernel among the many identical per-leaf updates (4,595 kernels
-against 1,711 for the tiny adapters' 64-task step): that step compiled in 61 s stacked against
-27 s unstacked, the BERT-base adapters' 8-task step (2,661 leaves) in 50 s against 14 s (dev
-CPU). Optimization barriers, dynamic row indices and in-place row updates did not bring it
-down (39-78 s). So 'auto' stacks only states of at least `AUTO_MIN_LEAVES` (3,072) leaves,
-where the host's ~10 us a leaf (~30 ms a step) pays back the compile in a few thousand steps.
-Measured (dev CPU, `scripts/ab_features.py stack_state off auto`): the tiny adapters' 64-task
-step (3,519 leaves) 1.25x faster; BERT-base adapters, 8 tasks, 'on': 1.08x (within noise).
+Compile time: with the boundary stacked but the update per leaf, each per-leaf update read
+its own rows of a stack and XLA:CPU stopped sharing one compiled kernel among identical
+per-leaf fusions (4,595 kernel modules against 1,711): the tiny adapters' 64-task step
+compiled in 61 s against 27 s. With the update on the stacks it compiles in 21 s against 23 s
+unstacked (LoRA, 64 tasks: 14.1 against 14.8 s; BERT-base adapters, 8 tasks: 19.0 against
+12.3 s). Measured (dev CPU, `scripts/ab_features.py stack_state off on`, float32): tiny
+adapters, 64 tasks, 1.35x faster; tiny LoRA, 64 tasks, 1.14x; BERT-base adapters, 8 tasks,
+1.00x. 'auto' stacks states of at least `AUTO_MIN_LEAVES` (1,024) leaves.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 MAX_LEAF_SIZE = 1 << 16
-AUTO_MIN_LEAVES = 3072
+AUTO_MIN_LEAVES = 1024
 SETTINGS = ("auto", "on", "off")
 
 
@@ -197,3 +199,122 @@ def unpack_fn(plan: StackPlan) -> Callable:
     def unpack(stacked: Stacked) -> Any:
         return plan.assemble(rows(stacked.stacks), stacked.rest)
     return unpack
+
+
+# ----------------------------------------------------------------------------- the update
+
+_DUMMY = 1 << 30  # dummy leaf lengths that tell which state leaf shadows which parameter
+
+
+def _shadows(tx, leaves, treedef, base: int):
+    """Each leaf of tx.init's state, as (parameter index, its k-th shadow) or None (a state
+    leaf of its own, e.g. Adam's count), found from an abstract init over dummy parameters
+    of distinct lengths; and the state's treedef."""
+    import jax.numpy as jnp
+    dummy = jax.tree_util.tree_unflatten(treedef, [
+        jax.ShapeDtypeStruct((base + i,), jnp.dtype(x.dtype)) for i, x in enumerate(leaves)])
+    state = jax.eval_shape(tx.init, dummy)
+    seen, out = {}, []
+    for x in jax.tree_util.tree_leaves(state):
+        n = x.shape[0] - base if len(x.shape) == 1 and x.shape[0] >= base else -1
+        if 0 <= n < len(leaves):
+            k = seen.get(n, 0)
+            seen[n] = k + 1
+            out.append((n, k))
+        else:
+            out.append(None)
+    return out, jax.tree_util.tree_structure(state)
+
+
+def stacked_transform(build: Callable, params: Any, trainable: Optional[Any], decay_mask: Any,
+                      max_leaf_size: int = MAX_LEAF_SIZE):
+    """An optax transformation equal to ``build(trainable, decay_mask)`` whose update runs on
+    the small leaves stacked per group of (shape, dtype, trainable, decayed): one elementwise
+    program a group instead of one a leaf, which is what a many-task state costs in kernels
+    (XLA:CPU compiles each distinct per-leaf fusion; the host launches each one).
+
+    build(trainable, decay_mask) -> the per-leaf transformation (the same rule on any tree with
+    these masks); it must be elementwise per leaf (AdamW, SGD; not Adafactor, which factors by
+    shape). The state is the per-leaf one (``init`` is build's own), so checkpoints stay keyed
+    by name; inside ``update`` it is stacked, updated and taken apart again. Values equal the
+    per-leaf update's up to float32 rounding (the clipping norm sums in another order)."""
+    import jax.numpy as jnp
+    import optax
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    n = len(leaves)
+    train = [True] * n if trainable is None else treedef.flatten_up_to(trainable)
+    decay = treedef.flatten_up_to(decay_mask)
+    by_key = {}
+    for i, x in enumerate(leaves):
+        if _eligible(x, max_leaf_size):
+            key = (tuple(np.shape(x)), np.dtype(x.dtype).str, bool(train[i]), bool(decay[i]))
+            by_key.setdefault(key, []).append(i)
+    groups = [tuple(g) for g in by_key.values() if len(g) > 1]
+    grouped = {i for g in groups for i in g}
+    singles = [i for i in range(n) if i not in grouped]
+    # The stacked tree: a tuple of the groups' stacks, then the other leaves.
+    elems = [g for g in groups] + [(i,) for i in singles]
+    s_train = tuple(bool(train[e[0]]) for e in elems)
+    s_decay = tuple(bool(decay[e[0]]) for e in elems)
+    per_leaf = build(None if trainable is None else trainable, decay_mask)
+    stacked = build(None if trainable is None else s_train, s_decay)
+    s_abstract = tuple(jax.ShapeDtypeStruct(((len(e),) if len(e) > 1 or e[0] in grouped else ())
+                                            + tuple(np.shape(leaves[e[0]])), leaves[e[0]].dtype)
+                       for e in elems)
+    s_leaves, s_def = jax.tree_util.tree_flatten(s_abstract)
+    leaf_map, leaf_def = _shadows(per_leaf, leaves, treedef, _DUMMY)
+    elem_map, elem_def = _shadows(stacked, s_leaves, s_def, _DUMMY)
+    own_leaf = [j for j, m in enumerate(leaf_map) if m is None]
+    own_elem = [j for j, m in enumerate(elem_map) if m is None]
+    if len(own_leaf) != len(own_elem):
+        raise ValueError("mtlx.train.stacking.stacked_transform: the per-leaf and stacked "
+                         "states differ in their own leaves; is the rule elementwise?")
+    where = {m: j for j, m in enumerate(leaf_map) if m is not None}
+    where_e = {m: j for j, m in enumerate(elem_map) if m is not None}
+    is_stack = [len(e) > 1 for e in elems]
+
+    def stack_tree(tree):
+        xs = treedef.flatten_up_to(tree)
+        return tuple(jnp.stack([xs[i] for i in e]) if st else xs[e[0]]
+                     for e, st in zip(elems, is_stack))
+
+    def unstack_tree(s):
+        out = [None] * n
+        for e, st, x in zip(elems, is_stack, s):
+            for r, i in enumerate(e):
+                out[i] = x[r] if st else x
+        return jax.tree_util.tree_unflatten(treedef, out)
+
+    def to_stacked(state):
+        xs = jax.tree_util.tree_leaves(state)
+        out = [None] * len(elem_map)
+        for j, m in enumerate(elem_map):
+            if m is None:
+                continue
+            e, k = elems[m[0]], m[1]
+            parts = [xs[where[(i, k)]] for i in e]
+            out[j] = jnp.stack(parts) if is_stack[m[0]] else parts[0]
+        for a, b in zip(own_elem, own_leaf):
+            out[a] = xs[b]
+        return jax.tree_util.tree_unflatten(elem_def, out)
+
+    def to_per_leaf(state_s):
+        xs = jax.tree_util.tree_leaves(state_s)
+        row = {i: (g, r) for g, e in enumerate(elems) for r, i in enumerate(e)}
+        out = [None] * len(leaf_map)
+        for j, m in enumerate(leaf_map):
+            if m is None:
+                continue
+            g, r = row[m[0]]
+            x = xs[where_e[(g, m[1])]]
+            out[j] = x[r] if is_stack[g] else x
+        for a, b in zip(own_leaf, own_elem):
+            out[a] = xs[b]
+        return jax.tree_util.tree_unflatten(leaf_def, out)
+
+    def update(updates, state, params=None):
+        s_params = None if params is None else stack_tree(params)
+        new, s_state = stacked.update(stack_tree(updates), to_stacked(state), s_params)
+        return unstack_tree(new), to_per_leaf(s_state)
+
+    return optax.GradientTransformation(per_leaf.init, update)
