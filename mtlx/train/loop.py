@@ -404,7 +404,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path,
         state = jax.device_put(state, state_sh)
         view = lambda st: st  # noqa: E731
     else:
-        state = stacking.pack_fn(plan, state_sh)(
+        # donated, as the unstacked state is to the first step: no second copy of the state
+        state = stacking.pack_fn(plan, state_sh, donate=True)(
             jax.device_put(state, sharding.tree_shardings(mesh, abstract_state)))
         view = stacking.unpack_fn(plan)
     eval_step = jax.jit(make_eval_step(model))
