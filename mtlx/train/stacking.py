@@ -149,10 +149,6 @@ class StackPlan:
         return Stacked(tuple(stacked(sh[g[0]]) for g in self.groups),
                        tuple(sh[i] for i in self.rest))
 
-    def abstract(self, tree: Any) -> Stacked:
-        """ShapeDtypeStructs of the Stacked form (no arrays made)."""
-        return jax.eval_shape(self.pack, tree)
-
 
 def wants_stacking(setting: Any, tree: Any, key: str = "config.stack_state") -> bool:
     """'on' / True, 'off' / False, or 'auto': stacking when the tree has at least
