@@ -27,13 +27,13 @@ def main(port: str, pid: int, out: str, stack: bool = False):
     plan = None
     if stack:  # the state's small leaves stacked at the jit boundary (mtlx.train.stacking)
         from mtlx.train import stacking
-        plan = stacking.StackPlan.for_tree(abstract, sharding.tree_shardings(mesh, abstract))
+        tree_sh = sharding.tree_shardings(mesh, abstract)
+        plan = stacking.StackPlan.for_tree(abstract, tree_sh)
     step, state_sh = sharding.jit_train_step(step_fn, mesh, abstract, batch16(0), stack=plan)
     if plan is None:
         state = jax.device_put(state, state_sh)
     else:
-        state = stacking.pack_fn(plan, state_sh)(
-            jax.device_put(state, sharding.tree_shardings(mesh, abstract)))
+        state = stacking.put(state, plan, tree_sh)
     rows = distributed.process_slice(16)
     for i in range(STEPS):
         local = batch16(i).select(np.arange(16)[rows])  # this process reads only its rows

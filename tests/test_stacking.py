@@ -103,10 +103,11 @@ def test_sharded_stacked_step_matches_the_sharded_step():
         tree_sh = sharding.tree_shardings(mesh, abstract)
         plan = stacking.StackPlan.for_tree(abstract, tree_sh) if stack else None
         jitted, state_sh = sharding.jit_train_step(step, mesh, abstract, batch16(0), stack=plan)
-        state = jax.device_put(state, tree_sh)
-        if plan is not None:
+        if plan is None:
+            state = jax.device_put(state, tree_sh)
+        else:
             assert plan.groups  # the heads' biases and the layer norms stack
-            state = stacking.pack_fn(plan, state_sh)(state)
+            state = stacking.put(state, plan, tree_sh)
             for arr, sh in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(state_sh)):
                 assert arr.sharding.is_equivalent_to(sh, arr.ndim)
         for i in range(STEPS):

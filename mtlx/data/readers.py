@@ -305,8 +305,7 @@ def _parse_label(spec: TaskSpec, raw: Any, num_choices: int, errors: RowErrors, 
 def _column_indices(spec: TaskSpec, entry, header: Optional[list], path: Path) -> dict:
     """field -> column index, checking that every needed column exists."""
     columns = dict(entry.columns or spec.source.columns)
-    needed = list(spec.text_fields) + list(spec.source.choices) + (
-        [spec.source.choice_list] if spec.source.choice_list else [])
+    needed = list(spec.text_fields) + list(spec.source.choice_fields)
     missing_fields = [f for f in needed if f not in columns]
     if missing_fields:
         raise DataError(f"no column mapping for field(s) {missing_fields}", path=path, task=spec.name)

@@ -116,6 +116,12 @@ class Source:
         return tuple(f.split for f in self.files)
 
     @property
+    def choice_fields(self) -> tuple:
+        """Multiple choice: the fields the candidates are read from (choice fields, or the
+        one list field)."""
+        return (self.choice_list,) if self.choice_list else tuple(self.choices)
+
+    @property
     def num_choices(self) -> int:
         """Multiple choice: the rows an example takes (choice fields, or max_choices)."""
         return self.max_choices if self.choice_list else len(self.choices)

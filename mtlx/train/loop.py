@@ -388,7 +388,8 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path,
     start_step = int(jax.device_get(state.step))
     plan = None
     if stacking.wants_stacking(cfg.get("stack_state", "auto"), abstract_state):
-        plan = stacking.StackPlan.for_tree(abstract_state, sharding.tree_shardings(mesh, abstract_state))
+        tree_sh = sharding.tree_shardings(mesh, abstract_state)
+        plan = stacking.StackPlan.for_tree(abstract_state, tree_sh)
         tx = optim.make_optimizer(cfg.optim, abstract_state.params, s.trainable, stacked=True)
     wc = cfg.get("weighting", None)
     step_fn = make_train_step(model, tx, task_weights=cfg.get("task_weights", None),
@@ -405,8 +406,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path,
         view = lambda st: st  # noqa: E731
     else:
         # donated, as the unstacked state is to the first step: no second copy of the state
-        state = stacking.pack_fn(plan, state_sh, donate=True)(
-            jax.device_put(state, sharding.tree_shardings(mesh, abstract_state)))
+        state = stacking.put(state, plan, tree_sh, donate=True)
         view = stacking.unpack_fn(plan)
     eval_step = jax.jit(make_eval_step(model))
     multi = jax.process_count() > 1
@@ -531,10 +531,11 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path,
     if last_eval_step != final_step and final_step >= total:
         results = run_eval(state.params)
     if is_main:
+        num_leaves = len(jax.tree_util.tree_leaves(state))
         logger.write(final_step, {"compile/train_step_executables": count_compilations(train_step),
-                                  "compile/train_step_state_leaves": len(jax.tree_util.tree_leaves(state)),
+                                  "compile/train_step_state_leaves": num_leaves,
                                   "compile/train_step_state_arrays": (plan.num_arrays if plan is not None
-                                                                      else len(jax.tree_util.tree_leaves(state)))},
+                                                                      else num_leaves)},
                      kind="info")
         logger.plot()
         logger.close()

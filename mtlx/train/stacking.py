@@ -63,9 +63,22 @@ class Stacked:
         return cls(tuple(children[0]), tuple(children[1]))
 
 
-def _eligible(x, max_leaf_size: int) -> bool:
-    dtype = np.dtype(x.dtype) if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else None
-    return dtype is not None and int(np.prod(np.shape(x), dtype=np.int64)) <= max_leaf_size
+_APART = object()  # a leaf's extra key that keeps it out of every group
+
+
+def _group(leaves, extra_keys, max_leaf_size: int):
+    """(groups, rest): the indices of the small (<= max_leaf_size elements, not PRNG-key) leaves
+    grouped by (shape, dtype, extra key), groups of two or more in leaf order, and the indices
+    of every other leaf."""
+    by_key = {}
+    for i, (x, extra) in enumerate(zip(leaves, extra_keys)):
+        if (extra is _APART or jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+                or int(np.prod(np.shape(x), dtype=np.int64)) > max_leaf_size):
+            continue
+        by_key.setdefault((tuple(np.shape(x)), np.dtype(x.dtype).str, extra), []).append(i)
+    groups = tuple(tuple(idx) for idx in by_key.values() if len(idx) > 1)
+    grouped = {i for g in groups for i in g}
+    return groups, tuple(i for i in range(len(leaves)) if i not in grouped)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,18 +97,9 @@ class StackPlan:
             sh = [None] * len(leaves)
         else:
             sh = treedef.flatten_up_to(shardings)
-        by_key = {}
-        for i, (x, s) in enumerate(zip(leaves, sh)):
-            if not _eligible(x, max_leaf_size):
-                continue
-            if s is not None and not isinstance(s, NamedSharding):
-                continue  # only NamedShardings get a stacked sharding
-            key = (tuple(np.shape(x)), np.dtype(x.dtype).str, s)
-            by_key.setdefault(key, []).append(i)
-        groups = tuple(tuple(idx) for idx in by_key.values() if len(idx) > 1)
-        stacked = {i for g in groups for i in g}
-        rest = tuple(i for i in range(len(leaves)) if i not in stacked)
-        return cls(treedef, groups, rest)
+        # only NamedShardings get a stacked sharding
+        keys = [s if s is None or isinstance(s, NamedSharding) else _APART for s in sh]
+        return cls(treedef, *_group(leaves, keys, max_leaf_size))
 
     @property
     def num_leaves(self) -> int:
@@ -186,6 +190,12 @@ def pack_fn(plan: StackPlan, shardings: Optional[Stacked] = None, donate: bool =
     return pack
 
 
+def put(tree: Any, plan: StackPlan, shardings: Any, donate: bool = False) -> Stacked:
+    """The tree placed on its shardings (`sharding.tree_shardings`) and stacked, the stacks on
+    `plan.shardings(shardings)`: the state a stacked `jit_train_step` takes."""
+    return pack_fn(plan, plan.shardings(shardings), donate)(jax.device_put(tree, shardings))
+
+
 def unpack_fn(plan: StackPlan) -> Callable:
     """Stacked -> tree for evaluation and checkpoints: the stacks' rows in one jitted program,
     the other leaves passed as they are (no copy of the backbone)."""
@@ -237,27 +247,21 @@ def stacked_transform(build: Callable, params: Any, trainable: Optional[Any], de
     import jax.numpy as jnp
     import optax
     leaves, treedef = jax.tree_util.tree_flatten(params)
-    n = len(leaves)
-    train = [True] * n if trainable is None else treedef.flatten_up_to(trainable)
+    train = [True] * len(leaves) if trainable is None else treedef.flatten_up_to(trainable)
     decay = treedef.flatten_up_to(decay_mask)
-    by_key = {}
-    for i, x in enumerate(leaves):
-        if _eligible(x, max_leaf_size):
-            key = (tuple(np.shape(x)), np.dtype(x.dtype).str, bool(train[i]), bool(decay[i]))
-            by_key.setdefault(key, []).append(i)
-    groups = [tuple(g) for g in by_key.values() if len(g) > 1]
-    grouped = {i for g in groups for i in g}
-    singles = [i for i in range(n) if i not in grouped]
-    # The stacked tree: a tuple of the groups' stacks, then the other leaves.
-    elems = [g for g in groups] + [(i,) for i in singles]
-    s_train = tuple(bool(train[e[0]]) for e in elems)
-    s_decay = tuple(bool(decay[e[0]]) for e in elems)
-    per_leaf = build(None if trainable is None else trainable, decay_mask)
-    stacked = build(None if trainable is None else s_train, s_decay)
-    s_abstract = tuple(jax.ShapeDtypeStruct(((len(e),) if len(e) > 1 or e[0] in grouped else ())
-                                            + tuple(np.shape(leaves[e[0]])), leaves[e[0]].dtype)
-                       for e in elems)
-    s_leaves, s_def = jax.tree_util.tree_flatten(s_abstract)
+    # The stacked tree is the params' Stacked form (its groups' stacks, then the other leaves),
+    # grouped so that each stack takes one rule.
+    inner = StackPlan(treedef, *_group(leaves, [(bool(t), bool(d)) for t, d in zip(train, decay)],
+                                       max_leaf_size))
+    elems = list(inner.groups) + [(i,) for i in inner.rest]
+    is_stack = [g < len(inner.groups) for g in range(len(elems))]
+
+    def masks(flags):
+        return Stacked(tuple(bool(flags[g[0]]) for g in inner.groups),
+                       tuple(bool(flags[i]) for i in inner.rest))
+    per_leaf = build(trainable, decay_mask)
+    stacked = build(None if trainable is None else masks(train), masks(decay))
+    s_leaves, s_def = jax.tree_util.tree_flatten(jax.eval_shape(inner.pack, params))
     leaf_map, leaf_def = _shadows(per_leaf, leaves, treedef, _DUMMY)
     elem_map, elem_def = _shadows(stacked, s_leaves, s_def, _DUMMY)
     own_leaf = [j for j, m in enumerate(leaf_map) if m is None]
@@ -267,19 +271,7 @@ def stacked_transform(build: Callable, params: Any, trainable: Optional[Any], de
                          "states differ in their own leaves; is the rule elementwise?")
     where = {m: j for j, m in enumerate(leaf_map) if m is not None}
     where_e = {m: j for j, m in enumerate(elem_map) if m is not None}
-    is_stack = [len(e) > 1 for e in elems]
-
-    def stack_tree(tree):
-        xs = treedef.flatten_up_to(tree)
-        return tuple(jnp.stack([xs[i] for i in e]) if st else xs[e[0]]
-                     for e, st in zip(elems, is_stack))
-
-    def unstack_tree(s):
-        out = [None] * n
-        for e, st, x in zip(elems, is_stack, s):
-            for r, i in enumerate(e):
-                out[i] = x[r] if st else x
-        return jax.tree_util.tree_unflatten(treedef, out)
+    row = {i: (g, r) for g, e in enumerate(elems) for r, i in enumerate(e)}
 
     def to_stacked(state):
         xs = jax.tree_util.tree_leaves(state)
@@ -296,7 +288,6 @@ def stacked_transform(build: Callable, params: Any, trainable: Optional[Any], de
 
     def to_per_leaf(state_s):
         xs = jax.tree_util.tree_leaves(state_s)
-        row = {i: (g, r) for g, e in enumerate(elems) for r, i in enumerate(e)}
         out = [None] * len(leaf_map)
         for j, m in enumerate(leaf_map):
             if m is None:
@@ -309,8 +300,8 @@ def stacked_transform(build: Callable, params: Any, trainable: Optional[Any], de
         return jax.tree_util.tree_unflatten(leaf_def, out)
 
     def update(updates, state, params=None):
-        s_params = None if params is None else stack_tree(params)
-        new, s_state = stacked.update(stack_tree(updates), to_stacked(state), s_params)
-        return unstack_tree(new), to_per_leaf(s_state)
+        s_params = None if params is None else inner.pack(params)
+        new, s_state = stacked.update(inner.pack(updates), to_stacked(state), s_params)
+        return inner.unpack(new), to_per_leaf(s_state)
 
     return optax.GradientTransformation(per_leaf.init, update)
