@@ -5,13 +5,21 @@ their '/'-joined paths (e.g. heads + adapters + layer norms); frozen parameters 
 `optax.set_to_zero()` through `optax.multi_transform`, so they stay bit-identical, receive no
 weight decay and hold no optimizer state.
 
-The global gradient norm (clipping and the 'grad_norm' metric) is `global_norm`: the leaves of a
-dtype raveled and concatenated in chunks, one sum of squares (float32) a chunk, instead of optax's
+The global gradient norm (clipping and the 'grad_norm' metric) is `global_norm`: the small leaves
+of a shape and dtype stacked in chunks, one sum of squares (float32) a chunk, instead of optax's
 one reduction a leaf. A multi-task model has many small per-task leaves (BERT-base adapters, 8
 tasks: 768), and on the H100 the compiled 8-task step ran ~600 more reduction kernels than the
-shared encoder's, each too small to hide its launch (BUILD_NOTES.md). The choice is a trace-time
-policy, `grad_norm_policy('per_leaf')` for optax's formula (the benchmark's A/B,
+shared encoder's, each too small to hide its launch (BUILD_NOTES.md). Stacked, not raveled and
+concatenated: the per-task gradients of one site are the rows of one array (the gradient of
+the model's stack of the tasks' weights), and XLA folds a stack of adjacent rows back into
+that array, where a concatenation of raveled rows costs a copy kernel a leaf (1,215 of them in
+the tiny adapters' 64-task step, twelfth session). The choice is a trace-time policy,
+`grad_norm_policy('per_leaf')` for optax's formula (the benchmark's A/B,
 mtlx.bench.workload.Features.grad_norm).
+
+`update_params(tx, grads, opt_state, params)` is the step's update and apply: a transformation
+with its own `update_and_apply` (the stacked one, `mtlx.train.stacking.stacked_transform`) adds
+the updates to the parameters on its stacks.
 """
 
 from __future__ import annotations
@@ -43,8 +51,8 @@ NORM_SMALL_LEAF = 1 << 16
 
 def global_norm(tree: Any) -> jax.Array:
     """The L2 norm of all the tree's leaves together (float32). 'grouped' (the default): the
-    small leaves (at most NORM_SMALL_LEAF elements) of each dtype, raveled, concatenated
-    NORM_CHUNK at a time, each concatenation squared and summed in float32, larger leaves one
+    small leaves (at most NORM_SMALL_LEAF elements) of each shape and dtype, in leaf order,
+    stacked NORM_CHUNK at a time, each stack squared and summed in float32, larger leaves one
     sum each; 'per_leaf': optax.tree.norm (a sum per leaf, in the leaf's dtype)."""
     if _GRAD_NORM.value == "per_leaf":
         return optax.tree.norm(tree).astype(jnp.float32)
@@ -54,13 +62,25 @@ def global_norm(tree: Any) -> jax.Array:
         if x.size > NORM_SMALL_LEAF:
             total = total + jnp.sum(jnp.square(x.astype(jnp.float32)))
         else:
-            groups.setdefault(jnp.dtype(x.dtype), []).append(jnp.ravel(x))
+            groups.setdefault((tuple(x.shape), jnp.dtype(x.dtype)), []).append(x)
     for xs in groups.values():
         for i in range(0, len(xs), NORM_CHUNK):
             part = xs[i:i + NORM_CHUNK]
-            flat = part[0] if len(part) == 1 else jnp.concatenate(part)
-            total = total + jnp.sum(jnp.square(flat.astype(jnp.float32)))
+            block = part[0] if len(part) == 1 else jnp.stack(part)
+            total = total + jnp.sum(jnp.square(block.astype(jnp.float32)))
     return jnp.sqrt(total)
+
+
+def update_params(tx: optax.GradientTransformation, grads: Any, opt_state: Any,
+                  params: Any):
+    """(new params, new optimizer state): ``tx.update`` then ``optax.apply_updates``, or the
+    transformation's own `update_and_apply` when it has one (the stacked update adds the
+    updates on its stacks: one program a group instead of one a leaf)."""
+    fused = getattr(tx, "update_and_apply", None)
+    if fused is not None:
+        return fused(grads, opt_state, params)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
 
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:

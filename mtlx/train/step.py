@@ -614,8 +614,7 @@ def make_train_step(model, tx: optax.GradientTransformation, *,
 
         grads = tu.unflatten_dict({**{k: jnp.zeros_like(v) for k, v in frozen.items()},
                                    **g_train})
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params, opt_state = optim.update_params(tx, grads, state.opt_state, state.params)
 
         weighting_opt = state.weighting_opt
         if new_wstate.params:
