@@ -45,14 +45,14 @@ sys.path.insert(0, str(REPO))
 
 QUICK = {
     # (config, size, seq_len, num_tasks, batch): tiny everywhere, BERT-base once; 1/8/64 tasks
-    # for the shared encoder, 1/64 for HyperFormer++ (the time budget). 64 tasks only
-    # where the compile stays short: per-task adapter/LoRA leaves (64 tasks x sites x 4) make
-    # the optimizer update thousands of small programs, minutes of XLA compilation on 2 cores
-    # (the full grid has them). Adapters: BERT-base here and the real-length cell (tiny) below
-    # (a tiny one-task adapters cell too took --quick past 5 minutes on a slow day).
+    # for the shared encoder, 1/64 for HyperFormer++, adapters and LoRA (the time budget). The
+    # 64-task adapters and LoRA cells compile in seconds since the twelfth session (their
+    # thousands of per-task leaves stay on stacks through the update: mtlx.train.stacking);
+    # before, minutes on 2 cores kept them out. Adapters at BERT-base (8 tasks) for the CPU
+    # goal and in the real-length cell below.
     "cells": [("shared", "tiny", 128, t, 16) for t in (1, 8, 64)]
-             + [("hyperformer++", "tiny", 128, t, 16) for t in (1, 64)]
-             + [("lora", "tiny", 128, 1, 16)]
+             + [(c, "tiny", 128, t, 16) for c in ("hyperformer++", "adapters", "lora")
+                for t in (1, 64)]
              + [("adapters", "base", 128, 8, 4)],
     "features": ("shared", "tiny", 128, 1, 16),
     # Synthetic packing (config, size, L, examples, tasks): left to full runs, the real-length
