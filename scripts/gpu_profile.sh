@@ -30,11 +30,13 @@ START=$(date +%s)
 # BERT's residual LayerNorm VJP, the gather's one-hot gradient (8 tasks against 1), the grouped
 # gradient norm, dropout's draws, the state NOT stacked at the jit boundary (the 8-task state's
 # 2,655 leaves stack by default since the eleventh session: does its GPU wait on the host's
-# per-array dispatch without? mtlx.train.stacking; in that order: a limit stops the last ones).
+# per-array dispatch without? mtlx.train.stacking), and the 1-task state stacked (under
+# 'auto''s 1,024 leaves: its update is ~470 per-leaf kernels, ~0 when stacked; on the dev CPU
+# neutral, 3-4 s more compile: is a GPU faster?); in that order: a limit stops the last ones.
 V="shared/base/128/1/128;shared/base/128/1/128:layer_norm_vjp=autodiff"
 V="$V;adapters/base/128/1/128;adapters/base/128/8/128;adapters/base/128/8/128:gather_grad=scatter"
 V="$V;adapters/base/128/8/128:grad_norm=per_leaf;shared/base/128/1/128:dropout_draws=bernoulli"
-V="$V;adapters/base/128/8/128:stack_state=off"
+V="$V;adapters/base/128/8/128:stack_state=off;adapters/base/128/1/128:stack_state=on"
 V=${GPU_PROFILE_VARIANTS:-$V}
 
 echo "== 1. environment" | tee -a "$LOG"
