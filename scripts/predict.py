@@ -114,7 +114,7 @@ def main(argv=None):
         for eb in D.eval_batches(tok, task_id, batch_size=cfg.get("eval_batch_size", 32),
                                  layout=s.run.layout, buckets=s.buckets):
             example_index = np.asarray(eb.example_index)
-            if spec.head == "seq2seq":   # the greedily generated text
+            if spec.head == "seq2seq":   # the generated text (config.generation)
                 ids = np.asarray(generate(params, eb.batch))
                 for j, ex in enumerate(example_index):
                     if ex >= 0:

@@ -38,3 +38,23 @@ def test_t5_encoder_tasks_without_weights_get_the_plain_model():
     rows = np.isin(np.asarray(T5_MIXED), [0, 2, 3])
     np.testing.assert_allclose(out["pooled"][rows], ref["pooled"][rows], atol=1e-5, rtol=0)
     np.testing.assert_allclose(out["seq2seq"][rows], ref["seq2seq"][rows], atol=1e-5, rtol=0)
+
+
+def test_t5_beam_search_routes_each_beam_by_its_example_task():
+    """Beam search repeats each example's task id for its beams: one input under every task in
+    one batch decodes as each (input, task) alone does, and the tasks' LoRA weights (decoder
+    and cross-attention included) change the text."""
+    import jax.numpy as jnp
+    from mtlx.models.multitask import generate
+    model = build(tiny_t5(), T5_TASKS, T5_NAMES, T5_METHODS["lora"])
+    batch = batch_for(T5_MIXED, seed=5, t5=True)
+    params = random_params(model, batch, scale=0.6)
+    n = len(T5_TASKS)
+    same = batch.select(np.zeros(n, np.int64)).replace(task_ids=jnp.arange(n, dtype=jnp.int32))
+    mixed = np.asarray(generate(model, params, same, 6, num_beams=3))
+    for i in range(n):
+        alone = np.asarray(generate(model, params, same.select(np.array([i])), 6, num_beams=3))
+        np.testing.assert_array_equal(mixed[i], alone[0], err_msg=f"task {T5_NAMES[i]}")
+    assert len({tuple(r) for r in mixed}) > 1, mixed
+    with pytest.raises(ValueError, match="num_beams must be a positive integer"):
+        generate(model, params, same, 6, num_beams=0)

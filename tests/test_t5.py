@@ -228,6 +228,83 @@ def test_greedy_decode_matches_generate(ref):
     np.testing.assert_array_equal(stopped[row, :first + 1], free[row, :first + 1])
 
 
+def _hf_beams(model, ids, mask, max_new, eos, **kw):
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
+                             do_sample=False, max_length=max_new + 1, min_new_tokens=0,
+                             eos_token_id=eos, pad_token_id=0, decoder_start_token_id=0,
+                             use_cache=False, **kw).numpy()
+    assert (out[:, 0] == 0).all()
+    return out[:, 1:]
+
+
+def _through_eos(row, eos):
+    row = list(row)
+    return row[:row.index(eos) + 1] if eos in row else row
+
+
+@pytest.fixture(scope="module")
+def flat_ref(tmp_path_factory):
+    """A v1.1 model whose LM head is scaled down (flatter next-token distributions), so beam
+    search and greedy decoding part ways and beams end at different lengths."""
+    path = str(tmp_path_factory.mktemp("t5-flat"))
+    config = transformers.T5Config(**VARIANTS["v1.1"])
+    model = build_tiny(transformers.T5ForConditionalGeneration, config, seed=3, perturb=False)
+    model.lm_head.weight = torch.nn.Parameter(torch.randn(model.lm_head.weight.shape) * 0.3)
+    perturb_(model, seed=3, std=0.1)
+    model.save_pretrained(path, safe_serialization=True)
+    model = transformers.T5ForConditionalGeneration.from_pretrained(
+        path, attn_implementation="eager").eval()
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = t5.config_from_hf(json.load(f))
+    return model, cfg, t5.params_from_hf(load_file(os.path.join(path, "model.safetensors")), cfg)
+
+
+@pytest.mark.parametrize("num_beams,length_penalty,early_stopping",
+                         [(3, 1.0, False), (4, 0.6, False), (3, 0.0, "never"), (3, 2.0, "never"),
+                          (2, 1.0, True), (4, -1.0, False)])
+def test_beam_search_decode_matches_generate(flat_ref, num_beams, length_penalty, early_stopping):
+    """Each row's best hypothesis equals transformers' generate(num_beams=...) token for token
+    through its EOS; after it, mtlx pads (transformers fills T5's finished rows with EOS: its
+    fill value is `pad_token_id or eos_token_id`, and T5's pad id is 0)."""
+    model, cfg, params = flat_ref
+    ids, mask, _ = _batch(seed=2)
+    n = 8
+    never = cfg.vocab_size - 1
+    greedy = _hf_greedy(model, ids, mask, n, never)
+    free = _hf_beams(model, ids, mask, n, never, num_beams=4)
+    assert (free != greedy).any(), "the fixture no longer separates beam search from greedy"
+    seen_eos = 0
+    # EOS tokens that the beams emit mid-way, so hypotheses finish at different steps
+    for eos in sorted({int(t) for t in free[:, 1:-1].ravel()} - {0, never})[:3]:
+        want = _hf_beams(model, ids, mask, n, eos, num_beams=num_beams,
+                         length_penalty=length_penalty, early_stopping=early_stopping)
+        got = np.asarray(t5.beam_search_decode(
+            params, dataclasses.replace(cfg, eos_token_id=eos), jnp.asarray(ids),
+            jnp.asarray(mask), n, num_beams=num_beams, length_penalty=length_penalty,
+            early_stopping=early_stopping))
+        assert got.shape == (len(ids), n) and got.dtype == np.int32
+        for g, w in zip(got, want):
+            assert _through_eos(g, eos) == _through_eos(w, eos), (eos, g, w)
+            if eos in list(g):
+                seen_eos += 1
+                assert (g[list(g).index(eos) + 1:] == cfg.pad_token_id).all()
+    # some hypotheses ended in EOS (with 'never' and a length penalty of 2 every best
+    # hypothesis runs to max_length on this model: what that case checks is the heuristic's
+    # max_length bound)
+    assert seen_eos > 0 or (early_stopping == "never" and length_penalty > 1), seen_eos
+
+
+def test_beam_search_options_are_checked(ref):
+    cfg, params = ref["cfg"], ref["params"]
+    ids = jnp.ones((1, 3), jnp.int32)
+    for kw, match in (({"num_beams": 0}, "num_beams must be a positive integer"),
+                      ({"length_penalty": "1"}, "length_penalty must be a number"),
+                      ({"early_stopping": "sometimes"}, "early_stopping must be one of")):
+        with pytest.raises(ValueError, match=match):
+            t5.beam_search_decode(params, cfg, ids, None, 4, **kw)
+
+
 def test_cached_decoding_equals_teacher_forcing(ref):
     """Each decode_step's logits equal the teacher-forced logits at that position."""
     cfg, params = ref["cfg"], ref["params"]

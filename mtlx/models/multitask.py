@@ -183,11 +183,28 @@ def greedy_generate(model: MultiTaskModel, params: dict, batch: Batch, max_lengt
     Every row is decoded (rows of other tasks give text too; ignore them); task-specific
     extensions route by `batch.task_ids`, hypernetwork weights are generated once.
     """
-    from mtlx.models.t5 import greedy_decode
+    return generate(model, params, batch, max_length)
+
+
+def generate(model: MultiTaskModel, params: dict, batch: Batch, max_length: int,
+             num_beams: int = 1, length_penalty: float = 1.0, early_stopping=False):
+    """Text-to-text (seq2seq) tasks: ids [B, max_length] decoded by the T5 backbone, greedily
+    (num_beams=1: `mtlx.models.t5.greedy_decode`) or by beam search
+    (`mtlx.models.t5.beam_search_decode`: transformers' algorithm, its length_penalty and
+    early_stopping). Every row is decoded (rows of other tasks give text too; ignore them);
+    task-specific extensions route by `batch.task_ids` (repeated per beam), hypernetwork
+    weights are generated once."""
+    from mtlx.models import t5
+    t5.check_beam_options(num_beams, length_penalty, early_stopping)
     generated = model.apply({"params": params}, method=MultiTaskModel.generated_weights)
     routing = Routing(task_ids=batch.task_ids, generated=generated)
-    return greedy_decode(params["backbone"], model.backbone_config, batch.input_ids,
-                         batch.attention_mask, max_length, routing=routing)
+    if num_beams == 1:
+        return t5.greedy_decode(params["backbone"], model.backbone_config, batch.input_ids,
+                                batch.attention_mask, max_length, routing=routing)
+    return t5.beam_search_decode(params["backbone"], model.backbone_config, batch.input_ids,
+                                 batch.attention_mask, max_length, num_beams=num_beams,
+                                 length_penalty=float(length_penalty),
+                                 early_stopping=early_stopping, routing=routing)
 
 
 def init_params(model: MultiTaskModel, rng, batch: Batch) -> dict:

@@ -735,6 +735,133 @@ def greedy_decode(params, cfg: T5Config, input_ids, attention_mask, max_length: 
     return jax.lax.while_loop(cond, body, state)[3]
 
 
+EARLY_STOPPING = (False, True, "never")
+
+
+def check_beam_options(num_beams, length_penalty, early_stopping, prefix: str = "") -> None:
+    """ValueError naming the option (`prefix` + its name, e.g. 'config.generation.num_beams')
+    unless num_beams is a positive integer, length_penalty a number and early_stopping one of
+    False, True, 'never' (transformers' values)."""
+    if isinstance(num_beams, bool) or not isinstance(num_beams, (int, np.integer)) or num_beams < 1:
+        raise ValueError(f"{prefix}num_beams must be a positive integer, got {num_beams!r}")
+    if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)):
+        raise ValueError(f"{prefix}length_penalty must be a number, got {length_penalty!r}")
+    if not (early_stopping is True or early_stopping is False or early_stopping == "never"):
+        raise ValueError(f"{prefix}early_stopping must be one of {list(EARLY_STOPPING)}, got "
+                         f"{early_stopping!r}")
+
+
+def _repeat_routing(routing: Optional[Routing], k: int) -> Optional[Routing]:
+    """Each example's routing repeated for its k beams (generated weights are per task)."""
+    if routing is None or routing.task_ids is None:
+        return routing
+    return dataclasses.replace(routing, task_ids=jnp.repeat(routing.task_ids, k, axis=0))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_length", "num_beams", "length_penalty",
+                                             "early_stopping"))
+def beam_search_decode(params, cfg: T5Config, input_ids, attention_mask, max_length: int,
+                       num_beams: int = 4, length_penalty: float = 1.0,
+                       early_stopping=False, routing: Optional[Routing] = None):
+    """Beam search with a KV cache -> int32 token ids [B, max_length]: each example's best
+    hypothesis, in `greedy_decode`'s layout (no decoder start token; EOS kept, then
+    `pad_token_id`).
+
+    The algorithm and its scores are transformers' (``generate(num_beams=k, do_sample=False,
+    length_penalty=..., early_stopping=...)`` with ``max_length = max_length + 1``, the start
+    token counted there), written with static shapes in one `lax.while_loop`:
+      - every step keeps the 2k best continuations over all beams (sum of log-probabilities,
+        float32), so that k of them still run when up to k end in EOS;
+      - a continuation among the best k that ends in EOS (or reaches max_length) is a finished
+        hypothesis scored sum_logprobs / generated_length ** length_penalty; the k best
+        finished ones are kept;
+      - the k best continuations not finished run on (their caches gathered from their beams);
+      - an example stops improving when (early_stopping False) its best running beam, scored at
+        the current length, cannot beat its worst finished one, or ("never", with a positive
+        length_penalty) not even at max_length; True: once it has k finished hypotheses; the
+        loop ends when no example can improve or max_length is reached.
+    At the first step only beam 0 holds the start token (the others score -1e9), so the k beams
+    differ. The encoder runs once per example; its keys and values are repeated for the beams.
+    Routing (task ids) is repeated per beam, so task-specific extensions see each example's
+    task. `num_beams=1` is greedy decoding (a cheaper loop: `greedy_decode`).
+    """
+    check_beam_options(num_beams, length_penalty, early_stopping)
+    model = T5Model(cfg)
+    variables = {"params": params}
+    b, k = input_ids.shape[0], num_beams
+    if attention_mask is None:
+        attention_mask = jnp.ones_like(input_ids)
+    enc = model.apply(variables, input_ids, attention_mask, routing, method=T5Model.encode)
+    hidden = jnp.repeat(enc.last_hidden_state, k, axis=0)                   # [B k, Le, d]
+    enc_mask = jnp.repeat(_align_encoder_mask(attention_mask, hidden.shape[1]), k, axis=0)
+    beam_routing = _repeat_routing(routing, k)
+    cache = model.apply(variables, hidden, max_length, beam_routing, method=T5Model.init_cache)
+    keep = 2 * k                      # candidates a step (one EOS token): transformers' 2k
+    top_k_mask = jnp.arange(keep) < k
+    neg = jnp.float32(-1.0e9)
+    if early_stopping == "never" and length_penalty > 0.0:
+        best_len = lambda t: jnp.float32(max_length)                          # noqa: E731
+    else:
+        best_len = lambda t: t.astype(jnp.float32)                            # noqa: E731
+
+    def gather(x, idx):  # x [B, n, ...], idx [B, m] -> [B, m, ...]
+        return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+    def cond(state):
+        t, go = state[0], state[-1]
+        return (t < max_length) & go
+
+    def body(state):
+        t, token, cache, run_seq, run_score, seqs, scores, finished, unsat, _ = state
+        logits, cache = model.apply(variables, token, t, cache, enc_mask, beam_routing,
+                                    method=T5Model.decode_step)
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)       # [B k, V]
+        v = logp.shape[-1]
+        total = (logp.reshape(b, k, v) + run_score[:, :, None]).reshape(b, k * v)
+        cand_score, cand = jax.lax.top_k(total, keep)                         # [B, 2k]
+        src, tok = cand // v, (cand % v).astype(jnp.int32)
+        cand_seq = gather(run_seq, src).at[:, :, t].set(tok)                  # [B, 2k, L]
+        hits = (tok == cfg.eos_token_id) | (t + 1 >= max_length)
+        # the k best continuations that did not finish run on
+        running = cand_score + hits.astype(jnp.float32) * neg
+        nxt = jax.lax.top_k(running, k)[1]
+        run_seq, run_score = gather(cand_seq, nxt), gather(running, nxt)
+        beam_src = gather(src, nxt)                                           # [B, k]
+        # finished hypotheses among the best k candidates, merged with the kept ones
+        just = hits & top_k_mask[None, :]
+        fin = cand_score / ((t + 1).astype(jnp.float32) ** length_penalty)
+        if early_stopping is True:
+            fin = fin + (jnp.all(finished, axis=-1, keepdims=True)).astype(jnp.float32) * neg
+        fin = fin + (~unsat).astype(jnp.float32) * neg + (~just).astype(jnp.float32) * neg
+        m_seq = jnp.concatenate([seqs, cand_seq], axis=1)
+        m_score = jnp.concatenate([scores, fin], axis=1)
+        m_fin = jnp.concatenate([finished, just], axis=1)
+        best = jax.lax.top_k(m_score, k)[1]
+        seqs, scores, finished = gather(m_seq, best), gather(m_score, best), gather(m_fin, best)
+        # each running beam's self-attention cache is its source beam's
+        rows = (jnp.arange(b)[:, None] * k + beam_src).reshape(b * k)
+        cache = {name: dict(layer, key=jnp.take(layer["key"], rows, axis=0),
+                            value=jnp.take(layer["value"], rows, axis=0))
+                 for name, layer in cache.items()}
+        t = t + 1
+        best_running = run_score[:, :1] / (best_len(t) ** length_penalty)
+        worst = jnp.where(finished, jnp.min(scores, axis=1, keepdims=True), neg)
+        unsat = unsat & jnp.any(best_running > worst, axis=-1, keepdims=True)
+        go = jnp.any(unsat) & ~jnp.all(hits)
+        if early_stopping is True:
+            go = go & ~jnp.all(finished)
+        return (t, run_seq[:, :, t - 1].reshape(b * k), cache, run_seq, run_score, seqs, scores,
+                finished, unsat, go)
+
+    pad = jnp.full((b, k, max_length), cfg.pad_token_id, jnp.int32)
+    state = (jnp.asarray(0, jnp.int32), jnp.full((b * k,), cfg.decoder_start_token_id, jnp.int32),
+             cache, pad, jnp.zeros((b, k), jnp.float32).at[:, 1:].set(neg), pad,
+             jnp.full((b, k), neg), jnp.zeros((b, k), bool), jnp.ones((b, 1), bool),
+             jnp.asarray(True))
+    out = jax.lax.while_loop(cond, body, state)
+    return out[5][:, 0]
+
+
 def module(cfg: T5Config) -> T5Model:
     return T5Model(cfg)
 

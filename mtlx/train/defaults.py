@@ -19,7 +19,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.task_overrides = ()
     c.text_to_text = False           # T5 backbones: every classification / regression task in
                                      # its text-to-text form (mtlx.data.text_to_text), trained on
-                                     # target text, scored on greedily generated text
+                                     # target text, scored on generated text (c.generation)
+    # How text-to-text / seq2seq tasks are decoded for evaluation and scripts/predict.py
+    # (mtlx.models.t5): greedy with num_beams=1, else beam search as transformers' generate
+    # does it (length_penalty: scores divided by length ** it; early_stopping: 'false' =
+    # transformers' False (stop when no running beam can beat the finished ones at its
+    # length), 'true' (stop once num_beams hypotheses finished), 'never' (at max length)).
+    c.generation = ml_collections.ConfigDict({"num_beams": 1, "length_penalty": 1.0,
+                                              "early_stopping": "false"})
 
     c.data = ml_collections.ConfigDict()
     c.data.data_root = None          # None: the sample shipped in mtlx/data/sample; else a folder

@@ -173,8 +173,9 @@ def evaluate_tasks(eval_fn: Callable, params: Any, specs: Sequence, eval_data: M
     null_answers (SQuAD 2.0) also reports 'has_answer.*', 'no_answer.*' and 'best.*'
     breakdowns (mtlx.metrics.squad_v2), which `headline` leaves out.
     generate(params, batch) -> token ids [B, T] and decode(ids) -> text: text-to-text
-    (seq2seq) tasks are scored on the texts the model generates (greedy decoding), mapped to
-    the task's labels or scores as T5 does (`text_prediction`), with the task's own metrics.
+    (seq2seq) tasks are scored on the texts the model generates (greedy or beam search:
+    config.generation), mapped to the task's labels or scores as T5 does (`text_prediction`),
+    with the task's own metrics.
     """
     from mtlx.train.spans import SpanDecoder
     references = references or {}

@@ -102,16 +102,38 @@ def build_backbone(cfg):
     return with_execution_switches(backbone_cfg, cfg.model), params
 
 
+EARLY_STOPPING = {"false": False, "true": True, "never": "never"}
+
+
+def generation_options(cfg) -> dict:
+    """config.generation as keyword arguments of `mtlx.models.multitask.generate`; a bad value
+    is an error naming its key."""
+    from mtlx.models import t5
+    g = cfg.get("generation", None) or {}
+    num_beams = g.get("num_beams", 1)
+    length_penalty = g.get("length_penalty", 1.0)
+    stop = g.get("early_stopping", "false")
+    if stop not in EARLY_STOPPING:
+        raise ValueError(f"config.generation.early_stopping must be one of "
+                         f"{list(EARLY_STOPPING)}, got {stop!r}")
+    t5.check_beam_options(num_beams, length_penalty, EARLY_STOPPING[stop],
+                          prefix="config.generation.")
+    return {"num_beams": int(num_beams), "length_penalty": float(length_penalty),
+            "early_stopping": EARLY_STOPPING[stop]}
+
+
 def text_generation(s) -> tuple:
     """(generate, decode) for evaluating a run's text-to-text tasks, or (None, None) without
-    any: greedy decoding (mtlx.models.multitask.greedy_generate, jitted) of up to the batch
-    layout's target length, and the tokenizer's decode without special tokens."""
+    any: decoding (mtlx.models.multitask.generate, jitted; greedy, or beam search per
+    config.generation) of up to the batch layout's target length, and the tokenizer's decode
+    without special tokens."""
     if not any(spec.head == "seq2seq" for spec in s.run.specs):
         return None, None
-    from mtlx.models.multitask import greedy_generate
+    from mtlx.models.multitask import generate as generate_ids
     length = int(s.run.layout.target_length)
     model, tokenizer = s.model, s.run.tokenizer
-    generate = jax.jit(lambda params, batch: greedy_generate(model, params, batch, length))
+    options = generation_options(s.cfg)
+    generate = jax.jit(lambda params, batch: generate_ids(model, params, batch, length, **options))
 
     def decode(ids):
         return tokenizer.decode(ids, skip_special_tokens=True)
