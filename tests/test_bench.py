@@ -577,6 +577,31 @@ def test_report_tables_and_plot(tmp_path):
     assert R.plot_tasks(one, str(tmp_path / "none.png")) is None
 
 
+def test_goals_table_reads_each_goal_from_its_cells():
+    res = _fake_results()    # tiny adapters, 64 tasks 1.1x the 1-task step: at the goal's edge
+    base = dict(res["cells"][1], config="adapters", size="base", num_tasks=8, batch_size=4,
+                ratio={"per_task": 1.55})
+    res["cells"].append(base)
+    rows = [l for l in R.goals_table(res).splitlines()[2:]]
+    cpu = [l for l in rows if l.lstrip().startswith("CPU")]
+    assert len(cpu) == 1 and "adapters/base/L128/T8/B4/fp32" in cpu[0] and "1.550x" in cpu[0]
+    assert cpu[0].rstrip().endswith("NOT met")
+    (scaling,) = [l for l in rows if "task scaling" in l]
+    assert "adapters/tiny/L128/B16" in scaling and "1.100x" in scaling
+    assert scaling.rstrip().endswith("met") and "NOT" not in scaling   # 1.1 <= 1.10
+    assert sum("not measurable on cpu" in l for l in rows) == 2       # the GPU goals
+    # on a GPU: the shared BERT-base bf16 cell's MFU and ratio
+    gpu = dict(res, environment={"jax_backend": "gpu"}, task_scaling=[])
+    shared = dict(base, config="shared", features=dict(base["features"], dtype="bfloat16"),
+                  mtlx=dict(base["mtlx"], mfu=0.289), ratio={"per_task": 2.3})
+    gpu["cells"] = [shared]
+    text = R.goals_table(gpu)
+    assert "28.9%" in text and "2.30x" in text and "CPU" not in text
+    (mfu,) = [l for l in text.splitlines() if "MFU" in l]
+    assert mfu.rstrip().endswith("NOT met")
+    assert "goals (issue #7" in R.render(res)
+
+
 # --------------------------------------------------------------------------- heavy: end to end
 
 @pytest.mark.heavy

@@ -152,6 +152,60 @@ def extras(results: Dict[str, Any]) -> List[str]:
     return out
 
 
+# Issue #7's goals (to measure against, not asserted): (name, target, test).
+GOAL_CPU = ("CPU: BERT-base adapters, mtlx/torch examples/s", 1.6)
+GOAL_SCALING = ("task scaling: 64-task step / 1-task step, same batch", 1.10)
+GOAL_MFU = ("GPU: MFU, BERT-base, L=128, bf16", 0.50)
+GOAL_EAGER = ("GPU: mtlx/torch eager, BERT-base, L=128, bf16", 2.0)
+
+
+def _status(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def _label(r: dict) -> str:
+    dt = {"float32": "fp32", "bfloat16": "bf16"}.get(r["features"]["dtype"], r["features"]["dtype"])
+    return f"{r['config']}/{r['size']}/L{r['seq_len']}/T{r['num_tasks']}/B{r['batch_size']}/{dt}"
+
+
+def goals_table(results: Dict[str, Any], markdown: bool = False) -> Optional[str]:
+    """The run's figures against issue #7's goals, one row a goal and cell that measures it
+    (a single run: this machine's run-to-run noise applies); GPU goals say so on a CPU."""
+    backend = results.get("environment", {}).get("jax_backend")
+    cells = results.get("cells", [])
+    rows = []
+    if backend == "cpu":
+        for r in cells:
+            ratio = r.get("ratio", {}).get("per_task")
+            if r["config"] == "adapters" and r["size"] == "base" and ratio is not None:
+                rows.append([GOAL_CPU[0], _label(r), f"{ratio:.3f}x", f">= {GOAL_CPU[1]:.2f}x",
+                             _status(ratio >= GOAL_CPU[1])])
+    for sc in results.get("task_scaling", []):
+        for t, v in sorted(sc["mtlx"].items(), key=lambda kv: int(kv[0])):
+            if int(t) == 64 and sc["reference_tasks"] == 1:
+                rows.append([GOAL_SCALING[0], f"{sc['config']}/{sc['size']}/L{sc['seq_len']}/"
+                             f"B{sc['batch_size']}", f"{v:.3f}x", f"<= {GOAL_SCALING[1]:.2f}x",
+                             _status(v <= GOAL_SCALING[1])])
+    gpu = [r for r in cells if r["config"] == "shared" and r["size"] == "base"
+           and r["seq_len"] == 128 and r["features"]["dtype"] == "bfloat16"]
+    if backend == "gpu":
+        for r in gpu:
+            mfu, ratio = r["mtlx"].get("mfu"), r.get("ratio", {}).get("per_task")
+            if mfu is not None:
+                rows.append([GOAL_MFU[0], _label(r), _pct(mfu), f">= {_pct(GOAL_MFU[1])}",
+                             _status(mfu >= GOAL_MFU[1])])
+            if ratio is not None:
+                rows.append([GOAL_EAGER[0], _label(r), f"{ratio:.2f}x", f">= {GOAL_EAGER[1]:.2f}x",
+                             _status(ratio >= GOAL_EAGER[1])])
+    else:
+        for name, target in ((GOAL_MFU[0], f">= {_pct(GOAL_MFU[1])}"),
+                             (GOAL_EAGER[0], f">= {GOAL_EAGER[1]:.2f}x")):
+            rows.append([name, "", "n/a", target, f"not measurable on {backend or 'this machine'}"])
+    if not rows:
+        return None
+    return _table(["goal", "cell", "measured", "target", "this run"], rows, markdown)
+
+
 def _real_lengths_title(results: Dict[str, Any]) -> str:
     r = results.get("real_lengths")
     if not r:
@@ -195,6 +249,9 @@ def render(results: Dict[str, Any], markdown: bool = False) -> str:
                       split_table(results, markdown)),
                      ("task scaling (step time relative to the fewest tasks, same batch):",
                       scaling_table(results, markdown)),
+                     ("goals (issue #7, measured against, not asserted; one run, so within this "
+                      "machine's run-to-run noise):", goals_table(results, markdown)
+                      if results.get("cells") else None),
                      ("features (mtlx only, interleaved against the reference):",
                       features_table(results, markdown)),
                      (_real_lengths_title(results), real_lengths_table(results, markdown))):
