@@ -815,3 +815,13 @@ def test_gather_grad_feature_reaches_the_step():
     assert scatters_onehot < scatters_auto
     # 2 layers x 2 adapter sites x (down, up) x (kernel, bias): one contraction each
     assert dots_onehot - dots_auto == 16
+
+
+def test_quick_keeps_a_time_budget_under_five_minutes():
+    sys.path.insert(0, str(REPO / "scripts"))
+    import bench
+    assert bench.time_budget(None, None) is None
+    assert bench.time_budget(100.0, bench.QUICK) == 100.0          # --time-budget wins
+    assert 0 < bench.time_budget(None, bench.QUICK) < 300            # --quick's own
+    # the CPU goal's cell runs first, so a spent budget skips tiny cells before it
+    assert bench.QUICK["cells"][0] == ("adapters", "base", 128, 8, 4)
