@@ -186,10 +186,11 @@ def goals_table(results: Dict[str, Any], markdown: bool = False) -> Optional[str
                 rows.append([GOAL_SCALING[0], f"{sc['config']}/{sc['size']}/L{sc['seq_len']}/"
                              f"B{sc['batch_size']}", f"{v:.3f}x", f"<= {GOAL_SCALING[1]:.2f}x",
                              _status(v <= GOAL_SCALING[1])])
-    gpu = [r for r in cells if r["config"] == "shared" and r["size"] == "base"
-           and r["seq_len"] == 128 and r["features"]["dtype"] == "bfloat16"]
     if backend == "gpu":
-        for r in gpu:
+        for r in cells:
+            if not (r["config"] == "shared" and r["size"] == "base" and r["seq_len"] == 128
+                    and r["features"]["dtype"] == "bfloat16"):
+                continue
             mfu, ratio = r["mtlx"].get("mfu"), r.get("ratio", {}).get("per_task")
             if mfu is not None:
                 rows.append([GOAL_MFU[0], _label(r), _pct(mfu), f">= {_pct(GOAL_MFU[1])}",

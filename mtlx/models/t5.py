@@ -693,6 +693,31 @@ class T5Model(nn.Module):
         return self.lm_logits(h[:, 0]), cache
 
 
+def _repeat_routing(routing: Optional[Routing], k: int) -> Optional[Routing]:
+    """Each example's routing repeated for its k beams (generated weights are per task)."""
+    if routing is None or routing.task_ids is None:
+        return routing
+    return dataclasses.replace(routing, task_ids=jnp.repeat(routing.task_ids, k, axis=0))
+
+
+def _decoding_start(model: "T5Model", variables, input_ids, attention_mask, max_length: int,
+                    routing: Optional[Routing], rows_each: int = 1):
+    """(encoder mask, decoding cache, routing) for cached decoding: the encoder runs once per
+    example; with rows_each > 1 (beams) its states, mask and task ids are repeated for that
+    many decoder rows each."""
+    if attention_mask is None:
+        attention_mask = jnp.ones_like(input_ids)
+    enc = model.apply(variables, input_ids, attention_mask, routing, method=T5Model.encode)
+    hidden = enc.last_hidden_state
+    enc_mask = _align_encoder_mask(attention_mask, hidden.shape[1])
+    if rows_each > 1:
+        hidden = jnp.repeat(hidden, rows_each, axis=0)                     # [B k, Le, d]
+        enc_mask = jnp.repeat(enc_mask, rows_each, axis=0)
+        routing = _repeat_routing(routing, rows_each)
+    cache = model.apply(variables, hidden, max_length, routing, method=T5Model.init_cache)
+    return enc_mask, cache, routing
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "max_length"))
 def greedy_decode(params, cfg: T5Config, input_ids, attention_mask, max_length: int,
                   routing: Optional[Routing] = None):
@@ -709,12 +734,8 @@ def greedy_decode(params, cfg: T5Config, input_ids, attention_mask, max_length: 
     model = T5Model(cfg)
     variables = {"params": params}
     b = input_ids.shape[0]
-    if attention_mask is None:
-        attention_mask = jnp.ones_like(input_ids)
-    enc = model.apply(variables, input_ids, attention_mask, routing, method=T5Model.encode)
-    hidden = enc.last_hidden_state
-    enc_mask = _align_encoder_mask(attention_mask, hidden.shape[1])
-    cache = model.apply(variables, hidden, max_length, routing, method=T5Model.init_cache)
+    enc_mask, cache, routing = _decoding_start(model, variables, input_ids, attention_mask,
+                                               max_length, routing)
 
     def cond(state):
         t, _, _, _, done = state
@@ -751,13 +772,6 @@ def check_beam_options(num_beams, length_penalty, early_stopping, prefix: str = 
                          f"{early_stopping!r}")
 
 
-def _repeat_routing(routing: Optional[Routing], k: int) -> Optional[Routing]:
-    """Each example's routing repeated for its k beams (generated weights are per task)."""
-    if routing is None or routing.task_ids is None:
-        return routing
-    return dataclasses.replace(routing, task_ids=jnp.repeat(routing.task_ids, k, axis=0))
-
-
 @functools.partial(jax.jit, static_argnames=("cfg", "max_length", "num_beams", "length_penalty",
                                              "early_stopping"))
 def beam_search_decode(params, cfg: T5Config, input_ids, attention_mask, max_length: int,
@@ -789,13 +803,8 @@ def beam_search_decode(params, cfg: T5Config, input_ids, attention_mask, max_len
     model = T5Model(cfg)
     variables = {"params": params}
     b, k = input_ids.shape[0], num_beams
-    if attention_mask is None:
-        attention_mask = jnp.ones_like(input_ids)
-    enc = model.apply(variables, input_ids, attention_mask, routing, method=T5Model.encode)
-    hidden = jnp.repeat(enc.last_hidden_state, k, axis=0)                   # [B k, Le, d]
-    enc_mask = jnp.repeat(_align_encoder_mask(attention_mask, hidden.shape[1]), k, axis=0)
-    beam_routing = _repeat_routing(routing, k)
-    cache = model.apply(variables, hidden, max_length, beam_routing, method=T5Model.init_cache)
+    enc_mask, cache, beam_routing = _decoding_start(model, variables, input_ids, attention_mask,
+                                                    max_length, routing, rows_each=k)
     keep = 2 * k                      # candidates a step (one EOS token): transformers' 2k
     top_k_mask = jnp.arange(keep) < k
     neg = jnp.float32(-1.0e9)

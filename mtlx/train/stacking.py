@@ -18,9 +18,9 @@ the per-leaf form, and the updates are added to the parameters there too
 stacks; stacked again (for the update, at the boundary's output) they fold back into their
 stacks, since XLA merges adjacent slices of one array, so a many-task step's program does not
 grow a kernel per leaf (tiny adapters, 64 tasks: 876 top-level ops against 698 for one task;
-3,227 when the updates were added per leaf). Values equal the unstacked step's up to float32 rounding (the clipping
-norm sums in another order, XLA fuses differently: an ulp or two after a few AdamW steps,
-tests/test_stacking.py). Outside the step the loop keeps a `Stacked` state and unstacks it for
+3,227 when the updates were added per leaf). Values equal the unstacked step's up to float32
+rounding (the clipping norm sums in another order, XLA fuses differently: an ulp or two after
+a few AdamW steps, tests/test_stacking.py). Outside the step the loop keeps a `Stacked` state and unstacks it for
 evaluation and checkpoints, so checkpoints stay keyed by name (adding, removing or reordering
 tasks keeps them loadable).
 
@@ -33,9 +33,10 @@ its own rows of a stack and XLA:CPU stopped sharing one compiled kernel among id
 per-leaf fusions (4,595 kernel modules against 1,711): the tiny adapters' 64-task step
 compiled in 61 s against 27 s. With the update on the stacks it compiles in 21 s against 23 s
 unstacked (LoRA, 64 tasks: 14.1 against 14.8 s; BERT-base adapters, 8 tasks: 19.0 against
-12.3 s), and with the updates added on the stacks too in 7.5 s (BERT-base: 14.2 s). Measured (dev CPU, `scripts/ab_features.py stack_state off on`, float32): tiny
-adapters, 64 tasks, 1.35x faster; tiny LoRA, 64 tasks, 1.14x; BERT-base adapters, 8 tasks,
-1.00x. 'auto' stacks states of at least `AUTO_MIN_LEAVES` (1,024) leaves.
+12.3 s), and with the updates added on the stacks too in 7.5 s (BERT-base: 14.2 s). Measured
+(dev CPU, `scripts/ab_features.py stack_state off on`, float32): tiny adapters, 64 tasks,
+1.35x faster; tiny LoRA, 64 tasks, 1.14x; BERT-base adapters, 8 tasks, 1.00x. 'auto' stacks
+states of at least `AUTO_MIN_LEAVES` (1,024) leaves.
 """
 
 from __future__ import annotations
@@ -304,18 +305,22 @@ def stacked_transform(build: Callable, params: Any, trainable: Optional[Any], de
             out[a] = xs[b]
         return jax.tree_util.tree_unflatten(leaf_def, out)
 
-    def update(updates, state, params=None):
+    def on_stacks(updates, state, params):
+        """(stacked params or None, stacked updates, the per-leaf new state)."""
         s_params = None if params is None else inner.pack(params)
         new, s_state = stacked.update(inner.pack(updates), to_stacked(state), s_params)
-        return inner.unpack(new), to_per_leaf(s_state)
+        return s_params, new, to_per_leaf(s_state)
+
+    def update(updates, state, params=None):
+        _, new, state = on_stacks(updates, state, params)
+        return inner.unpack(new), state
 
     def update_and_apply(grads, state, params):
         # The parameters move on the stacks too: adding per leaf would be one program a leaf
         # (1,076 in the tiny adapters' 64-task step), while rows taken from a stack and stacked
         # again at the jit boundary fold back into that stack (XLA merges adjacent slices).
-        s_params = inner.pack(params)
-        new, s_state = stacked.update(inner.pack(grads), to_stacked(state), s_params)
-        return inner.unpack(optax.apply_updates(s_params, new)), to_per_leaf(s_state)
+        s_params, new, state = on_stacks(grads, state, params)
+        return inner.unpack(optax.apply_updates(s_params, new)), state
 
     return StackedTransformation(per_leaf.init, update, update_and_apply)
 
