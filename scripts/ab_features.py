@@ -25,7 +25,9 @@ def main(argv=None):
     p.add_argument("field", help="a Features field (dropout_draws, activation_vjp, prng, ...)")
     p.add_argument("a")
     p.add_argument("b")
-    p.add_argument("--cell", default="adapters/base/128/8/4", help="config/size/L/T/B")
+    p.add_argument("--cell", default="adapters/base/128/8/4",
+                   help="config/size/L/T/B[:field=value,...] (other Features fields, the same on "
+                        "both sides, e.g. adapters/tiny/128/64/16:optimizer=adafactor)")
     p.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     p.add_argument("--attention", default="default", choices=("default", "xla", "cudnn"))
     p.add_argument("--frozen-dtype", default="auto",
@@ -37,14 +39,14 @@ def main(argv=None):
     import numpy as np
     from mtlx.bench import harness as HR
     from mtlx.bench import workload as W
-    parts = args.cell.split("/")
-    if len(parts) != 5:
-        raise SystemExit(f"scripts/ab_features.py: --cell {args.cell!r} must be config/size/L/T/B")
-    c, s, l, t, b = parts
+    c = args.cell.partition("/")[0]
     frozen = args.frozen_dtype
     if frozen == "auto":
         frozen = "bfloat16" if args.dtype == "bfloat16" and not W.BACKBONE_TRAINS.get(c, True) else None
-    base = W.features_for(args.dtype, args.attention, frozen_dtype=frozen or None)
+    base_cell, _ = W.parse_variant(args.cell, W.features_for(args.dtype, args.attention,
+                                                             frozen_dtype=frozen or None),
+                                   "scripts/ab_features.py")
+    base = base_cell.features
     fields = {f.name: f for f in dataclasses.fields(base)}
     if args.field not in fields:
         raise SystemExit(f"scripts/ab_features.py: unknown Features field {args.field!r}; "
@@ -52,18 +54,19 @@ def main(argv=None):
 
     opts = HR.Options(repeats=args.repeats, steps=0, block_seconds=args.block_seconds, warmup=1,
                       baseline_modes=(), verbose=False)
-    runners = []
+    runners, compile_s = [], {}
     for side in (args.a, args.b):
-        cell = W.Cell(c, s, int(l), int(t), int(b),
-                      dataclasses.replace(base, **{args.field: W.feature_value(base, args.field, side)}))
-        runner, _ = HR._build_mtlx_runner(cell, opts, side)
+        cell = dataclasses.replace(base_cell, features=dataclasses.replace(
+            base, **{args.field: W.feature_value(base, args.field, side)}))
+        runner, info = HR._build_mtlx_runner(cell, opts, side)
         runners.append(runner)
+        compile_s[side] = info["compile_s"]
     times = HR.interleave(runners, opts.repeats, opts.steps, opts.block_seconds)
     print(f"{args.cell} ({base.describe()}); {args.field}: {args.a} vs {args.b}, "
           f"{opts.repeats} ABBA repeats of ~{args.block_seconds:g} s blocks")
     for side, ts in times.items():
         print(f"  {side:14s} ms/step: {' '.join(f'{1e3 * x:.1f}' for x in ts)}; "
-              f"median {1e3 * np.median(ts):.1f}")
+              f"median {1e3 * np.median(ts):.1f}; compiled in {compile_s[side]:.1f} s")
     ratio = float(np.median(times[args.b]) / np.median(times[args.a]))
     print(f"  {args.b} / {args.a} (median step time): {ratio:.3f}x")
     return ratio

@@ -51,47 +51,19 @@ def categorize(name: str) -> str:
     return "other"
 
 
-def parse_variant(text: str):
-    """'config/size/L/T/B[:field=value,...]' -> (cell text, {Features field: value})."""
-    cell, _, rest = text.partition(":")
-    over = {}
-    for item in filter(None, rest.split(",")):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise SystemExit(f"scripts/profile_step.py: --cell {text!r}: {item!r} must be field=value")
-        over[key.strip()] = value.strip()
-    return cell, over
-
-
-def _override(features, key: str, value: str):
-    import dataclasses
-    from mtlx.bench.workload import feature_value
-    fields = {f.name for f in dataclasses.fields(features)}
-    if key not in fields:
-        raise SystemExit(f"scripts/profile_step.py: unknown feature {key!r}; known: {sorted(fields)}")
-    return feature_value(features, key, value)
-
-
 def profile_cell(text: str, steps: int, top: int, dtype: str = "float32",
                  attention: str = "default", frozen_dtype=None, hlo_dir=None) -> dict:
     """Builds the cell (with its ':field=value' Features overrides), times untraced steps,
     then traces `steps` steps and sums the traced ops by kind (and on a GPU by category, with
     the share of the untraced step its kernels cover). Returns the figures."""
-    import dataclasses
     import jax
     import numpy as np
     from jax._src.lib import _profile_data
     from mtlx.bench import peaks as PK
     from mtlx.bench import workload as W
-    cell_text, over = parse_variant(text)
-    parts = cell_text.split("/")
-    if len(parts) != 5:
-        raise SystemExit(f"scripts/profile_step.py: --cell {text!r} must be config/size/L/T/B")
-    c, s, l, t, b = parts
-    features = W.features_for(dtype, attention, frozen_dtype=frozen_dtype)
-    if over:
-        features = dataclasses.replace(features, **{k: _override(features, k, v) for k, v in over.items()})
-    cell = W.Cell(c, s, int(l), int(t), int(b), features)
+    cell, _ = W.parse_variant(text, W.features_for(dtype, attention, frozen_dtype=frozen_dtype),
+                              "scripts/profile_step.py")
+    features = cell.features
     setup = W.build_mtlx(cell, num_batches=2)
     state = setup.state
     setup.state = None

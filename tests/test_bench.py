@@ -792,11 +792,16 @@ def test_hlo_traffic_counts_operands_and_results(tmp_path, capsys):
 def test_ab_features_script_times_one_switch(capsys):
     sys.path.insert(0, str(REPO / "scripts"))
     import ab_features
-    ratio = ab_features.main(["dropout_draws", "hash16", "bernoulli", "--cell", "shared/tiny/16/2/2",
-                              "--dtype", "float32", "--repeats", "1", "--block-seconds", "0.01"])
+    ratio = ab_features.main(["dropout_draws", "hash16", "bernoulli", "--cell",
+                              "shared/tiny/16/2/2:optimizer=adafactor", "--dtype", "float32",
+                              "--repeats", "1", "--block-seconds", "0.01"])
     out = capsys.readouterr().out
     assert ratio > 0 and "dropout_draws: hash16 vs bernoulli" in out
     assert "hash16" in out and "bernoulli / hash16 (median step time)" in out
+    # the cell's own overrides reach both sides, and each side's compile time is printed
+    assert "optimizer=adafactor" in out and out.count("compiled in") == 2
+    with pytest.raises(SystemExit, match="unknown feature 'speed'"):
+        ab_features.main(["donate", "on", "off", "--cell", "shared/tiny/16/2/2:speed=2"])
     with pytest.raises(SystemExit, match="unknown Features field 'speed'"):
         ab_features.main(["speed", "1", "2", "--cell", "shared/tiny/16/2/2"])
 

@@ -20,16 +20,18 @@ def batch16(seed):
     return mixed_batch(seed).select(np.r_[np.arange(14), 0, 1])
 
 
-def reference_setup():
+def reference_setup(optimizer="sgd", stacked=False):
     """The model, unjitted step and initial state every sharded/multi-host run starts from
-    (also used by tests/mh_worker.py)."""
+    (also used by tests/mh_worker.py); stacked: the optimizer's update on stacks of the small
+    same-shaped leaves (`optim.make_optimizer(..., stacked=True)`)."""
     model = MultiTaskModel(tiny_bert(hidden_dropout=0.0, attention_dropout=0.0, num_heads=4),
                            TASKS, head_dropout=0.0)
     params = init_params(model, jax.random.key(0), batch16(0))
-    cfg = ml_collections.ConfigDict(dict(optimizer="sgd", momentum=0.9, learning_rate=0.1,
+    cfg = ml_collections.ConfigDict(dict(optimizer=optimizer, momentum=0.9,
+                                         learning_rate=0.1 if optimizer == "sgd" else 0.01,
                                          warmup_steps=0, num_train_steps=10, schedule="constant",
                                          grad_clip_norm=1.0))
-    tx = optim.make_optimizer(cfg, params)
+    tx = optim.make_optimizer(cfg, params, stacked=stacked)
     return make_train_step(model, tx), create_state(params, tx, jax.random.key(1))
 
 

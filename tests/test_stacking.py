@@ -56,9 +56,10 @@ def test_plan_refuses_another_tree_and_wants_stacking_reads_its_setting():
         stacking.wants_stacking("yes", few)
 
 
-def _run_cell(stack):
+def _run_cell(stack, optimizer="adamw"):
     from mtlx.bench import workload as W
-    cell = W.Cell("adapters", "tiny", 32, 8, 8, dataclasses.replace(W.Features(), stack_state=stack))
+    cell = W.Cell("adapters", "tiny", 32, 8, 8,
+                  dataclasses.replace(W.Features(), stack_state=stack, optimizer=optimizer))
     setup = W.build_mtlx(cell, num_batches=3)
     state, out = setup.state, []
     for b in setup.batches[:3]:
@@ -67,9 +68,10 @@ def _run_cell(stack):
     return setup, state, out
 
 
-def test_stacked_step_equals_the_unstacked_step():
-    s_on, st_on, m_on = _run_cell("on")
-    s_off, st_off, m_off = _run_cell("off")
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_stacked_step_equals_the_unstacked_step(optimizer):
+    s_on, st_on, m_on = _run_cell("on", optimizer)
+    s_off, st_off, m_off = _run_cell("off", optimizer)
     assert isinstance(st_on, stacking.Stacked) and not isinstance(st_off, stacking.Stacked)
     n_leaves = len(jax.tree_util.tree_leaves(st_off))
     assert len(jax.tree_util.tree_leaves(st_on)) < n_leaves / 4  # the call's arrays
@@ -93,12 +95,15 @@ def test_stacked_step_equals_the_unstacked_step():
     assert int(full.step) == 3
 
 
-def test_sharded_stacked_step_matches_the_sharded_step():
+@pytest.mark.parametrize("optimizer", ["sgd", "adafactor"])
+def test_sharded_stacked_step_matches_the_sharded_step(optimizer):
+    """The boundary stacked on a DP2 x FSDP4 mesh; with Adafactor the update runs on stacks
+    too (vmapped over their rows)."""
     from tests.test_sharding import STEPS, batch16, reference_setup
     mesh = sharding.make_mesh({"data": 2, "fsdp": 4})
     results = []
     for stack in (False, True):
-        step, state = reference_setup()
+        step, state = reference_setup(optimizer, stacked=stack and optimizer == "adafactor")
         abstract = jax.eval_shape(lambda s: s, state)
         tree_sh = sharding.tree_shardings(mesh, abstract)
         plan = stacking.StackPlan.for_tree(abstract, tree_sh) if stack else None
@@ -115,26 +120,41 @@ def test_sharded_stacked_step_matches_the_sharded_step():
             state, _ = jitted(state, jax.device_put(b, sharding.batch_sharding(mesh, b)))
         if plan is not None:
             state = stacking.unpack_fn(plan)(state)
-        results.append([np.asarray(x) for x in jax.tree_util.tree_leaves(state.params)])
-    for a, b in zip(*results):  # other fusions: float32 rounding apart
-        np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-9)
+        results.append([(jax.tree_util.keystr(p), np.asarray(x))
+                        for p, x in jax.tree_util.tree_flatten_with_path(state.params)[0]])
+    for (path, a), (_, b) in zip(*results):  # other fusions: float32 rounding apart
+        if optimizer == "adafactor" and ("['key']['bias']" in path or "['qa']['bias']" in path):
+            # Gradients zero but for rounding (softmax ignores a bias shared by every key, or
+            # by every position of a span's start / end), which Adafactor normalises into
+            # updates of +-1 x the learning rate (0.01) x its parameter-scale floor (1e-3): the
+            # two runs' rounding differs, so these leaves agree only to a sign flip a step.
+            np.testing.assert_allclose(a, b, rtol=0, atol=STEPS * 2e-5)
+            continue
+        np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-9, err_msg=path)
 
 
-@pytest.mark.parametrize("name", ["adamw", "sgd"])
-def test_stacked_update_equals_the_per_leaf_update(name):
+@pytest.mark.parametrize("name,masked", [("adamw", True), ("sgd", True), ("adafactor", True),
+                                         ("adafactor", False)])
+def test_stacked_update_equals_the_per_leaf_update(name, masked):
     """make_optimizer(..., stacked=True): same state (per leaf, name-keyed), same updates:
-    weight decay only where the per-leaf mask puts it, frozen leaves untouched, clipping."""
+    weight decay only where the per-leaf mask puts it, frozen leaves untouched, clipping.
+    Adafactor runs vmapped over its stacks: the (130, 140) kernels' second moments are
+    factored per leaf (a row and a column vector each), the small leaves' are not."""
     import ml_collections
     import optax
     from mtlx.train import optim
     rng = np.random.default_rng(0)
     params = {f"task{i}": {"kernel": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
-                           "bias": jnp.asarray(rng.normal(size=4), jnp.float32)} for i in range(5)}
+                           "bias": jnp.asarray(rng.normal(size=4), jnp.float32),
+                           "wide": jnp.asarray(rng.normal(size=(130, 140)), jnp.float32)}
+              for i in range(5)}
     params["layer_norm"] = {"scale": jnp.ones(4), "bias": jnp.zeros(4)}
     params["big"] = jnp.asarray(rng.normal(size=(300, 300)), jnp.float32)
     params["frozen"] = {"kernel": jnp.ones((3, 4)), "bias": jnp.ones(4)}
     trainable = jax.tree_util.tree_map(lambda x: True, params)
     trainable["frozen"] = {"kernel": False, "bias": False}
+    if not masked:
+        trainable = None
     cfg = ml_collections.ConfigDict(dict(optimizer=name, learning_rate=1e-2, warmup_steps=0,
                                          num_train_steps=10, schedule="constant", weight_decay=0.1,
                                          grad_clip_norm=1.0, momentum=0.9))
@@ -156,8 +176,12 @@ def test_stacked_update_equals_the_per_leaf_update(name):
     assert jax.tree_util.tree_structure((pc, sc)) == jax.tree_util.tree_structure((pb, sb))
     for b, c in zip(jax.tree_util.tree_leaves((pb, sb)), jax.tree_util.tree_leaves((pc, sc))):
         np.testing.assert_allclose(np.asarray(c), np.asarray(b), rtol=1e-6, atol=1e-8)
-    np.testing.assert_array_equal(np.asarray(pb["frozen"]["kernel"]), 1.0)
-    np.testing.assert_array_equal(np.asarray(pc["frozen"]["kernel"]), 1.0)
+    if masked:
+        np.testing.assert_array_equal(np.asarray(pb["frozen"]["kernel"]), 1.0)
+        np.testing.assert_array_equal(np.asarray(pc["frozen"]["kernel"]), 1.0)
+    if name == "adafactor":  # factored by each leaf's shape, not the stack's
+        shapes = {tuple(x.shape) for x in jax.tree_util.tree_leaves(sb)}
+        assert {(130,), (140,), (300,)} <= shapes and (5, 130) not in shapes
     # a transformation without update_and_apply: update, then optax.apply_updates
     pd, _ = optim.update_params(plain, g, sa, pa)
     ud, _ = plain.update(g, sa, pa)
@@ -167,21 +191,6 @@ def test_stacked_update_equals_the_per_leaf_update(name):
     n_plain = len(jax.make_jaxpr(plain.update)(g, sa, pa).eqns)
     n_stacked = len(jax.make_jaxpr(stacked.update)(g, sb, pb).eqns)
     assert n_stacked < n_plain
-
-
-def test_adafactor_keeps_its_per_leaf_update():
-    import ml_collections
-    from mtlx.train import optim
-    params = {f"t{i}": jnp.ones((4, 3)) for i in range(4)}
-    cfg = ml_collections.ConfigDict(dict(optimizer="adafactor", learning_rate=1e-2, warmup_steps=0,
-                                         num_train_steps=10, schedule="constant", weight_decay=0.0))
-    a = optim.make_optimizer(cfg, params)
-    b = optim.make_optimizer(cfg, params, stacked=True)  # factored by shape: not stacked
-    g = jax.tree_util.tree_map(lambda x: x * 0.5, params)
-    ua, _ = a.update(g, a.init(params), params)
-    ub, _ = b.update(g, b.init(params), params)
-    for x, y in zip(jax.tree_util.tree_leaves(ua), jax.tree_util.tree_leaves(ub)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def _entry_instructions(compiled_text: str) -> int:

@@ -60,6 +60,7 @@ GATHER_GRADS = ("auto", "onehot", "scatter")
 LAYER_NORM_VJPS = ("saved_inputs", "autodiff")
 GRAD_NORMS = ("grouped", "per_leaf")
 STACK_STATES = ("auto", "on", "off")
+OPTIMIZERS = ("adamw", "adafactor", "sgd")  # mtlx.train.optim.OPTIMIZERS (no jax import here)
 LEARNING_RATE, WEIGHT_DECAY, CLIP_NORM = 1e-4, 0.01, 1.0
 HIDDEN_DROPOUT, ATTENTION_DROPOUT, HEAD_DROPOUT = 0.1, 0.1, 0.1
 
@@ -94,6 +95,9 @@ class Features:
     # 'auto' (small same-shaped leaves stacked from 1,024 leaves on, as the loop does), 'on',
     # 'off': the A/B of the host's per-array dispatch work.
     stack_state: str = "auto"
+    # The optimizer (mtlx.train.optim: 'adamw', the baseline's; 'adafactor' or 'sgd'): not a
+    # switch of the same step, measured against AdamW or on its own (its stacked update).
+    optimizer: str = "adamw"
     prng: str = "threefry2x32"          # dropout's random bits: JAX's PRNG implementation
     scan_layers: bool = False         # BertConfig.scan_layers: the layers as one lax.scan
     routing: Optional[str] = None     # the PEFT methods' 'impl' (mtlx.peft.routing); None: theirs
@@ -111,7 +115,8 @@ class Features:
                               ("dots", POLICIES), ("prng", PRNGS),
                               ("activation_vjp", ACTIVATION_VJPS), ("dropout_draws", DROPOUT_DRAWS),
                               ("gather_grad", GATHER_GRADS), ("layer_norm_vjp", LAYER_NORM_VJPS),
-                              ("grad_norm", GRAD_NORMS), ("stack_state", STACK_STATES)):
+                              ("grad_norm", GRAD_NORMS), ("stack_state", STACK_STATES),
+                              ("optimizer", OPTIMIZERS)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"mtlx/bench/workload.py: Features.{name} must be one of "
                                  f"{choices}, got {getattr(self, name)!r}")
@@ -139,6 +144,7 @@ class Features:
                 + (f", layer_norm_vjp={self.layer_norm_vjp}" if self.layer_norm_vjp != "saved_inputs" else "")
                 + (f", grad_norm={self.grad_norm}" if self.grad_norm != "grouped" else "")
                 + (f", stack_state={self.stack_state}" if self.stack_state != "auto" else "")
+                + (f", optimizer={self.optimizer}" if self.optimizer != "adamw" else "")
                 + (f", hidden_dropout={self.hidden_dropout}"
                    if self.hidden_dropout != HIDDEN_DROPOUT else ""))
 
@@ -156,6 +162,29 @@ def feature_value(features: Features, field: str, text: str):
     if text.lower() == "none":
         return None
     return text
+
+
+def parse_variant(text: str, features: Features, where: str) -> Tuple[Cell, str]:
+    """'config/size/L/T/B[:field=value,...]' -> (the Cell with these Features overrides on
+    `features`, the cell's text without them): scripts/profile_step.py's and
+    scripts/ab_features.py's --cell. Errors name `where` (the script) and the bad part."""
+    cell_text, _, rest = text.partition(":")
+    parts = cell_text.split("/")
+    if len(parts) != 5:
+        raise SystemExit(f"{where}: --cell {text!r} must be config/size/L/T/B[:field=value,...]")
+    fields = {f.name for f in dataclasses.fields(features)}
+    over = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq:
+            raise SystemExit(f"{where}: --cell {text!r}: {item!r} must be field=value")
+        if key not in fields:
+            raise SystemExit(f"{where}: --cell {text!r}: unknown feature {key!r}; "
+                             f"known: {sorted(fields)}")
+        over[key] = feature_value(features, key, value.strip())
+    c, s, l, t, b = parts
+    return Cell(c, s, int(l), int(t), int(b), dataclasses.replace(features, **over)), cell_text
 
 
 def features_for(dtype: str, attention: str = "default", **kw) -> Features:
@@ -255,8 +284,8 @@ class OptimConfig(dict):
     __getattr__ = dict.__getitem__
 
 
-def optim_config() -> OptimConfig:
-    return OptimConfig(optimizer="adamw", learning_rate=LEARNING_RATE, warmup_steps=0,
+def optim_config(optimizer: str = "adamw") -> OptimConfig:
+    return OptimConfig(optimizer=optimizer, learning_rate=LEARNING_RATE, warmup_steps=0,
                        num_train_steps=1_000_000, schedule="constant",
                        weight_decay=WEIGHT_DECAY, grad_clip_norm=CLIP_NORM)
 
@@ -340,7 +369,7 @@ def build_mtlx(cell: Cell, seed: int = 0, num_batches: int = 4, device=None,
             trainable = optim.trainable_mask(params, registry.trainable_patterns(cfg))
             params = optim.cast_frozen_kernels(params, trainable, cell.features.frozen_dtype,
                                                cfg.dtype, key="Features.frozen_dtype")
-        tx = optim.make_optimizer(optim_config(), params, trainable)
+        tx = optim.make_optimizer(optim_config(cell.features.optimizer), params, trainable)
         # Not jitted: XLA would merge equal outputs (Adam's zero moments) into one buffer, and a
         # state holding one buffer twice cannot be donated twice.
         state = create_state(params, tx, jax.random.key(seed + 1, impl=cell.features.prng))
@@ -355,7 +384,7 @@ def build_mtlx(cell: Cell, seed: int = 0, num_batches: int = 4, device=None,
         # As the loop does (mtlx.train.loop): the state crosses the jit boundary stacked and
         # the update runs on the stacks.
         plan = stacking.StackPlan.for_tree(state)
-        tx = optim.make_optimizer(optim_config(), state.params, trainable, stacked=True)
+        tx = optim.make_optimizer(optim_config(cell.features.optimizer), state.params, trainable, stacked=True)
     step_fn = traced_with(make_train_step(model, tx, trainable=trainable), cell.features)
     if plan is not None:
         step_fn = stacking.stacked_step(step_fn, plan)

@@ -188,21 +188,30 @@ def make_optimizer(cfg, params: Any, trainable: Optional[Any] = None,
                    stacked: bool = False) -> optax.GradientTransformation:
     """The full update rule: clip -> optimizer(schedule) on trainable params, zero elsewhere.
 
-    stacked: the update runs on the small same-shaped leaves stacked per group
+    stacked: the update runs on the small same-shaped leaves stacked per group (the state stays
+    the per-leaf, name-keyed one): AdamW and SGD on the stacks as they are
     (`mtlx.train.stacking.stacked_transform`: a few large elementwise programs instead of one
-    per leaf; the state stays the per-leaf, name-keyed one); AdamW and SGD only (Adafactor
-    factors by shape, so it keeps its per-leaf update)."""
+    per leaf), Adafactor vmapped over each stack (`stacking.vmapped_transform`: it factors a
+    leaf's moments by the leaf's shape)."""
     name = cfg.get("optimizer", "adamw")
     if name not in OPTIMIZERS:
         raise ValueError(f"config.optimizer: unknown optimizer {name!r}; known: {list(OPTIMIZERS)}")
-    if stacked and name in ("adamw", "sgd"):
+    if stacked:
         from mtlx.train import stacking
+        if name == "adafactor":
+            clip = cfg.get("grad_clip_norm", None)
+            return stacking.vmapped_transform(
+                lambda tr, dm: _build(cfg, tr, dm, clip=False), params, trainable,
+                _decay_mask(params), clip=clip_by_global_norm(float(clip)) if clip else None)
         return stacking.stacked_transform(lambda tr, dm: _build(cfg, tr, dm), params, trainable,
                                           _decay_mask(params))
     return _build(cfg, trainable, _decay_mask)
 
 
-def _build(cfg, trainable: Optional[Any], decay_mask) -> optax.GradientTransformation:
+def _build(cfg, trainable: Optional[Any], decay_mask,
+           clip: bool = True) -> optax.GradientTransformation:
+    """The rule; clip=False: a stateless identity where the global-norm clip goes (the caller
+    clips; the state's structure stays the same)."""
     name = cfg.get("optimizer", "adamw")
     sched = make_schedule(cfg)
     wd = float(cfg.get("weight_decay", 0.0))
@@ -214,9 +223,9 @@ def _build(cfg, trainable: Optional[Any], decay_mask) -> optax.GradientTransform
     else:
         opt = optax.sgd(sched, momentum=cfg.get("momentum", None))
     chain = []
-    clip = cfg.get("grad_clip_norm", None)
-    if clip:
-        chain.append(clip_by_global_norm(float(clip)))
+    max_norm = cfg.get("grad_clip_norm", None)
+    if max_norm:
+        chain.append(clip_by_global_norm(float(max_norm)) if clip else optax.identity())
     chain.append(opt)
     tx = optax.chain(*chain)
     if trainable is None:

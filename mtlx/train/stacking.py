@@ -11,9 +11,10 @@ makes the call handle a few dozen arrays instead.
 
 Inside the step the state is the ordinary name-keyed pytree (`StackPlan.unpack`) for the
 model and its gradients; the optimizer's update runs on the stacks again
-(`stacked_transform`, `mtlx.train.optim.make_optimizer(..., stacked=True)`: AdamW and SGD,
-one elementwise program a group of same-shaped leaves with the same masks), its state kept in
-the per-leaf form, and the updates are added to the parameters there too
+(`mtlx.train.optim.make_optimizer(..., stacked=True)`: AdamW and SGD by `stacked_transform`,
+one elementwise program a group of same-shaped leaves with the same masks; Adafactor, which
+factors each leaf's moments by its shape, by `vmapped_transform`, its rule vmapped over each
+group's stack), its state kept in the per-leaf form, and the updates are added to the parameters there too
 (`StackedTransformation.update_and_apply`). The per-leaf values between them are rows of
 stacks; stacked again (for the update, at the boundary's output) they fold back into their
 stacks, since XLA merges adjacent slices of one array, so a many-task step's program does not
@@ -246,8 +247,8 @@ def stacked_transform(build: Callable, params: Any, trainable: Optional[Any], de
     (XLA:CPU compiles each distinct per-leaf fusion; the host launches each one).
 
     build(trainable, decay_mask) -> the per-leaf transformation (the same rule on any tree with
-    these masks); it must be elementwise per leaf (AdamW, SGD; not Adafactor, which factors by
-    shape). The state is the per-leaf one (``init`` is build's own), so checkpoints stay keyed
+    these masks); it must be elementwise per leaf (AdamW, SGD; Adafactor, which factors by
+    shape, takes `vmapped_transform`). The state is the per-leaf one (``init`` is build's own), so checkpoints stay keyed
     by name; inside ``update`` it is stacked, updated and taken apart again. Values equal the
     per-leaf update's up to float32 rounding (the clipping norm sums in another order)."""
     import jax.numpy as jnp
@@ -332,3 +333,148 @@ class StackedTransformation(NamedTuple):
     init: Callable
     update: Callable
     update_and_apply: Callable
+
+
+def vmapped_transform(build: Callable, params: Any, trainable: Optional[Any], decay_mask: Any,
+                      clip: Optional[Any] = None, max_leaf_size: int = MAX_LEAF_SIZE):
+    """An optax transformation equal to ``chain(clip on the trainable leaves, build(trainable,
+    decay_mask))`` for a per-leaf rule that is not elementwise (Adafactor: it factors a leaf's
+    second moment by the leaf's shape and scales by its block RMS): each group of same-shaped
+    small leaves (same dtype and masks) is one stack, and the rule runs on it under `jax.vmap`
+    over the stack's leading axis, so a leaf's update sees its own shape; the other leaves
+    together take the rule once, as the per-leaf update would.
+
+    build(trainable, decay_mask) -> the per-leaf rule on any tree with these masks (a bare
+    bool for a single array); it must not reduce across leaves (a global norm clip goes in
+    `clip`: a stateless transformation run on the trainable leaves before the rule; build puts
+    a stateless identity where the clip was, so the state's structure is the full rule's). The
+    state is the per-leaf one (``init`` is build's own), so checkpoints stay keyed by name.
+    Which state leaf belongs to which parameter is read from the state's key paths: a leaf of
+    the rule's state on a bare array sits at a path P, its per-leaf counterparts at P followed
+    by each parameter's path (a leaf of the rule's own, such as a step count, at P itself; every
+    stacked row holds a copy, equal by construction)."""
+    import jax.numpy as jnp
+    import optax
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    paths = [tuple(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    train = [True] * len(leaves) if trainable is None else treedef.flatten_up_to(trainable)
+    decay = treedef.flatten_up_to(decay_mask)
+    inner = StackPlan(treedef, *_group(leaves, [(bool(t), bool(d)) for t, d in zip(train, decay)],
+                                       max_leaf_size))
+    # the elements: each stack (a bare array, vmapped) and the other leaves as one tuple
+    elems = [(g, True) for g in inner.groups] + ([(inner.rest, False)] if inner.rest else [])
+
+    def flags(values, g, is_stack):
+        return bool(values[g[0]]) if is_stack else tuple(bool(values[i]) for i in g)
+    rules = [build(None if trainable is None else flags(train, g, s), flags(decay, g, s))
+             for g, s in elems]
+    full_rule = build(trainable, decay_mask)
+    full_abs = jax.eval_shape(full_rule.init, params)
+    full_leaves, full_def = jax.tree_util.tree_flatten_with_path(full_abs)
+    at = {tuple(p): j for j, (p, _) in enumerate(full_leaves)}
+
+    def element(values, g, is_stack):
+        return jnp.stack([values[i] for i in g]) if is_stack else tuple(values[i] for i in g)
+    # per element: its state's treedef, and for each of its state leaves ('shadow', the full
+    # state's index for each of the element's leaves) or ('own', the full state's index)
+    layout, covered = [], set()
+    for (g, is_stack), rule in zip(elems, rules):
+        # a stack's rule runs on one row (vmapped), the other leaves' on their tuple
+        e_abs = jax.eval_shape(rule.init, leaves[g[0]] if is_stack
+                               else tuple(leaves[i] for i in g))
+        kinds = []
+        for p, _ in jax.tree_util.tree_flatten_with_path(e_abs)[0]:
+            p = tuple(p)
+            if is_stack:
+                where = [at.get(p + paths[i]) for i in g]
+            elif p and isinstance(p[-1], jax.tree_util.SequenceKey):
+                where = [at.get(p[:-1] + paths[g[p[-1].idx]])]
+            else:
+                where = [None]
+            if None not in where:
+                kinds.append(("shadow", where))
+                covered.update(where)
+            elif p in at:
+                kinds.append(("own", at[p]))
+                covered.add(at[p])
+            else:
+                raise ValueError(f"mtlx.train.stacking.vmapped_transform: the state leaf "
+                                 f"{jax.tree_util.keystr(p)} of a group's rule has no per-leaf "
+                                 f"counterpart; is the rule per leaf?")
+        layout.append((jax.tree_util.tree_structure(e_abs), kinds))
+    if len(covered) != len(full_leaves):
+        raise ValueError("mtlx.train.stacking.vmapped_transform: the per-leaf state has leaves "
+                         "that no group's state holds; is the rule per leaf?")
+
+    def to_elements(state):
+        xs = jax.tree_util.tree_leaves(state)
+        out = []
+        for (g, is_stack), (e_def, kinds) in zip(elems, layout):
+            parts = []
+            for kind, j in kinds:
+                if kind == "own":
+                    x = xs[j]
+                    parts.append(jnp.broadcast_to(x, (len(g),) + x.shape) if is_stack else x)
+                else:
+                    parts.append(jnp.stack([xs[i] for i in j]) if is_stack else xs[j[0]])
+            out.append(jax.tree_util.tree_unflatten(e_def, parts))
+        return out
+
+    def to_per_leaf(states):
+        out = [None] * len(full_leaves)
+        for (g, is_stack), (_, kinds), st in zip(elems, layout, states):
+            for (kind, j), x in zip(kinds, jax.tree_util.tree_leaves(st)):
+                if kind == "own":
+                    if out[j] is None:  # every row and element holds the same value
+                        out[j] = x[0] if is_stack else x
+                elif is_stack:
+                    for r, i in enumerate(j):
+                        out[i] = x[r]
+                else:
+                    out[j[0]] = x
+        return jax.tree_util.tree_unflatten(full_def, out)
+
+    def on_elements(grads, state, params):
+        """(the elements' params or None, their updates, the per-leaf new state)."""
+        gs = [element(treedef.flatten_up_to(grads), g, s) for g, s in elems]
+        if clip is not None:
+            # the trainable leaves' gradients (whole stacks, single leaves of the other
+            # element), clipped together as the per-leaf rule's chain clips them
+            slots = [(j, r) for j, (g, s) in enumerate(elems)
+                     for r in ([None] if s else range(len(g)))
+                     if train[g[0] if r is None else g[r]]]
+            vals = [gs[j] if r is None else gs[j][r] for j, r in slots]
+            clipped, _ = clip.update(vals, clip.init(vals))
+            gs = [list(x) if not s else x for x, (g, s) in zip(gs, elems)]
+            for (j, r), c in zip(slots, clipped):
+                if r is None:
+                    gs[j] = c
+                else:
+                    gs[j][r] = c
+            gs = [x if s else tuple(x) for x, (g, s) in zip(gs, elems)]
+        ps = None if params is None else [element(treedef.flatten_up_to(params), g, s)
+                                          for g, s in elems]
+        new, states = [], []
+        for j, ((g, is_stack), rule, st) in enumerate(zip(elems, rules, to_elements(state))):
+            p = None if ps is None else ps[j]
+            if is_stack:
+                u, s = jax.vmap(rule.update, in_axes=(0, 0, None if p is None else 0))(gs[j], st, p)
+            else:
+                u, s = rule.update(gs[j], st, p)
+            new.append(u)
+            states.append(s)
+        return ps, new, to_per_leaf(states)
+
+    def assemble(values):
+        rows = [[v[r] for r in range(len(g))] for (g, s), v in zip(elems, values) if s]
+        return inner.assemble(rows, values[-1] if inner.rest else ())
+
+    def update(updates, state, params=None):
+        _, new, state = on_elements(updates, state, params)
+        return assemble(new), state
+
+    def update_and_apply(grads, state, params):
+        ps, new, state = on_elements(grads, state, params)
+        return assemble(optax.apply_updates(ps, new)), state
+
+    return StackedTransformation(full_rule.init, update, update_and_apply)
