@@ -15,7 +15,8 @@
 #   MTLX_GPU_CHECK_CPU=1 GPU_PROFILE_VARIANTS='shared/tiny/32/1/8' bash scripts/gpu_profile.sh /tmp/p
 # Environment: PYTHON (as gpu_check.sh), GPU_PROFILE_VARIANTS (';'-separated
 # config/size/L/T/B[:field=value,...], mtlx.bench.workload.Features fields; default below),
-# GPU_PROFILE_DTYPE (bfloat16), GPU_PROFILE_ATTENTION (cudnn), GPU_PROFILE_LIMIT_S (300: the
+# GPU_PROFILE_DTYPE (bfloat16; float32 with MTLX_GPU_CHECK_CPU=1), GPU_PROFILE_ATTENTION (cudnn;
+# default with MTLX_GPU_CHECK_CPU=1), GPU_PROFILE_LIMIT_S (300: the
 # profile is stopped so that the script ends by then; the variants finished are printed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -50,8 +51,10 @@ for v in "${VS[@]}"; do ARGS+=(--cell "$v"); done
 LEFT=$(( LIMIT - ($(date +%s) - START) - 5 ))
 if [ "$LEFT" -lt 20 ]; then LEFT=20; fi
 echo "== 2. profile of ${#VS[@]} variants (stopped after ${LEFT}s at the latest)" | tee -a "$LOG"
+# MTLX_GPU_CHECK_CPU=1 (the logic test on a CPU, as gpu_check.sh's): XLA's attention, float32.
+if [ "${MTLX_GPU_CHECK_CPU:-0}" = "1" ]; then DT=float32; AT=default; else DT=bfloat16; AT=cudnn; fi
 timeout "$LEFT" "$PYTHON" scripts/profile_step.py "${ARGS[@]}" \
-  --dtype "${GPU_PROFILE_DTYPE:-bfloat16}" --attention "${GPU_PROFILE_ATTENTION:-cudnn}" \
+  --dtype "${GPU_PROFILE_DTYPE:-$DT}" --attention "${GPU_PROFILE_ATTENTION:-$AT}" \
   --steps 3 --top 30 --hlo-dir "$OUT/hlo" > "$OUT/profile.txt" 2>&1
 RC=$?
 grep -v "Warning\|warnings.warn" "$OUT/profile.txt" | tee -a "$LOG"

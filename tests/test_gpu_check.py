@@ -49,3 +49,21 @@ def test_gpu_check_stopped_at_its_limit_ends_on_time(tmp_path):
         bench = json.loads((tmp_path / "bench.json").read_text())
         assert bench["partial"] is True
         assert "PARTIAL" in (tmp_path / "bench.md").read_text()
+
+
+def test_gpu_profile_runs_its_variants_on_cpu(tmp_path):
+    """scripts/gpu_profile.sh (the lease's profile of switch variants) in its CPU logic-test
+    mode: XLA's attention and float32 there, each variant's Features overrides parsed, the
+    summary and the HLO archive written."""
+    import tarfile
+    e = dict(os.environ, MTLX_GPU_CHECK_CPU="1",
+             GPU_PROFILE_VARIANTS="shared/tiny/32/1/4;adapters/tiny/32/4/4:stack_state=on")
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_profile.sh"), str(tmp_path)], env=e,
+                          capture_output=True, text=True, timeout=600)
+    log = (tmp_path / "log.txt").read_text()
+    assert proc.returncode == 0, log[-3000:] + proc.stderr[-3000:]
+    summary = log.split("\nsummary")[1]
+    assert "shared/tiny/32/1/4 " in summary and "adapters/tiny/32/4/4:stack_state=on" in summary
+    assert "FAILED" not in summary and "stack_state=on)" in log
+    with tarfile.open(tmp_path / "hlo.tar") as tar:
+        assert len([n for n in tar.getnames() if n.endswith(".hlo.txt.gz")]) == 2
