@@ -79,6 +79,28 @@ def entry_ops(text: str):
     return ops
 
 
+COLLECTIVES = ("all-gather", "all-reduce", "all-to-all", "reduce-scatter", "collective-permute")
+
+
+def collectives(text: str):
+    """[(opcode, result bytes, result shape, op_name)] of every collective of a compiled module,
+    in any computation (scripts/collectives.py). An asynchronous pair counts once, at its
+    '-start', whose result tuple holds the operand too (an upper figure on GPUs; XLA:CPU's
+    collectives are synchronous)."""
+    out = []
+    for line in text.splitlines():
+        mm = _LINE.match(line)
+        if not mm:
+            continue
+        _, shape, opcode, _, rest = mm.groups()
+        base = opcode[:-len("-start")] if opcode.endswith("-start") else opcode
+        if base not in COLLECTIVES:
+            continue
+        op_name = re.search(r'op_name="([^"]*)"', rest or "")
+        out.append((base, array_bytes(shape), shape, op_name.group(1) if op_name else ""))
+    return out
+
+
 def category(op) -> str:
     name, opcode, target, _, _, op_name = op
     for cat, on_name, on_meta in CATEGORIES:

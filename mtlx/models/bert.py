@@ -69,6 +69,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtlx.models.dropout import Dropout, dropout
+from mtlx.models.embed import Embed
 from mtlx.models.attention import IMPLEMENTATIONS, attend, padding_mask, right_padding_lengths
 from mtlx.models import activations, precision
 from mtlx.models.norms import ResidualLayerNorm
@@ -228,8 +229,10 @@ class BertEmbeddings(nn.Module):
         init = nn.initializers.normal(cfg.initializer_range)
 
         def embed(num, name):
-            return nn.Embed(num, cfg.hidden_size, embedding_init=init, dtype=jnp.float32,
-                            param_dtype=cfg.param_dtype, name=name)
+            # the three lookups share a cotangent: all routed as the word embeddings' plan says
+            # (mtlx.models.embed)
+            return Embed(num, cfg.hidden_size, embedding_init=init, dtype=jnp.float32,
+                         param_dtype=cfg.param_dtype, name=name, route_vocab=cfg.vocab_size)
 
         # Summed in float32 in HF's order (word + token type, then + position).
         h = embed(cfg.vocab_size, "word_embeddings")(input_ids)

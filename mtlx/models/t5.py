@@ -76,6 +76,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtlx.models.dropout import Dropout, dropout
+from mtlx.models.embed import Embed
 from mtlx.models.attention import IMPLEMENTATIONS, attend, padding_mask
 from mtlx.models import activations, precision
 from mtlx.models.remat import check_policy as check_remat_policy, remat_layer
@@ -621,7 +622,7 @@ class T5Model(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.shared = nn.Embed(cfg.vocab_size, cfg.d_model, embedding_init=nn.initializers.normal(1.0),
+        self.shared = Embed(cfg.vocab_size, cfg.d_model, embedding_init=nn.initializers.normal(1.0),
                                dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         self.encoder = T5Encoder(cfg)
         self.decoder = T5Decoder(cfg)

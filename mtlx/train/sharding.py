@@ -117,6 +117,18 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def in_mesh(fn, mesh: Mesh):
+    """fn traced with `mesh` as the abstract mesh of the context, where the model reads it
+    (`mtlx.models.embed.lookup`: the embedding's gradient under FSDP)."""
+    import functools
+
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+    return traced
+
+
 def jit_train_step(step_fn, mesh: Mesh, abstract_state: Any, abstract_batch: Any, donate: bool = True,
                    stack=None):
     """`jax.jit` with shardings (= pjit): state sharded by rules, batch over (data, fsdp),
@@ -126,6 +138,7 @@ def jit_train_step(step_fn, mesh: Mesh, abstract_state: Any, abstract_batch: Any
     jitted step then takes and returns the state in its `Stacked` form, and the shardings
     returned are that form's."""
     state_sh = tree_shardings(mesh, abstract_state)
+    step_fn = in_mesh(step_fn, mesh)
     if stack is not None:
         from mtlx.train import stacking
         step_fn, state_sh = stacking.stacked_step(step_fn, stack), stack.shardings(state_sh)

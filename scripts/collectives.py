@@ -1,0 +1,96 @@
+"""The collectives of a sharded train step, without a device: the step of a benchmark cell
+compiled for a mesh of host CPU devices, its collectives summed by kind (bytes out of each, per
+device), the largest listed. XLA partitions a program the same way for any backend, so the
+communication a mesh layout costs (FSDP's weight gathers, gradient reductions, an activation
+gathered whole) can be read on the dev CPU.
+
+    python scripts/collectives.py --cell shared/base/128/4/128 --layers 2 --mesh data=2,fsdp=4
+    python scripts/collectives.py ... --embed-route off   # jnp.take's own partitioning (A/B)
+
+--embed-route off: the embeddings as `jnp.take` (mtlx.models.embed's FSDP route off).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def _compiled_step(cell, layers, mesh_shape):
+    """(compiled module text, backbone config, mesh) of the cell's train step on the mesh."""
+    import jax
+    from mtlx.bench import workload as W
+    from mtlx.models.multitask import MultiTaskModel, init_params
+    from mtlx.train import optim, sharding
+    from mtlx.train.step import create_state, make_train_step
+    mesh = sharding.make_mesh(mesh_shape)
+    heads = W.task_heads(cell.num_tasks)
+    cfg = W.backbone_config(cell, [h.name for h in heads])
+    if layers:
+        cfg = dataclasses.replace(cfg, num_layers=layers)
+    model = MultiTaskModel(cfg, heads, head_dropout=0.0)
+    batch = W.mixed_batches(cell, 1, 0)[0]
+    params = jax.eval_shape(lambda: init_params(model, jax.random.key(0), batch))
+    tx = optim.make_optimizer(W.optim_config(cell.features.optimizer), params)
+    state = jax.eval_shape(lambda: create_state(init_params(model, jax.random.key(0), batch), tx,
+                                                jax.random.key(1)))
+    jitted, _ = sharding.jit_train_step(make_train_step(model, tx), mesh, state, batch)
+    return jitted.lower(state, jax.eval_shape(lambda x: x, batch)).compile().as_text(), cfg, mesh
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cell", default="shared/base/128/4/128",
+                   help="config/size/L/T/B[:field=value,...] (mtlx.bench.workload)")
+    p.add_argument("--layers", type=int, default=None, help="encoder layers (default: the size's)")
+    p.add_argument("--mesh", default="data=2,fsdp=4", help="axis=size,... (data, fsdp, tensor)")
+    p.add_argument("--embed-route", choices=("auto", "off"), default="auto")
+    p.add_argument("--top", type=int, default=12)
+    args = p.parse_args(argv)
+    mesh_shape = {}
+    for item in filter(None, args.mesh.split(",")):
+        axis, _, size = item.partition("=")
+        if not size.strip().isdigit() or int(size) < 1:
+            raise SystemExit(f"scripts/collectives.py: --mesh {args.mesh!r}: {item!r} must be axis=size (a size >= 1)")
+        mesh_shape[axis.strip()] = int(size)
+    devices = 1
+    for n in mesh_shape.values():
+        devices *= max(n, 1)
+    os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={devices}")
+
+    from hlo_traffic import collectives
+    from mtlx.bench import workload as W
+    from mtlx.models import embed
+
+    cell, _ = W.parse_variant(args.cell, W.Features(), "scripts/collectives.py")
+    plan = embed.sharded_gradient_plan
+    if args.embed_route == "off":
+        embed.sharded_gradient_plan = lambda *a: None
+    try:
+        text, cfg, mesh = _compiled_step(cell, args.layers, mesh_shape)
+    finally:
+        embed.sharded_gradient_plan = plan
+    ops = collectives(text)
+    by_kind = collections.defaultdict(lambda: [0, 0])
+    for kind, nbytes, _, _ in ops:
+        by_kind[kind][0] += 1
+        by_kind[kind][1] += nbytes
+    total = sum(b for _, b in by_kind.values())
+    print(f"{args.cell}, {cfg.num_layers} layers, mesh {dict(mesh.shape)}, embed route "
+          f"{args.embed_route}: {len(ops)} collectives, {total / 1e6:.1f} MB out per device")
+    for kind, (n, b) in sorted(by_kind.items(), key=lambda kv: -kv[1][1]):
+        print(f"  {kind:20s} {n:4d}  {b / 1e6:9.1f} MB")
+    print(f"  largest {args.top}:")
+    for kind, nbytes, shape, op_name in sorted(ops, key=lambda o: -o[1])[:args.top]:
+        print(f"  {nbytes / 1e6:8.1f} MB  {kind:14s} {shape[:48]:48s} {op_name[-70:]}")
+    return {kind: b for kind, (_, b) in by_kind.items()}
+
+
+if __name__ == "__main__":
+    main()

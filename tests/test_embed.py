@@ -1,0 +1,148 @@
+"""mtlx.models.embed: the embedding lookup whose forward and gradient exchange only each
+device's rows under FSDP (shard_map), against jnp.take and flax's nn.Embed."""
+
+import sys
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mtlx.models import embed as E
+from mtlx.train import sharding
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+
+def _mesh(shape):
+    return sharding.make_mesh(shape)
+
+
+def _grad_fn(mesh, lookup, table_spec):
+    """jit(value_and_grad) of a loss over lookup(table, ids) under `mesh` (as the train step)."""
+    def loss(table, ids, w):
+        out = lookup(table, ids)
+        return jnp.sum(jnp.tanh(out) * w), out
+    f = jax.value_and_grad(loss, has_aux=True)
+    return jax.jit(sharding.in_mesh(f, mesh),
+                   in_shardings=(NamedSharding(mesh, table_spec),
+                                 NamedSharding(mesh, P(("data", "fsdp"))),
+                                 NamedSharding(mesh, P(("data", "fsdp")))),
+                   out_shardings=((NamedSharding(mesh, P()), NamedSharding(mesh, P(("data", "fsdp")))),
+                                  NamedSharding(mesh, table_spec)))
+
+
+@pytest.mark.parametrize("ids_shape", [(16, 9), (8, 3, 5)])
+def test_routed_lookup_equals_take_with_its_gradient(ids_shape):
+    mesh = _mesh({"data": 2, "fsdp": 4})
+    rng = np.random.default_rng(0)
+    vocab, dim = 50, 16
+    table = jnp.asarray(rng.normal(size=(vocab, dim)), jnp.float32)
+    ids = jnp.asarray(rng.integers(0, vocab, size=ids_shape), jnp.int32)
+    ids = ids.at[0].set(7)  # repeated ids: their gradients add up
+    w = jnp.asarray(rng.normal(size=ids_shape + (dim,)), jnp.float32)
+    assert E.sharded_gradient_plan(mesh.abstract_mesh, table.shape, ids.shape) == (2, 4)
+    (l_r, out_r), g_r = _grad_fn(mesh, E.lookup, P(None, "fsdp"))(table, ids, w)
+    # the reference: jnp.take on one device
+    (l_t, out_t), g_t = jax.jit(jax.value_and_grad(
+        lambda t, i, w: (jnp.sum(jnp.tanh(jnp.take(t, i, axis=0)) * w),
+                         jnp.take(t, i, axis=0)), has_aux=True))(table, ids, w)
+    np.testing.assert_array_equal(np.asarray(out_r), np.asarray(out_t))  # a copy: exact
+    np.testing.assert_allclose(float(l_r), float(l_t), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(g_r), np.asarray(g_t), rtol=1e-6, atol=1e-6)
+    assert float(jnp.abs(g_t[7]).sum()) > 0
+
+
+def _fsdp_step_hlo(hidden=64, vocab=1000, batch=32, length=32):
+    """The compiled DP2 x FSDP4 train step of a one-layer shared encoder (two tasks)."""
+    import dataclasses
+    from mtlx.bench import workload as W
+    from mtlx.models.multitask import MultiTaskModel, init_params
+    from mtlx.train import optim
+    from mtlx.train.step import create_state, make_train_step
+    mesh = _mesh({"data": 2, "fsdp": 4})
+    cell = W.Cell("shared", "tiny", length, 2, batch, W.Features(hidden_dropout=0.0,
+                                                                  attention_dropout=0.0))
+    heads = W.task_heads(2)
+    cfg = dataclasses.replace(W.backbone_config(cell, [h.name for h in heads]), num_layers=1,
+                              hidden_size=hidden, intermediate_size=2 * hidden,
+                              vocab_size=vocab, num_heads=2)
+    model = MultiTaskModel(cfg, heads, head_dropout=0.0)
+    b = W.mixed_batches(cell, 1, 0)[0]
+    tx = optim.make_optimizer(W.optim_config(), jax.eval_shape(
+        lambda: init_params(model, jax.random.key(0), b)))
+    abstract = jax.eval_shape(lambda: create_state(init_params(model, jax.random.key(0), b), tx,
+                                                   jax.random.key(1)))
+    jitted, _ = sharding.jit_train_step(make_train_step(model, tx), mesh, abstract, b)
+    return jitted.lower(abstract, jax.eval_shape(lambda x: x, b)).compile().as_text()
+
+
+def test_fsdp_step_does_not_gather_the_global_batch(monkeypatch):
+    """Under FSDP, XLA's own partitioning of the embeddings' gradient all-gathers the global
+    [B, T, D] cotangent onto every device ("[SPMD] Involuntary full rematerialization"); the
+    routed lookup moves each device's rows by all-to-all and sums the table's slice over
+    'data': no global-batch gather, and fewer elements through collectives in all."""
+    from hlo_traffic import collectives
+
+    def global_batch_gathers(text):
+        return [c for c in collectives(text) if c[0] == "all-gather" and c[2].startswith("f32[32,32,64]")]
+
+    def moved(text):  # bytes out of every collective
+        return sum(c[1] for c in collectives(text))
+    routed = _fsdp_step_hlo()
+    monkeypatch.setattr(E, "sharded_gradient_plan", lambda *a: None)
+    plain = _fsdp_step_hlo()
+    assert global_batch_gathers(plain)  # what the route avoids (jax 0.10.2)
+    assert not global_batch_gathers(routed) and "shard_map/all_to_all" in routed
+    assert moved(routed) < moved(plain)
+
+
+def test_plan_takes_the_route_only_where_it_moves_less():
+    abstract = lambda shape: _mesh(shape).abstract_mesh  # noqa: E731
+    fsdp = abstract({"data": 2, "fsdp": 4})
+    assert E.sharded_gradient_plan(None, (50, 16), (16, 9)) is None
+    assert E.sharded_gradient_plan(jax.sharding.get_abstract_mesh(), (50, 16), (16, 9)) is None
+    assert E.sharded_gradient_plan(abstract({"data": 8}), (50, 16), (16, 9)) is None  # no FSDP
+    assert E.sharded_gradient_plan(fsdp, (50, 18), (16, 9)) is None   # D does not divide
+    assert E.sharded_gradient_plan(fsdp, (50, 16), (12, 9)) is None   # nor the batch
+    assert E.sharded_gradient_plan(fsdp, (50, 16), (1, 9)) is None    # broadcast position ids
+    assert E.sharded_gradient_plan(abstract({"data": 2, "fsdp": 2, "tensor": 2}), (50, 16),
+                                   (16, 9)) is None                   # vocab sharded too
+    # BERT-base's word embeddings: 4,096 tokens move less gathered, 16,384 routed
+    assert E.sharded_gradient_plan(fsdp, (30522, 768), (32, 128)) is None
+    assert E.sharded_gradient_plan(fsdp, (30522, 768), (128, 128)) == (2, 4)
+    assert E.sharded_gradient_plan(abstract({"fsdp": 8}), (30522, 768), (32, 128)) == (1, 8)
+
+
+def test_embed_module_is_flax_embed_with_the_same_parameter():
+    rng = np.random.default_rng(1)
+    ids = jnp.asarray(rng.integers(0, 20, size=(4, 6)), jnp.int32)
+    ours, theirs = E.Embed(20, 8), nn.Embed(20, 8)
+    p_ours = ours.init(jax.random.key(0), ids)
+    p_theirs = theirs.init(jax.random.key(0), ids)
+    assert jax.tree_util.tree_structure(p_ours) == jax.tree_util.tree_structure(p_theirs)
+    np.testing.assert_array_equal(np.asarray(ours.apply(p_theirs, ids)),
+                                  np.asarray(theirs.apply(p_theirs, ids)))
+    q = jnp.ones((2, 8))
+    np.testing.assert_array_equal(np.asarray(ours.apply(p_theirs, q, method="attend")),
+                                  np.asarray(theirs.apply(p_theirs, q, method="attend")))
+    with pytest.raises(ValueError, match="integer"):
+        ours.apply(p_theirs, q)
+
+
+def test_collectives_script_sums_a_sharded_step(capsys):
+    import collectives
+    # 16,384 tokens: the word embeddings' plan routes them (tests above)
+    on = collectives.main(["--cell", "shared/tiny/128/2/128", "--layers", "1", "--top", "3"])
+    out = capsys.readouterr().out
+    assert "mesh {'data': 2, 'fsdp': 4, 'tensor': 1}, embed route auto" in out and "largest 3" in out
+    assert on["all-gather"] > 0 and on["all-to-all"] > 0  # the embeddings' route
+    off = collectives.main(["--cell", "shared/tiny/128/2/128", "--layers", "1", "--embed-route", "off"])
+    assert sum(off.values()) > sum(on.values())
+    assert E.sharded_gradient_plan(_mesh({"data": 2, "fsdp": 4}).abstract_mesh, (50, 16),
+                                   (16, 9)) is not None  # 'off' undone
+    with pytest.raises(SystemExit, match="must be axis=size"):
+        collectives.main(["--mesh", "data2"])
