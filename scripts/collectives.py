@@ -6,8 +6,9 @@ gathered whole) can be read on the dev CPU.
 
     python scripts/collectives.py --cell shared/base/128/4/128 --layers 2 --mesh data=2,fsdp=4
     python scripts/collectives.py ... --embed-route off   # jnp.take's own partitioning (A/B)
+    python scripts/collectives.py ... --grad-constraint off   # gradients left to XLA (A/B)
 
---embed-route off: the embeddings as `jnp.take` (mtlx.models.embed's FSDP route off).
+--embed-route off: the embeddings as `jnp.take` (mtlx.models.embed's route off).
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ def main(argv=None):
     p.add_argument("--layers", type=int, default=None, help="encoder layers (default: the size's)")
     p.add_argument("--mesh", default="data=2,fsdp=4", help="axis=size,... (data, fsdp, tensor)")
     p.add_argument("--embed-route", choices=("auto", "off"), default="auto")
+    p.add_argument("--grad-constraint", choices=("on", "off"), default="on",
+                   help="off: the gradients not pinned to the parameters' shardings "
+                        "(mtlx.train.sharding.constrain; the A/B)")
     p.add_argument("--top", type=int, default=12)
     args = p.parse_args(argv)
     mesh_shape = {}
@@ -67,15 +71,18 @@ def main(argv=None):
     from hlo_traffic import collectives
     from mtlx.bench import workload as W
     from mtlx.models import embed
+    from mtlx.train import sharding
 
     cell, _ = W.parse_variant(args.cell, W.Features(), "scripts/collectives.py")
-    plan = embed.sharded_gradient_plan
+    plan, constrain = embed.route_plan, sharding.constrain
     if args.embed_route == "off":
-        embed.sharded_gradient_plan = lambda *a: None
+        embed.route_plan = lambda *a, **k: None
+    if args.grad_constraint == "off":
+        sharding.constrain = lambda tree: tree
     try:
         text, cfg, mesh = _compiled_step(cell, args.layers, mesh_shape)
     finally:
-        embed.sharded_gradient_plan = plan
+        embed.route_plan, sharding.constrain = plan, constrain
     ops = collectives(text)
     by_kind = collections.defaultdict(lambda: [0, 0])
     for kind, nbytes, _, _ in ops:
@@ -83,7 +90,8 @@ def main(argv=None):
         by_kind[kind][1] += nbytes
     total = sum(b for _, b in by_kind.values())
     print(f"{args.cell}, {cfg.num_layers} layers, mesh {dict(mesh.shape)}, embed route "
-          f"{args.embed_route}: {len(ops)} collectives, {total / 1e6:.1f} MB out per device")
+          f"{args.embed_route}, grad constraint {args.grad_constraint}: {len(ops)} collectives, "
+          f"{total / 1e6:.1f} MB out per device")
     for kind, (n, b) in sorted(by_kind.items(), key=lambda kv: -kv[1][1]):
         print(f"  {kind:20s} {n:4d}  {b / 1e6:9.1f} MB")
     print(f"  largest {args.top}:")

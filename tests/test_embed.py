@@ -1,5 +1,6 @@
-"""mtlx.models.embed: the embedding lookup whose forward and gradient exchange only each
-device's rows under FSDP (shard_map), against jnp.take and flax's nn.Embed."""
+"""mtlx.models.embed: embedding lookups routed through shard_map under FSDP (the 'fsdp' route)
+and tensor parallelism (the 'vocab' route), against jnp.take and flax's nn.Embed, and the
+collectives of the sharded train step they change."""
 
 import sys
 from pathlib import Path
@@ -37,15 +38,16 @@ def _grad_fn(mesh, lookup, table_spec):
 
 @pytest.mark.parametrize("ids_shape", [(16, 9), (8, 3, 5)])
 def test_routed_lookup_equals_take_with_its_gradient(ids_shape):
-    mesh = _mesh({"data": 2, "fsdp": 4})
+    mesh, table_spec, vocab_sharded = _mesh({"data": 2, "fsdp": 4}), P(None, "fsdp"), False
     rng = np.random.default_rng(0)
-    vocab, dim = 50, 16
+    vocab, dim = 48, 16
     table = jnp.asarray(rng.normal(size=(vocab, dim)), jnp.float32)
     ids = jnp.asarray(rng.integers(0, vocab, size=ids_shape), jnp.int32)
-    ids = ids.at[0].set(7)  # repeated ids: their gradients add up
+    ids = ids.at[0].set(7).at[1].set(vocab - 1)  # repeated ids add up; the last row
     w = jnp.asarray(rng.normal(size=ids_shape + (dim,)), jnp.float32)
-    assert E.sharded_gradient_plan(mesh.abstract_mesh, table.shape, ids.shape) == (2, 4)
-    (l_r, out_r), g_r = _grad_fn(mesh, E.lookup, P(None, "fsdp"))(table, ids, w)
+    assert E.route_plan(mesh.abstract_mesh, table.shape, ids.shape, vocab_sharded) == "fsdp"
+    (l_r, out_r), g_r = _grad_fn(mesh, lambda t, i: E.lookup(t, i, vocab_sharded),
+                                 table_spec)(table, ids, w)
     # the reference: jnp.take on one device
     (l_t, out_t), g_t = jax.jit(jax.value_and_grad(
         lambda t, i, w: (jnp.sum(jnp.tanh(jnp.take(t, i, axis=0)) * w),
@@ -53,17 +55,17 @@ def test_routed_lookup_equals_take_with_its_gradient(ids_shape):
     np.testing.assert_array_equal(np.asarray(out_r), np.asarray(out_t))  # a copy: exact
     np.testing.assert_allclose(float(l_r), float(l_t), rtol=1e-6)
     np.testing.assert_allclose(np.asarray(g_r), np.asarray(g_t), rtol=1e-6, atol=1e-6)
-    assert float(jnp.abs(g_t[7]).sum()) > 0
+    assert float(jnp.abs(g_t[7]).sum()) > 0 and float(jnp.abs(g_t[vocab - 1]).sum()) > 0
 
 
-def _fsdp_step_hlo(hidden=64, vocab=1000, batch=32, length=32):
-    """The compiled DP2 x FSDP4 train step of a one-layer shared encoder (two tasks)."""
+def _step_hlo(mesh_shape, hidden=64, vocab=1000, batch=32, length=32):
+    """The compiled train step of a one-layer shared encoder (two tasks) on the mesh."""
     import dataclasses
     from mtlx.bench import workload as W
     from mtlx.models.multitask import MultiTaskModel, init_params
     from mtlx.train import optim
     from mtlx.train.step import create_state, make_train_step
-    mesh = _mesh({"data": 2, "fsdp": 4})
+    mesh = _mesh(mesh_shape)
     cell = W.Cell("shared", "tiny", length, 2, batch, W.Features(hidden_dropout=0.0,
                                                                   attention_dropout=0.0))
     heads = W.task_heads(2)
@@ -80,41 +82,67 @@ def _fsdp_step_hlo(hidden=64, vocab=1000, batch=32, length=32):
     return jitted.lower(abstract, jax.eval_shape(lambda x: x, b)).compile().as_text()
 
 
+def _moved(text):  # bytes out of every collective
+    from hlo_traffic import collectives
+    return sum(c[1] for c in collectives(text))
+
+
+def _gathers_of(text, shape):
+    from hlo_traffic import collectives
+    return [c for c in collectives(text) if c[0] == "all-gather" and c[2].startswith(shape)]
+
+
 def test_fsdp_step_does_not_gather_the_global_batch(monkeypatch):
     """Under FSDP, XLA's own partitioning of the embeddings' gradient all-gathers the global
     [B, T, D] cotangent onto every device ("[SPMD] Involuntary full rematerialization"); the
-    routed lookup moves each device's rows by all-to-all and sums the table's slice over
-    'data': no global-batch gather, and fewer elements through collectives in all."""
-    from hlo_traffic import collectives
-
-    def global_batch_gathers(text):
-        return [c for c in collectives(text) if c[0] == "all-gather" and c[2].startswith("f32[32,32,64]")]
-
-    def moved(text):  # bytes out of every collective
-        return sum(c[1] for c in collectives(text))
-    routed = _fsdp_step_hlo()
-    monkeypatch.setattr(E, "sharded_gradient_plan", lambda *a: None)
-    plain = _fsdp_step_hlo()
-    assert global_batch_gathers(plain)  # what the route avoids (jax 0.10.2)
-    assert not global_batch_gathers(routed) and "shard_map/all_to_all" in routed
-    assert moved(routed) < moved(plain)
+    'fsdp' route moves each device's rows by all-to-all and sums the table's slice over 'data':
+    no global-batch gather, and fewer bytes through collectives in all."""
+    mesh = {"data": 2, "fsdp": 4}
+    routed = _step_hlo(mesh)
+    monkeypatch.setattr(E, "route_plan", lambda *a: None)
+    plain = _step_hlo(mesh)
+    assert _gathers_of(plain, "f32[32,32,64]")  # what the route avoids (jax 0.10.2)
+    assert not _gathers_of(routed, "f32[32,32,64]") and "shard_map/all_to_all" in routed
+    assert _moved(routed) < _moved(plain)
 
 
-def test_plan_takes_the_route_only_where_it_moves_less():
+def test_gradients_pinned_to_the_parameters_shardings(monkeypatch):
+    """Tensor parallelism with a vocabulary 'tensor' does not divide (1,002 rows over 4: the
+    word table replicated, as BERT's 30,522 are): left alone, XLA computes the table's AdamW
+    update sharded along D and all-gathers the table and both moments each step;
+    `sharding.constrain` pins the gradients to the parameters' shardings first."""
+    tree = {"kernel": jnp.ones((2, 2))}
+    assert sharding.constrain(tree) is tree  # no mesh in the context: unchanged
+    mesh = {"data": 2, "tensor": 4}
+    pinned = _step_hlo(mesh, vocab=1002)
+    monkeypatch.setattr(sharding, "constrain", lambda tree: tree)
+    free = _step_hlo(mesh, vocab=1002)
+    assert len(_gathers_of(free, "f32[1002,64]")) >= 2 and not _gathers_of(pinned, "f32[1002,64]")
+    assert _moved(pinned) < _moved(free)
+
+
+def test_plan_takes_a_route_only_where_it_moves_less():
     abstract = lambda shape: _mesh(shape).abstract_mesh  # noqa: E731
     fsdp = abstract({"data": 2, "fsdp": 4})
-    assert E.sharded_gradient_plan(None, (50, 16), (16, 9)) is None
-    assert E.sharded_gradient_plan(jax.sharding.get_abstract_mesh(), (50, 16), (16, 9)) is None
-    assert E.sharded_gradient_plan(abstract({"data": 8}), (50, 16), (16, 9)) is None  # no FSDP
-    assert E.sharded_gradient_plan(fsdp, (50, 18), (16, 9)) is None   # D does not divide
-    assert E.sharded_gradient_plan(fsdp, (50, 16), (12, 9)) is None   # nor the batch
-    assert E.sharded_gradient_plan(fsdp, (50, 16), (1, 9)) is None    # broadcast position ids
-    assert E.sharded_gradient_plan(abstract({"data": 2, "fsdp": 2, "tensor": 2}), (50, 16),
-                                   (16, 9)) is None                   # vocab sharded too
-    # BERT-base's word embeddings: 4,096 tokens move less gathered, 16,384 routed
-    assert E.sharded_gradient_plan(fsdp, (30522, 768), (32, 128)) is None
-    assert E.sharded_gradient_plan(fsdp, (30522, 768), (128, 128)) == (2, 4)
-    assert E.sharded_gradient_plan(abstract({"fsdp": 8}), (30522, 768), (32, 128)) == (1, 8)
+    plan = E.route_plan
+    assert plan(None, (48, 16), (16, 9)) is None
+    assert plan(jax.sharding.get_abstract_mesh(), (48, 16), (16, 9)) is None  # no mesh
+    assert plan(abstract({"data": 8}), (48, 16), (16, 9), True) is None        # nothing sharded
+    assert plan(fsdp, (48, 18), (16, 9)) is None    # D does not divide
+    assert plan(fsdp, (48, 16), (12, 9)) is None    # nor the batch
+    assert plan(fsdp, (48, 16), (1, 9)) is None     # broadcast position ids
+    assert plan(abstract({"data": 2, "tensor": 4}), (48, 16), (16, 9), True) is None  # no FSDP
+    fsdp_tp = abstract({"fsdp": 2, "tensor": 4})
+    assert plan(fsdp_tp, (48, 16), (16, 9), True) is None   # rows sharded by 'tensor' too
+    assert plan(fsdp_tp, (50, 16), (16, 9), True) == "fsdp"  # (rows that do not divide: not)
+    assert plan(fsdp_tp, (48, 16), (16, 9)) == "fsdp"        # a table 'tensor' leaves whole
+    # BERT-base's word embeddings under FSDP: 4,096 tokens move less gathered, 16,384 routed
+    assert plan(fsdp, (30522, 768), (32, 128)) is None
+    assert plan(fsdp, (30522, 768), (128, 128)) == "fsdp"
+    assert plan(abstract({"fsdp": 8}), (30522, 768), (32, 128)) == "fsdp"
+    # the position table follows the word table's plan (route_vocab)
+    assert plan(fsdp, (512, 768), (32, 128)) == "fsdp"
+    assert plan(fsdp, (512, 768), (32, 128), route_vocab=30522) is None
 
 
 def test_embed_module_is_flax_embed_with_the_same_parameter():
@@ -142,7 +170,7 @@ def test_collectives_script_sums_a_sharded_step(capsys):
     assert on["all-gather"] > 0 and on["all-to-all"] > 0  # the embeddings' route
     off = collectives.main(["--cell", "shared/tiny/128/2/128", "--layers", "1", "--embed-route", "off"])
     assert sum(off.values()) > sum(on.values())
-    assert E.sharded_gradient_plan(_mesh({"data": 2, "fsdp": 4}).abstract_mesh, (50, 16),
-                                   (16, 9)) is not None  # 'off' undone
+    assert E.route_plan(_mesh({"data": 2, "fsdp": 4}).abstract_mesh, (48, 16),
+                        (16, 9)) == "fsdp"  # 'off' undone
     with pytest.raises(SystemExit, match="must be axis=size"):
         collectives.main(["--mesh", "data2"])

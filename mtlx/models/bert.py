@@ -229,10 +229,11 @@ class BertEmbeddings(nn.Module):
         init = nn.initializers.normal(cfg.initializer_range)
 
         def embed(num, name):
-            # the three lookups share a cotangent: all routed as the word embeddings' plan says
-            # (mtlx.models.embed)
+            # the three lookups share a cotangent: all follow the word table's plan (its rows
+            # sharded by 'vocab', its size; mtlx.models.embed)
             return Embed(num, cfg.hidden_size, embedding_init=init, dtype=jnp.float32,
-                         param_dtype=cfg.param_dtype, name=name, route_vocab=cfg.vocab_size)
+                         param_dtype=cfg.param_dtype, name=name, vocab_sharded=True,
+                         route_vocab=cfg.vocab_size)
 
         # Summed in float32 in HF's order (word + token type, then + position).
         h = embed(cfg.vocab_size, "word_embeddings")(input_ids)

@@ -1,20 +1,23 @@
-"""Embedding lookup whose gradient stays sharded under FSDP.
+"""Embedding lookup whose communication stays per device under FSDP.
 
 With the table sharded along its model dimension (FSDP: `mtlx.train.sharding`'s 'embed' ->
-'fsdp') and the tokens along the batch (('data', 'fsdp')), XLA's partitioner cannot move the
-lookup's cotangent from the batch sharding to the table's ("[SPMD] Involuntary full
-rematerialization"): it all-gathers the whole global [B, L, D] cotangent onto every device
-to scatter-add it into the table's gradient. That is the global batch's activations on every
-device, each step (jax 0.10.2, dev CPU with 8 host devices; BUILD_NOTES.md, "Training
-engine"). `lookup` writes that gradient with `shard_map` instead: each device's cotangent rows
-are exchanged over 'fsdp' (all-to-all: its batch shard of every token for its slice of the
-model dimension), scatter-added into its [V, D / fsdp] slice of the gradient, and summed over
-'data' (all-reduce), so a device moves about B·L·D / (data·fsdp) + V·D / fsdp elements, not
-B·L·D; the lookup picks whichever of the two moves fewer elements, from the static shapes.
+'fsdp') and the tokens along the batch (('data', 'fsdp')), XLA's partitioner (jax 0.10.2)
+cannot move the lookup's cotangent from the one sharding to the other ("[SPMD] Involuntary full
+rematerialization"): it all-gathers the whole global [B, L, D] cotangent onto every device to
+scatter-add it into the table's gradient, the global batch's activations on each device, each
+step (BUILD_NOTES.md, "Training engine"; `scripts/collectives.py` shows it). `lookup` writes
+both directions with `shard_map` (the 'fsdp' route): forward, each device takes its D-slice for
+its 'data' group's tokens and an all-to-all over 'fsdp' hands every device its own rows of
+every slice; backward, that all-to-all reversed, a scatter-add into the device's [V, D / fsdp]
+slice of the gradient and a sum over 'data': about B·L·D / (data·fsdp) + V·D / fsdp elements a
+device instead of B·L·D. The route is taken when it moves fewer, read from static shapes and
+the abstract mesh the step is traced under (`mtlx.train.sharding.jit_train_step` sets it).
 
-Without a mesh in the tracing context (`jax.sharding.use_abstract_mesh`, which
-`mtlx.train.sharding.jit_train_step` sets), or when the mesh does not shard the table's model
-dimension, it is `jnp.take(table, ids, axis=0)`.
+Otherwise (no mesh, no FSDP, a table whose rows tensor parallelism shards too, a batch the mesh
+does not divide) `lookup` is `jnp.take(table, ids, axis=0)`; tensor parallelism's
+vocabulary-sharded lookup is XLA's (a masked local gather and a sum: measured at 13% fewer
+collective bytes with a hand-written route on a one-layer step, not kept). Values: the forward
+is a copy (bit-equal to `jnp.take`), the gradient equal up to the order of its sums.
 """
 
 from __future__ import annotations
@@ -36,43 +39,48 @@ def _axis(mesh, name: str) -> int:
     return int(dict(zip(mesh.axis_names, mesh.axis_sizes)).get(name, 1))
 
 
-def sharded_gradient_plan(mesh, table_shape, ids_shape):
-    """(data, fsdp) sizes when the lookup's gradient should take the all-to-all route, else
-    None: the mesh shards the table's model dimension over 'fsdp' (and not its vocabulary),
-    the batch divides over ('data', 'fsdp'), and the route moves fewer elements than the
-    all-gather of the global cotangent that XLA does."""
+def route_plan(mesh, table_shape, ids_shape, vocab_sharded: bool = False,
+               route_vocab: Optional[int] = None) -> Optional[str]:
+    """'fsdp' (the route) or None (`jnp.take`) for a lookup of ids_shape (batch first) in a
+    table of table_shape under `mesh` (an abstract mesh; None or empty: no mesh).
+    vocab_sharded: the table's rows are sharded by 'vocab' (-> 'tensor'; the word embeddings);
+    route_vocab: the vocabulary size of the table whose plan decides (`lookup`)."""
     if mesh is None or mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
         return None
-    data, fsdp = _axis(mesh, "data"), _axis(mesh, "fsdp")
+    data, fsdp, tensor = _axis(mesh, "data"), _axis(mesh, "fsdp"), _axis(mesh, VOCAB_AXIS)
     vocab, dim = table_shape
-    if (fsdp == 1 or dim % fsdp or (_axis(mesh, VOCAB_AXIS) > 1 and vocab % _axis(mesh, VOCAB_AXIS) == 0)
-            or not ids_shape or ids_shape[0] % (data * fsdp)):
+    if not ids_shape or ids_shape[0] % (data * fsdp):
         return None
     tokens = 1
     for n in ids_shape:
         tokens *= int(n)
+    if (vocab_sharded and tensor > 1 and vocab % tensor == 0) or fsdp == 1 or dim % fsdp:
+        return None                 # rows sharded by 'tensor' too, or D not sharded: XLA's
+    vocab = route_vocab or vocab
     gathered = tokens * dim                                              # XLA's all-gather
     routed = tokens * dim // (data * fsdp) + (vocab * dim // fsdp if data > 1 else 0)
-    return (data, fsdp) if routed < gathered else None
+    return "fsdp" if routed < gathered else None
 
 
-def lookup(table: jax.Array, ids: jax.Array, route_vocab: Optional[int] = None) -> jax.Array:
-    """table[ids] (ids of any shape, batch first); under an FSDP mesh routed as above.
+def lookup(table: jax.Array, ids: jax.Array, vocab_sharded: bool = False,
+           route_vocab: Optional[int] = None) -> jax.Array:
+    """table[ids] (ids of any shape, batch first), routed under FSDP (the module docstring).
 
-    route_vocab: the vocabulary size whose plan decides (default: the table's own). Lookups
-    summed into one activation (BERT's word, position and token type embeddings) share one
-    cotangent: when XLA gathers it for one of them the others read it for free, so they all
-    follow the largest table's choice."""
+    vocab_sharded, route_vocab: the table whose plan decides, by default this one: whether its
+    rows are sharded by 'vocab' (`mtlx.train.sharding.PARAM_RULES`: the word embeddings, T5's
+    shared table) and its vocabulary size. Lookups summed into one activation (BERT's word,
+    position and token type embeddings) share one cotangent: when XLA gathers it for one of
+    them the others read it for free, so they all follow the word table's plan."""
     mesh = jax.sharding.get_abstract_mesh()
-    plan = sharded_gradient_plan(mesh, (route_vocab or table.shape[0], table.shape[1]), ids.shape)
-    if plan is None:
-        return jnp.take(table, ids, axis=0)
-    return _routed(table, ids, mesh, table.shape[0])
+    plan = route_plan(mesh, table.shape, ids.shape, vocab_sharded, route_vocab)
+    if plan == "fsdp":
+        return _fsdp_routed(table, ids, mesh, table.shape[0])
+    return jnp.take(table, ids, axis=0)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _routed(table, ids, mesh, vocab):
-    return _routed_fwd(table, ids, mesh, vocab)[0]
+def _fsdp_routed(table, ids, mesh, vocab):
+    return _fsdp_fwd(table, ids, mesh, vocab)[0]
 
 
 def _gather_ids(ids_l):
@@ -80,7 +88,7 @@ def _gather_ids(ids_l):
     return jax.lax.all_gather(ids_l.reshape(ids_l.shape[0], -1), EMBED_AXIS, axis=0, tiled=True)
 
 
-def _routed_fwd(table, ids, mesh, vocab):
+def _fsdp_fwd(table, ids, mesh, vocab):
     dim = table.shape[1]
 
     def local(table_l, ids_l):
@@ -95,7 +103,7 @@ def _routed_fwd(table, ids, mesh, vocab):
     return out, ids
 
 
-def _routed_bwd(mesh, vocab, ids, cot):
+def _fsdp_bwd(mesh, vocab, ids, cot):
     dim = cot.shape[-1]
 
     def local(ids_l, cot_l):
@@ -111,12 +119,13 @@ def _routed_bwd(mesh, vocab, ids, cot):
     return grad, None
 
 
-_routed.defvjp(_routed_fwd, _routed_bwd)
+_fsdp_routed.defvjp(_fsdp_fwd, _fsdp_bwd)
 
 
 class Embed(nn.Embed):
-    """flax's nn.Embed (same parameter, same `attend`) whose lookup is `lookup`; route_vocab:
-    as `lookup`'s."""
+    """flax's nn.Embed (same parameter, same `attend`) whose lookup is `lookup`;
+    vocab_sharded, route_vocab: as `lookup`'s."""
+    vocab_sharded: bool = False
     route_vocab: Optional[int] = None
 
     def __call__(self, inputs: jax.Array) -> jax.Array:
@@ -125,4 +134,4 @@ class Embed(nn.Embed):
         (embedding,) = self.promote_dtype(self.embedding, dtype=self.dtype, inexact=False)
         if self.num_embeddings == 1:
             return jnp.broadcast_to(embedding, inputs.shape + (self.features,))
-        return lookup(embedding, inputs, self.route_vocab)
+        return lookup(embedding, inputs, self.vocab_sharded, self.route_vocab)

@@ -623,7 +623,7 @@ class T5Model(nn.Module):
     def setup(self):
         cfg = self.config
         self.shared = Embed(cfg.vocab_size, cfg.d_model, embedding_init=nn.initializers.normal(1.0),
-                               dtype=cfg.dtype, param_dtype=cfg.param_dtype)
+                            dtype=cfg.dtype, param_dtype=cfg.param_dtype, vocab_sharded=True)
         self.encoder = T5Encoder(cfg)
         self.decoder = T5Decoder(cfg)
         if not cfg.tie_word_embeddings:

@@ -129,6 +129,21 @@ def in_mesh(fn, mesh: Mesh):
     return traced
 
 
+def constrain(tree: Any) -> Any:
+    """The tree (params, their gradients) constrained to the shardings the rules give its
+    paths, under the abstract mesh of the tracing context (`in_mesh`); without one unchanged.
+    The train step pins the gradients so, before the optimizer: XLA otherwise may compute a
+    replicated parameter's update sharded and all-gather the parameter and both moments."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return tree
+
+    def one(path, x):
+        spec = spec_for(mesh, logical_axes(path_str(path), x.ndim), x.shape)
+        return jax.lax.with_sharding_constraint(x, spec)
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
 def jit_train_step(step_fn, mesh: Mesh, abstract_state: Any, abstract_batch: Any, donate: bool = True,
                    stack=None):
     """`jax.jit` with shardings (= pjit): state sharded by rules, batch over (data, fsdp),

@@ -96,7 +96,7 @@ from mtlx.models import heads as H
 from mtlx.models.bert import BertEncoder, BertPooler
 from mtlx.models.t5 import T5Encoder, T5Model
 from mtlx.weighting.balancing import GramBalancing
-from mtlx.train import optim
+from mtlx.train import optim, sharding
 
 GRADS_WRT = ("params", "representation")
 REPRESENTATIONS = ("hidden", "pooled")
@@ -614,7 +614,8 @@ def make_train_step(model, tx: optax.GradientTransformation, *,
 
         grads = tu.unflatten_dict({**{k: jnp.zeros_like(v) for k, v in frozen.items()},
                                    **g_train})
-        params, opt_state = optim.update_params(tx, grads, state.opt_state, state.params)
+        params, opt_state = optim.update_params(tx, sharding.constrain(grads), state.opt_state,
+                                                state.params)
 
         weighting_opt = state.weighting_opt
         if new_wstate.params:
