@@ -28,6 +28,7 @@ def _compiled_step(cell, layers, mesh_shape):
     import jax
     from mtlx.bench import workload as W
     from mtlx.models.multitask import MultiTaskModel, init_params
+    from mtlx.peft import registry
     from mtlx.train import optim, sharding
     from mtlx.train.step import create_state, make_train_step
     mesh = sharding.make_mesh(mesh_shape)
@@ -38,10 +39,14 @@ def _compiled_step(cell, layers, mesh_shape):
     model = MultiTaskModel(cfg, heads, head_dropout=0.0)
     batch = W.mixed_batches(cell, 1, 0)[0]
     params = jax.eval_shape(lambda: init_params(model, jax.random.key(0), batch))
-    tx = optim.make_optimizer(W.optim_config(cell.features.optimizer), params)
+    trainable = None  # as the benchmark and the loop: a frozen backbone is not differentiated
+    if not W.BACKBONE_TRAINS[cell.config]:
+        trainable = optim.trainable_mask(params, registry.trainable_patterns(cfg))
+    tx = optim.make_optimizer(W.optim_config(cell.features.optimizer), params, trainable)
     state = jax.eval_shape(lambda: create_state(init_params(model, jax.random.key(0), batch), tx,
                                                 jax.random.key(1)))
-    jitted, _ = sharding.jit_train_step(make_train_step(model, tx), mesh, state, batch)
+    jitted, _ = sharding.jit_train_step(make_train_step(model, tx, trainable=trainable), mesh,
+                                        state, batch)
     return jitted.lower(state, jax.eval_shape(lambda x: x, batch)).compile().as_text(), cfg, mesh
 
 
