@@ -2,7 +2,11 @@
 compiled for a mesh of host CPU devices, its collectives summed by kind (bytes out of each, per
 device), the largest listed. XLA partitions a program the same way for any backend, so the
 communication a mesh layout costs (FSDP's weight gathers, gradient reductions, an activation
-gathered whole) can be read on the dev CPU.
+gathered whole) can be read on the dev CPU. The SPMD partitioner's choices (what is gathered
+whole, what moves by all-to-all) are the same on every backend; the passes after it are not:
+GPU and TPU pipelines also reassociate sums of all-reduces, turn all-reduce + slice into
+reduce-scatter and combine small collectives, so their byte counts per kind can be lower than
+XLA:CPU's.
 
     python scripts/collectives.py --cell shared/base/128/4/128 --layers 2 --mesh data=2,fsdp=4
     python scripts/collectives.py ... --embed-route off   # jnp.take's own partitioning (A/B)
