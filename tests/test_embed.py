@@ -143,6 +143,9 @@ def test_plan_takes_a_route_only_where_it_moves_less():
     # the position table follows the word table's plan (route_vocab)
     assert plan(fsdp, (512, 768), (32, 128)) == "fsdp"
     assert plan(fsdp, (512, 768), (32, 128), route_vocab=30522) is None
+    # ... also where 'tensor' would shard its own 512 rows but not the word table's 30,522
+    assert plan(fsdp_tp, (512, 768), (32, 128), True) is None
+    assert plan(fsdp_tp, (512, 768), (32, 128), True, route_vocab=30522) == "fsdp"
 
 
 def test_embed_module_is_flax_embed_with_the_same_parameter():

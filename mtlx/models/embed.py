@@ -54,9 +54,9 @@ def route_plan(mesh, table_shape, ids_shape, vocab_sharded: bool = False,
     tokens = 1
     for n in ids_shape:
         tokens *= int(n)
+    vocab = route_vocab or vocab    # the deciding table's
     if (vocab_sharded and tensor > 1 and vocab % tensor == 0) or fsdp == 1 or dim % fsdp:
         return None                 # rows sharded by 'tensor' too, or D not sharded: XLA's
-    vocab = route_vocab or vocab
     gathered = tokens * dim                                              # XLA's all-gather
     routed = tokens * dim // (data * fsdp) + (vocab * dim // fsdp if data > 1 else 0)
     return "fsdp" if routed < gathered else None
