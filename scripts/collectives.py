@@ -27,8 +27,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def _compiled_step(cell, layers, mesh_shape):
-    """(compiled module text, backbone config, mesh) of the cell's train step on the mesh."""
+def compiled_step(cell, mesh_shape, **config):
+    """(compiled module text, backbone config, mesh) of the cell's train step on the mesh;
+    `config`: BertConfig fields replaced (num_layers, hidden_size, vocab_size, ...)."""
     import jax
     from mtlx.bench import workload as W
     from mtlx.models.multitask import MultiTaskModel, init_params
@@ -37,9 +38,7 @@ def _compiled_step(cell, layers, mesh_shape):
     from mtlx.train.step import create_state, make_train_step
     mesh = sharding.make_mesh(mesh_shape)
     heads = W.task_heads(cell.num_tasks)
-    cfg = W.backbone_config(cell, [h.name for h in heads])
-    if layers:
-        cfg = dataclasses.replace(cfg, num_layers=layers)
+    cfg = dataclasses.replace(W.backbone_config(cell, [h.name for h in heads]), **config)
     model = MultiTaskModel(cfg, heads, head_dropout=0.0)
     batch = W.mixed_batches(cell, 1, 0)[0]
     params = jax.eval_shape(lambda: init_params(model, jax.random.key(0), batch))
@@ -83,15 +82,9 @@ def main(argv=None):
     from mtlx.train import sharding
 
     cell, _ = W.parse_variant(args.cell, W.Features(), "scripts/collectives.py")
-    plan, constrain = embed.route_plan, sharding.constrain
-    if args.embed_route == "off":
-        embed.route_plan = lambda *a, **k: None
-    if args.grad_constraint == "off":
-        sharding.constrain = lambda tree: tree
-    try:
-        text, cfg, mesh = _compiled_step(cell, args.layers, mesh_shape)
-    finally:
-        embed.route_plan, sharding.constrain = plan, constrain
+    with embed.route_policy(args.embed_route), sharding.grad_constraint_policy(args.grad_constraint):
+        text, cfg, mesh = compiled_step(cell, mesh_shape,
+                                        **({"num_layers": args.layers} if args.layers else {}))
     ops = collectives(text)
     by_kind = collections.defaultdict(lambda: [0, 0])
     for kind, nbytes, _, _ in ops:

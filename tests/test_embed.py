@@ -60,26 +60,12 @@ def test_routed_lookup_equals_take_with_its_gradient(ids_shape):
 
 def _step_hlo(mesh_shape, hidden=64, vocab=1000, batch=32, length=32):
     """The compiled train step of a one-layer shared encoder (two tasks) on the mesh."""
-    import dataclasses
+    from collectives import compiled_step
     from mtlx.bench import workload as W
-    from mtlx.models.multitask import MultiTaskModel, init_params
-    from mtlx.train import optim
-    from mtlx.train.step import create_state, make_train_step
-    mesh = _mesh(mesh_shape)
     cell = W.Cell("shared", "tiny", length, 2, batch, W.Features(hidden_dropout=0.0,
                                                                   attention_dropout=0.0))
-    heads = W.task_heads(2)
-    cfg = dataclasses.replace(W.backbone_config(cell, [h.name for h in heads]), num_layers=1,
-                              hidden_size=hidden, intermediate_size=2 * hidden,
-                              vocab_size=vocab, num_heads=2)
-    model = MultiTaskModel(cfg, heads, head_dropout=0.0)
-    b = W.mixed_batches(cell, 1, 0)[0]
-    tx = optim.make_optimizer(W.optim_config(), jax.eval_shape(
-        lambda: init_params(model, jax.random.key(0), b)))
-    abstract = jax.eval_shape(lambda: create_state(init_params(model, jax.random.key(0), b), tx,
-                                                   jax.random.key(1)))
-    jitted, _ = sharding.jit_train_step(make_train_step(model, tx), mesh, abstract, b)
-    return jitted.lower(abstract, jax.eval_shape(lambda x: x, b)).compile().as_text()
+    return compiled_step(cell, mesh_shape, num_layers=1, hidden_size=hidden,
+                         intermediate_size=2 * hidden, vocab_size=vocab, num_heads=2)[0]
 
 
 def _moved(text):  # bytes out of every collective
@@ -92,21 +78,21 @@ def _gathers_of(text, shape):
     return [c for c in collectives(text) if c[0] == "all-gather" and c[2].startswith(shape)]
 
 
-def test_fsdp_step_does_not_gather_the_global_batch(monkeypatch):
+def test_fsdp_step_does_not_gather_the_global_batch():
     """Under FSDP, XLA's own partitioning of the embeddings' gradient all-gathers the global
     [B, T, D] cotangent onto every device ("[SPMD] Involuntary full rematerialization"); the
     'fsdp' route moves each device's rows by all-to-all and sums the table's slice over 'data':
     no global-batch gather, and fewer bytes through collectives in all."""
     mesh = {"data": 2, "fsdp": 4}
     routed = _step_hlo(mesh)
-    monkeypatch.setattr(E, "route_plan", lambda *a: None)
-    plain = _step_hlo(mesh)
+    with E.route_policy("off"):
+        plain = _step_hlo(mesh)
     assert _gathers_of(plain, "f32[32,32,64]")  # what the route avoids (jax 0.10.2)
     assert not _gathers_of(routed, "f32[32,32,64]") and "shard_map/all_to_all" in routed
     assert _moved(routed) < _moved(plain)
 
 
-def test_gradients_pinned_to_the_parameters_shardings(monkeypatch):
+def test_gradients_pinned_to_the_parameters_shardings():
     """Tensor parallelism with a vocabulary 'tensor' does not divide (1,002 rows over 4: the
     word table replicated, as BERT's 30,522 are): left alone, XLA computes the table's AdamW
     update sharded along D and all-gathers the table and both moments each step;
@@ -115,8 +101,8 @@ def test_gradients_pinned_to_the_parameters_shardings(monkeypatch):
     assert sharding.constrain(tree) is tree  # no mesh in the context: unchanged
     mesh = {"data": 2, "tensor": 4}
     pinned = _step_hlo(mesh, vocab=1002)
-    monkeypatch.setattr(sharding, "constrain", lambda tree: tree)
-    free = _step_hlo(mesh, vocab=1002)
+    with sharding.grad_constraint_policy("off"):
+        free = _step_hlo(mesh, vocab=1002)
     assert len(_gathers_of(free, "f32[1002,64]")) >= 2 and not _gathers_of(pinned, "f32[1002,64]")
     assert _moved(pinned) < _moved(free)
 
@@ -173,7 +159,6 @@ def test_collectives_script_sums_a_sharded_step(capsys):
     assert on["all-gather"] > 0 and on["all-to-all"] > 0  # the embeddings' route
     off = collectives.main(["--cell", "shared/tiny/128/2/128", "--layers", "1", "--embed-route", "off"])
     assert sum(off.values()) > sum(on.values())
-    assert E.route_plan(_mesh({"data": 2, "fsdp": 4}).abstract_mesh, (48, 16),
-                        (16, 9)) == "fsdp"  # 'off' undone
+    assert E.get_route_policy() == "auto"  # 'off' undone
     with pytest.raises(SystemExit, match="must be axis=size"):
         collectives.main(["--mesh", "data2"])

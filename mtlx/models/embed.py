@@ -30,13 +30,19 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-BATCH_AXES = ("data", "fsdp")  # mtlx.train.sharding.LOGICAL_TO_MESH['batch']
-EMBED_AXIS = "fsdp"            # ... ['embed']
-VOCAB_AXIS = "tensor"          # ... ['vocab']
+from mtlx.models.policy import TracePolicy
+from mtlx.train.sharding import LOGICAL_TO_MESH, _mesh_size
 
-
-def _axis(mesh, name: str) -> int:
-    return int(dict(zip(mesh.axis_names, mesh.axis_sizes)).get(name, 1))
+BATCH_AXES = LOGICAL_TO_MESH["batch"]   # ('data', 'fsdp')
+EMBED_AXIS = LOGICAL_TO_MESH["embed"]   # 'fsdp'
+VOCAB_AXIS = LOGICAL_TO_MESH["vocab"]   # 'tensor'
+DATA_AXIS = "data"                      # the batch axis that does not shard the table
+# 'auto' (the route where it moves less) or 'off' (always jnp.take): the A/B
+# (scripts/collectives.py --embed-route, tests).
+ROUTES = ("auto", "off")
+_ROUTE = TracePolicy("mtlx.models.embed", ROUTES, "auto")
+route_policy = _ROUTE.scope              # ``with route_policy('off'): ...``
+get_route_policy = _ROUTE.get
 
 
 def route_plan(mesh, table_shape, ids_shape, vocab_sharded: bool = False,
@@ -47,7 +53,8 @@ def route_plan(mesh, table_shape, ids_shape, vocab_sharded: bool = False,
     route_vocab: the vocabulary size of the table whose plan decides (`lookup`)."""
     if mesh is None or mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
         return None
-    data, fsdp, tensor = _axis(mesh, "data"), _axis(mesh, "fsdp"), _axis(mesh, VOCAB_AXIS)
+    data, fsdp = _mesh_size(mesh, DATA_AXIS), _mesh_size(mesh, EMBED_AXIS)
+    tensor = _mesh_size(mesh, VOCAB_AXIS) if VOCAB_AXIS in mesh.axis_names else 1
     vocab, dim = table_shape
     if not ids_shape or ids_shape[0] % (data * fsdp):
         return None
@@ -72,7 +79,8 @@ def lookup(table: jax.Array, ids: jax.Array, vocab_sharded: bool = False,
     position and token type embeddings) share one cotangent: when XLA gathers it for one of
     them the others read it for free, so they all follow the word table's plan."""
     mesh = jax.sharding.get_abstract_mesh()
-    plan = route_plan(mesh, table.shape, ids.shape, vocab_sharded, route_vocab)
+    plan = None if _ROUTE.get() == "off" else route_plan(mesh, table.shape, ids.shape,
+                                                          vocab_sharded, route_vocab)
     if plan == "fsdp":
         return _fsdp_routed(table, ids, mesh, table.shape[0])
     return jnp.take(table, ids, axis=0)
@@ -112,7 +120,7 @@ def _fsdp_bwd(mesh, vocab, ids, cot):
         cot_l = cot_l.reshape(ids_l.shape[0], -1, dim)
         cot_l = jax.lax.all_to_all(cot_l, EMBED_AXIS, split_axis=2, concat_axis=0, tiled=True)
         grad = jnp.zeros((vocab, cot_l.shape[-1]), cot_l.dtype).at[_gather_ids(ids_l)].add(cot_l)
-        return jax.lax.psum(grad, "data")
+        return jax.lax.psum(grad, DATA_AXIS)
 
     grad = jax.shard_map(local, mesh=mesh, in_specs=(P(BATCH_AXES), P(BATCH_AXES)),
                          out_specs=P(None, EMBED_AXIS))(ids, cot)

@@ -15,6 +15,7 @@ replicated (tiny test models, odd head counts), never an error.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Mapping, Optional, Sequence
 
@@ -22,6 +23,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mtlx.models.policy import TracePolicy
 from mtlx.train.optim import path_str
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -120,8 +122,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def in_mesh(fn, mesh: Mesh):
     """fn traced with `mesh` as the abstract mesh of the context, where the model reads it
     (`mtlx.models.embed.lookup`: the embedding's gradient under FSDP)."""
-    import functools
-
     @functools.wraps(fn)
     def traced(*args, **kwargs):
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
@@ -129,13 +129,20 @@ def in_mesh(fn, mesh: Mesh):
     return traced
 
 
+# Whether `constrain` pins (the A/B of scripts/collectives.py --grad-constraint, tests).
+GRAD_CONSTRAINTS = ("on", "off")
+_GRAD_CONSTRAINT = TracePolicy("mtlx.train.sharding", GRAD_CONSTRAINTS, "on")
+grad_constraint_policy = _GRAD_CONSTRAINT.scope   # ``with grad_constraint_policy('off'): ...``
+
+
 def constrain(tree: Any) -> Any:
     """The tree (params, their gradients) constrained to the shardings the rules give its
-    paths, under the abstract mesh of the tracing context (`in_mesh`); without one unchanged.
-    The train step pins the gradients so, before the optimizer: XLA otherwise may compute a
-    replicated parameter's update sharded and all-gather the parameter and both moments."""
+    paths, under the abstract mesh of the tracing context (`in_mesh`); without one (or with
+    the policy 'off') unchanged. The train step pins the gradients so, before the optimizer:
+    XLA otherwise may compute a replicated parameter's update sharded and all-gather the
+    parameter and both moments."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
+    if mesh.empty or _GRAD_CONSTRAINT.get() == "off":
         return tree
 
     def one(path, x):
