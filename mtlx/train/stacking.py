@@ -361,8 +361,19 @@ def vmapped_transform(build: Callable, params: Any, trainable: Optional[Any], de
     decay = treedef.flatten_up_to(decay_mask)
     inner = StackPlan(treedef, *_group(leaves, [(bool(t), bool(d)) for t, d in zip(train, decay)],
                                        max_leaf_size))
-    # the elements: each stack (a bare array, vmapped) and the other leaves as one tuple
+    # the elements: each stack (a bare array, vmapped) and the other leaves as one tuple, i.e.
+    # the plan's Stacked form as a list
     elems = [(g, True) for g in inner.groups] + ([(inner.rest, False)] if inner.rest else [])
+
+    def as_list(stacked: Stacked) -> list:
+        return list(stacked.stacks) + ([stacked.rest] if inner.rest else [])
+
+    def as_stacked(values: list) -> Stacked:
+        return Stacked(tuple(values[:len(inner.groups)]),
+                       tuple(values[-1]) if inner.rest else ())
+    # the trainable leaves of the Stacked form (whole stacks, the other leaves one by one)
+    train_mask = jax.tree_util.tree_leaves(Stacked(
+        tuple(bool(train[g[0]]) for g in inner.groups), tuple(bool(train[i]) for i in inner.rest)))
 
     def flags(values, g, is_stack):
         return bool(values[g[0]]) if is_stack else tuple(bool(values[i]) for i in g)
@@ -373,8 +384,6 @@ def vmapped_transform(build: Callable, params: Any, trainable: Optional[Any], de
     full_leaves, full_def = jax.tree_util.tree_flatten_with_path(full_abs)
     at = {tuple(p): j for j, (p, _) in enumerate(full_leaves)}
 
-    def element(values, g, is_stack):
-        return jnp.stack([values[i] for i in g]) if is_stack else tuple(values[i] for i in g)
     # per element: its state's treedef, and for each of its state leaves ('shadow', the full
     # state's index for each of the element's leaves) or ('own', the full state's index)
     layout, covered = [], set()
@@ -436,24 +445,16 @@ def vmapped_transform(build: Callable, params: Any, trainable: Optional[Any], de
 
     def on_elements(grads, state, params):
         """(the elements' params or None, their updates, the per-leaf new state)."""
-        gs = [element(treedef.flatten_up_to(grads), g, s) for g, s in elems]
+        g_s = inner.pack(grads)
         if clip is not None:
-            # the trainable leaves' gradients (whole stacks, single leaves of the other
-            # element), clipped together as the per-leaf rule's chain clips them
-            slots = [(j, r) for j, (g, s) in enumerate(elems)
-                     for r in ([None] if s else range(len(g)))
-                     if train[g[0] if r is None else g[r]]]
-            vals = [gs[j] if r is None else gs[j][r] for j, r in slots]
-            clipped, _ = clip.update(vals, clip.init(vals))
-            gs = [list(x) if not s else x for x, (g, s) in zip(gs, elems)]
-            for (j, r), c in zip(slots, clipped):
-                if r is None:
-                    gs[j] = c
-                else:
-                    gs[j][r] = c
-            gs = [x if s else tuple(x) for x, (g, s) in zip(gs, elems)]
-        ps = None if params is None else [element(treedef.flatten_up_to(params), g, s)
-                                          for g, s in elems]
+            # the trainable leaves' gradients clipped together, as the per-leaf chain clips them
+            flat, s_def = jax.tree_util.tree_flatten(g_s)
+            picked = [x for x, t in zip(flat, train_mask) if t]
+            clipped = iter(clip.update(picked, clip.init(picked))[0])
+            g_s = jax.tree_util.tree_unflatten(
+                s_def, [next(clipped) if t else x for x, t in zip(flat, train_mask)])
+        gs = as_list(g_s)
+        ps = None if params is None else as_list(inner.pack(params))
         new, states = [], []
         for j, ((g, is_stack), rule, st) in enumerate(zip(elems, rules, to_elements(state))):
             p = None if ps is None else ps[j]
@@ -465,16 +466,12 @@ def vmapped_transform(build: Callable, params: Any, trainable: Optional[Any], de
             states.append(s)
         return ps, new, to_per_leaf(states)
 
-    def assemble(values):
-        rows = [[v[r] for r in range(len(g))] for (g, s), v in zip(elems, values) if s]
-        return inner.assemble(rows, values[-1] if inner.rest else ())
-
     def update(updates, state, params=None):
         _, new, state = on_elements(updates, state, params)
-        return assemble(new), state
+        return inner.unpack(as_stacked(new)), state
 
     def update_and_apply(grads, state, params):
         ps, new, state = on_elements(grads, state, params)
-        return assemble(optax.apply_updates(ps, new)), state
+        return inner.unpack(as_stacked(optax.apply_updates(ps, new))), state
 
     return StackedTransformation(full_rule.init, update, update_and_apply)
