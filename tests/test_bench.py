@@ -830,3 +830,15 @@ def test_quick_keeps_a_time_budget_under_five_minutes():
     assert 0 < bench.time_budget(None, bench.QUICK) < 300            # --quick's own
     # the CPU goal's cell runs first, so a spent budget skips tiny cells before it
     assert bench.QUICK["cells"][0] == ("adapters", "base", 128, 8, 4)
+
+
+def test_features_choices_mirror_the_switches_they_set():
+    """mtlx.bench.workload keeps its own copies of the switches' choices (it imports no jax at
+    module level): they must stay the modules' own."""
+    from mtlx.models import activations, dropout, norms
+    from mtlx.peft import routing
+    from mtlx.train import optim, stacking
+    assert W.OPTIMIZERS == optim.OPTIMIZERS and W.GRAD_NORMS == optim.GRAD_NORMS
+    assert W.STACK_STATES == stacking.SETTINGS and W.GATHER_GRADS == routing.GATHER_GRADS
+    assert W.ACTIVATION_VJPS == activations.POLICIES and W.DROPOUT_DRAWS == dropout.POLICIES
+    assert W.LAYER_NORM_VJPS == norms.POLICIES
