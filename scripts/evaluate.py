@@ -25,20 +25,20 @@ def main(argv=None):
     args, cfg = parse_cli(parser, argv)
     import jax
     from mtlx.train import evaluate as E
-    from mtlx.train.logs import atomic_write_text
+    from mtlx import paths
     from mtlx.train.loop import print_results, restore_state, setup, text_generation
     from mtlx.train.step import make_eval_step
 
     s = setup(cfg, train=False)
-    restored = restore_state(s, Path(args.workdir), args.checkpoint)
+    restored = restore_state(s, args.workdir, args.checkpoint)
     eval_step = jax.jit(make_eval_step(s.model))
     generate, decode = text_generation(s)
     results = E.evaluate_tasks(eval_step, restored.state.params, s.run.specs, s.run.eval,
                                s.eval_batches, max_batches=cfg.get("eval_max_batches", None),
                                references=s.run.eval_refs, generate=generate, decode=decode)
     print_results(results, restored.step)
-    out = Path(args.output) if args.output else Path(args.workdir) / "eval_results.json"
-    atomic_write_text(out, json.dumps(results, indent=2, sort_keys=True))
+    out = paths.as_path(args.output) if args.output else paths.as_path(args.workdir) / "eval_results.json"
+    paths.write_atomic(out, json.dumps(results, indent=2, sort_keys=True))
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # Launch an mtlx run on every host of a Cloud TPU pod slice (one process per host).
 #
-#   TPU_NAME=my-v4-32 ZONE=us-central2-b WORKDIR=/mnt/shared/run1 \
+#   TPU_NAME=my-v4-32 ZONE=us-central2-b WORKDIR=gs://my-bucket/run1 \
 #     bash scripts/launch_tpu_pod.sh --config configs/glue_shared_encoder.py \
 #       --config.model.checkpoint=/mnt/shared/bert-base-uncased --config.data.data_root=/mnt/shared/data
 #
 # Every host runs the same command; JAX's TPU cluster detection (config.distributed='auto')
 # assigns process ids, and each process feeds only its rows of every global batch.
-# WORKDIR must be a filesystem all hosts see (checkpoints are written by all processes).
+# WORKDIR must be a place all hosts see (checkpoints are written by all processes): a bucket
+# (gs://..., the usual choice on a pod: setup below installs the gcs extra, and the TPU VM's
+# service account needs write access to it) or a shared filesystem.
 # The repository must already be on every host at $REPO (default ~/mtlx), e.g. via
 #   gcloud compute tpus tpu-vm scp --recurse . $TPU_NAME:~/mtlx --zone $ZONE --worker=all
 set -euo pipefail
@@ -17,6 +19,6 @@ ARGS=$(printf ' %q' "$@")
 gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command "
   set -e; cd $REPO
   bash scripts/setup.sh
-  .venv/bin/python -m pip install -q 'jax[tpu]'
+  .venv/bin/python -m pip install -q 'jax[tpu]' -e '.[gcs]'
   .venv/bin/python scripts/train.py --workdir $WORKDIR --config.distributed=auto --no-progress $ARGS
 "

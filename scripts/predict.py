@@ -68,7 +68,7 @@ def main(argv=None):
     from mtlx.train.step import make_eval_step
 
     s = setup(cfg, train=False)
-    params = restore_state(s, Path(args.workdir), args.checkpoint).state.params
+    params = restore_state(s, args.workdir, args.checkpoint).state.params
     eval_step = jax.jit(make_eval_step(s.model))
     generate, decode = text_generation(s)
     specs = {sp.name: sp for sp in s.run.specs}

@@ -45,3 +45,53 @@ def write_t5_text_to_text_config(path, tok_dir, extra=()):
                     + "".join(f"    {line}\n" for line in extra)
                     + "    return c\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def bucket():
+    """gs://mtlx-test, served in memory by a GCS emulator (gcp-storage-emulator) on a free local
+    port. It speaks the JSON API that both clients of a run's bucket use: gcsfs (etils.epath:
+    metrics.jsonl, eval_results.json, plots, orbax's metadata) and tensorstore's gcs driver
+    (orbax's arrays); each is pointed at it by its documented variable."""
+    import socket
+    from gcp_storage_emulator.exceptions import NotFound
+    from gcp_storage_emulator.handlers import objects
+    from gcp_storage_emulator.server import create_server
+
+    # GCS sends an object's generation with its bytes (x-goog-generation); the emulator does
+    # not, and tensorstore then takes the object as generation 0, which OCDBT's conditional
+    # manifest updates reject at random ("Malformed StorageGeneration"). Add the headers.
+    plain_download = objects.download
+
+    def download(request, response, storage, *args, **kwargs):
+        plain_download(request, response, storage, *args, **kwargs)
+        try:
+            obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+        except NotFound:
+            return
+        response["x-goog-generation"] = obj["generation"]
+        response["x-goog-metageneration"] = obj["metageneration"]
+
+    objects.download = download  # objects.get (the JSON API's ?alt=media) looks it up here
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = create_server("127.0.0.1", port, in_memory=True, default_bucket="mtlx-test")
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    env = {"STORAGE_EMULATOR_HOST": url,             # gcsfs
+           "TENSORSTORE_GCS_HTTP_URL": url,          # tensorstore (orbax's arrays)
+           "GOOGLE_AUTH_TOKEN_FOR_TESTING": "fake",  # tensorstore: no credentials lookup
+           "GOOGLE_CLOUD_PROJECT": "test"}           # google-auth: no project lookup
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield "gs://mtlx-test"
+    finally:
+        server.stop()
+        objects.download = plain_download
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mtlx import paths
 from mtlx.models import heads as H
 from mtlx.models.multitask import MultiTaskModel
 from mtlx.train import step as S
@@ -129,7 +130,11 @@ def test_probe_against_independent_computation():
     assert out["lookahead"][0, 0] > 0 and out["lookahead"][1, 1] > 0
 
 
-def test_report_averages_writes_files_and_survives_resume(tmp_path):
+@pytest.mark.parametrize("where", ["local", "bucket"])
+def test_report_averages_writes_files_and_survives_resume(where, tmp_path, request):
+    """The report in a local directory, and in a bucket (gs://, conftest's emulator)."""
+    if where == "bucket":
+        tmp_path = paths.as_path(request.getfixturevalue("bucket")) / "affinity_test"
     names = ["a", "b", "c"]
     nan = np.nan
     p1 = {"cosine": np.array([[1, .5, .1], [.5, 1, -.2], [.1, -.2, 1]]),
@@ -148,9 +153,9 @@ def test_report_averages_writes_files_and_survives_resume(tmp_path):
     np.testing.assert_allclose(A._from_json(s["lookahead"])[0, 1], 0.3)
     assert s["lookahead_count"][0][2] == 1 and s["lookahead_count"][0][1] == 2
     assert list(s["groupings"]) == ["2"]                             # 5 > 3 tasks: skipped
-    paths = rep.write()
-    assert {p.name for p in paths} == {"affinity.json", "affinity.md", "affinity.png"}
-    assert (tmp_path / "affinity" / "affinity.png").stat().st_size > 1000
+    written = rep.write()
+    assert {p.name for p in written} == {"affinity.json", "affinity.md", "affinity.png"}
+    assert len((tmp_path / "affinity" / "affinity.png").read_bytes()) > 1000
     md = (tmp_path / "affinity" / "affinity.md").read_text()
     assert "2 groups (exhaustive" in md and "| a |" in md
     assert json.loads((tmp_path / "affinity" / "affinity.json").read_text())["intervals"] == 2

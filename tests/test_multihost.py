@@ -3,6 +3,8 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import jax
@@ -26,18 +28,27 @@ def run_two_workers(script: str, argv, timeout: float):
     port = str(free_port())
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("XLA_FLAGS", None)
+    # Logs go to files, not pipes: a pipe read after the other process's would fill up and
+    # block that process's writes while its peer waits for it in a collective.
+    logs = [tempfile.TemporaryFile() for _ in range(2)]
     procs = [subprocess.Popen([sys.executable, str(ROOT / "tests" / script)] + argv(port, i),
-                              env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                              env=env, cwd=ROOT, stdout=logs[i], stderr=subprocess.STDOUT)
              for i in range(2)]
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=timeout)[0].decode()[-3000:])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-    assert all(p.returncode == 0 for p in procs), "\n---\n".join(logs)
+    deadline = time.monotonic() + timeout
+    try:
+        for p in procs:
+            p.wait(timeout=max(deadline - time.monotonic(), 1))
+    except subprocess.TimeoutExpired:
+        for q in procs:
+            q.kill()
+        raise
+    finally:
+        text = []
+        for f in logs:
+            f.seek(0)
+            text.append(f.read().decode(errors="replace")[-3000:])
+            f.close()
+    assert all(p.returncode == 0 for p in procs), "\n---\n".join(text)
 
 
 @pytest.mark.parametrize("stack", [False, True], ids=["leaves", "stacked"])

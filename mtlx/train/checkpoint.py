@@ -33,7 +33,11 @@ Guarantees and how they are obtained (each one is tested in tests/test_checkpoin
   with the temporary suffix are never listed as checkpoints, so a save interrupted at any point
   (SIGKILL, power loss, full disk) is never picked on restore. Leftover temporary directories
   are removed when the next writing ``Checkpointer`` opens the directory (``read_only=True``
-  readers, e.g. an evaluator beside a live run, leave them alone).
+  readers, e.g. an evaluator beside a live run, leave them alone). In a bucket
+  (``gs://bucket/run/checkpoints``: object stores have no rename) orbax writes ``<step>`` in
+  place and a step counts only once its ``commit_success.txt`` exists (orbax's
+  ``CommitFileTemporaryPath``, its default for gs://); tests/test_remote_paths.py runs this
+  against a local GCS emulator.
 * Asynchronous saves without races. ``save`` blocks only while device arrays are copied to host
   memory (orbax's default ``TransferPriority.SYNCHRONOUS`` device-to-host transfer) and host
   numpy leaves are deep-copied (``NumpyHandler(deepcopy_host_arrays=True)``, the default), then
@@ -84,6 +88,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from mtlx import paths
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +254,21 @@ def _abstract(x):
     return x  # ShapeDtypeStruct, numpy array, Python scalar: orbax restores as that type
 
 
+def _with_sharding(leaf, sharding):
+    """A target leaf placed by ``sharding``: an abstract array carrying it, or for a concrete
+    array (an initial value that a new task may take) the value put there from the host
+    (each process holds the whole value; it keeps its own shards)."""
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+    if isinstance(leaf, jax.Array):
+        if _is_key_array(leaf):
+            data = np.asarray(jax.device_get(jax.random.key_data(leaf)))
+            return jax.random.wrap_key_data(jax.device_put(data, sharding),
+                                            impl=jax.random.key_impl(leaf))
+        return jax.device_put(np.asarray(jax.device_get(leaf)), sharding)
+    return leaf  # numpy arrays and Python numbers are restored as such
+
+
 def _check_leaves(state: Any) -> None:
     """Fail in the caller's thread (not later in the background writer) on unsavable leaves."""
     for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
@@ -331,7 +352,7 @@ class Checkpointer:
             raise ValueError(f"best_mode must be 'max' or 'min', got {best_mode!r}")
         if not isinstance(keep_best, int) or keep_best < 1:
             raise ValueError(f"keep_best must be an int >= 1, got {keep_best!r}")
-        self.directory = os.path.abspath(os.fspath(directory))
+        self.directory = paths.directory_string(directory)  # a local path or a URL (gs://...)
         self.read_only = read_only
         self.best_metric, self.best_mode = best_metric, best_mode
         self._model = {"format": _FORMAT, "tasks": normalize_tasks(tasks),
@@ -394,11 +415,16 @@ class Checkpointer:
         prev = self._mgr.latest_step()
         full = _is_disk_full(err)
         cause = "the disk is full (ENOSPC)" if full else "a write error"
+        # In a bucket (gs://) orbax writes the step in place and commits it with a
+        # commit_success.txt file; on a filesystem it renames a temporary directory.
+        left = (f"in {step}/ without its commit_success.txt, which restore ignores"
+                if paths.is_url(self.directory) else
+                f"in a '{step}.orbax-checkpoint-tmp*' directory that restore ignores")
         return CheckpointSaveError(
             f"saving checkpoint step {step} to {self.directory} failed: {cause}: "
             f"{type(err).__name__}: {err}. The previous checkpoint "
             f"({'step %d' % prev if prev is not None else 'none'}) is intact; the incomplete step "
-            f"is left in a '{step}.orbax-checkpoint-tmp*' directory that restore ignores.",
+            f"is left {left}.",
             step=step, directory=self.directory, disk_full=full)
 
     def wait_until_finished(self) -> None:
@@ -475,14 +501,23 @@ class Checkpointer:
         return None if step is None else self.restore(step, target, **kwargs)
 
     def restore(self, step: int, target: Any, *, allow_new_tasks: bool = False,
-                allow_removed_tasks: bool = False) -> Restored:
+                allow_removed_tasks: bool = False, shardings: Any = None) -> Restored:
         """Restores ``step`` into the structure, dtypes and shardings of ``target``.
 
         ``target`` is the train state of the current run: concrete arrays (e.g. the freshly
         initialised state) or ``jax.ShapeDtypeStruct``s carrying ``sharding`` (e.g. from
         ``jax.eval_shape``), so a sharded run restores sharded. Adding tasks needs concrete
         leaves for the new tasks (they are the new tasks' initial values).
+
+        ``shardings`` (a tree of ``jax.sharding.Sharding`` like ``target``'s) overrides the
+        target leaves' shardings: every array comes back placed as the run's step takes it,
+        each process reading its own shards. A run on several processes needs it: there a
+        fresh target's arrays sit on each process's own devices, and arrays restored there
+        cannot be moved onto the global mesh afterwards (no cross-host transfers). New tasks'
+        leaves (``allow_new_tasks``) are placed with these shardings too.
         """
+        if shardings is not None:
+            target = jax.tree.map(_with_sharding, target, shardings)
         self.wait_until_finished()  # restoring reads what the last save wrote
         meta = self._mgr.restore(step, args=ocp.args.Composite(**{
             DATA_STATE: ocp.args.JsonRestore(), RUN_CONFIG: ocp.args.JsonRestore(),

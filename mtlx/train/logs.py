@@ -5,17 +5,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import tempfile
 from collections import defaultdict
-from pathlib import Path
 from typing import Mapping, Optional
 
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Writes via a temporary file and rename: readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+from mtlx import paths
 
 
 def plot_groups(keys) -> dict:
@@ -30,18 +25,36 @@ def plot_groups(keys) -> dict:
 
 
 class RunLogger:
-    """Scalars to `workdir/tensorboard` (event files) and `workdir/metrics.jsonl`."""
+    """Scalars to `workdir/tensorboard` (event files) and `workdir/metrics.jsonl`; `workdir`
+    is a local directory or a URL (gs://...: mtlx.paths).
 
-    def __init__(self, workdir: Path, enabled: bool = True):
-        self.workdir = Path(workdir)
+    In a bucket the event file is written in a local temporary directory and uploaded whole
+    after each `write` (as tensorboardX's own GCS writer does at each flush; its writer is not
+    used because it uploads again from `__del__` at interpreter exit, when the store may be
+    gone). TensorBoard reading the bucket sees each logging interval as it is written.
+    """
+
+    def __init__(self, workdir: paths.PathLike, enabled: bool = True):
+        self.workdir = paths.as_path(workdir)
         self.enabled = enabled
         self.history = defaultdict(list)  # name -> [(step, value)]
         self._tb = None
         self._jsonl = None
+        self._staging = None  # the local event files of a run in a bucket
         if enabled:
             from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
-            self._jsonl = open(self.workdir / "metrics.jsonl", "a")
+            events = self.workdir / "tensorboard"
+            if paths.is_url(os.fspath(self.workdir)):
+                self._staging = tempfile.mkdtemp(prefix="mtlx_tensorboard_")
+                events = self._staging
+            self._tb = SummaryWriter(os.fspath(events))
+            self._jsonl = paths.LineLog(self.workdir / "metrics.jsonl")
+
+    def _upload_events(self) -> None:
+        remote = self.workdir / "tensorboard"
+        for name in sorted(os.listdir(self._staging)):
+            with open(os.path.join(self._staging, name), "rb") as f:
+                paths.write_atomic(remote / name, f.read())
 
     def write(self, step: int, scalars: Mapping[str, float], kind: str = "train") -> None:
         clean = {k: float(v) for k, v in scalars.items()}
@@ -52,24 +65,28 @@ class RunLogger:
         for k, v in clean.items():
             if math.isfinite(v):
                 self._tb.add_scalar(k, v, step)
-        self._jsonl.write(json.dumps({"step": step, "kind": kind, **clean}) + "\n")
-        self._jsonl.flush()
+        self._jsonl.append(json.dumps({"step": step, "kind": kind, **clean}) + "\n")
+        if self._staging is not None:
+            self._tb.flush()
+            self._upload_events()
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.flush()
             self._tb.close()
-        if self._jsonl is not None:
-            self._jsonl.close()
+        if self._staging is not None:
+            self._upload_events()
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None
 
-    def plot(self, out_dir: Optional[Path] = None) -> list:
+    def plot(self, out_dir: Optional[paths.PathLike] = None) -> list:
         """loss_curves.png (train and eval losses per task) and metric_curves.png."""
         if not self.enabled:
             return []
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        out_dir = Path(out_dir or self.workdir / "plots")
+        out_dir = paths.as_path(out_dir or self.workdir / "plots")
         out_dir.mkdir(parents=True, exist_ok=True)
         written = []
         for name, keys in plot_groups(self.history).items():
@@ -84,7 +101,7 @@ class RunLogger:
             ax.legend(fontsize=7, loc="best")
             ax.grid(alpha=0.3)
             fig.tight_layout()
-            fig.savefig(out_dir / name, dpi=100)
+            paths.savefig(fig, out_dir / name, dpi=100)
             plt.close(fig)
             written.append(out_dir / name)
         return written

@@ -7,6 +7,8 @@ calls is a pure function (mtlx.train.step) or a library object. Writes under `wo
   checkpoints/        orbax checkpoints (last N + best by 'avg'), resumed from by default
   tensorboard/        event files;   metrics.jsonl   every logged scalar
   plots/*.png         loss and metric curves;   eval_results.json   {task: {metric: value}}
+`workdir` is a local directory or a URL (gs://bucket/run: mtlx.paths), which a TPU pod
+slice's hosts all see.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from pathlib import Path
 from typing import Any, Optional
 
 import jax
@@ -22,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from mtlx import data as D
+from mtlx import paths
 from mtlx import metrics as M
 from mtlx.models import hf
 from mtlx.models.heads import TaskHead
@@ -29,7 +31,7 @@ from mtlx.models.multitask import MultiTaskModel, init_params, with_backbone
 from mtlx.train import distributed, evaluate as E, optim, sharding, stacking
 from mtlx.train.checkpoint import Checkpointer, install_preemption_handler
 from mtlx.train.config import ConfigError, convert_value
-from mtlx.train.logs import RunLogger, atomic_write_text
+from mtlx.train.logs import RunLogger
 from mtlx.train.spans import SpanReferences
 from mtlx.train.step import (count_compilations, create_state, default_weighting_tx,
                              finite_or_raise, init_weighting, make_affinity_probe, unpack_batch,
@@ -270,8 +272,8 @@ class Setup:
     weighting: Any = None    # the task-balancing strategy (None: static config.task_weights)
     trainable: Any = None    # bool pytree of the parameters that train
 
-    def checkpointer(self, workdir: Path, **kwargs) -> Checkpointer:
-        return Checkpointer(Path(workdir) / "checkpoints", tasks=self.model.tasks,
+    def checkpointer(self, workdir: paths.PathLike, **kwargs) -> Checkpointer:
+        return Checkpointer(paths.as_path(workdir) / "checkpoints", tasks=self.model.tasks,
                             model_signature=signature_of(self.backbone_cfg),
                             ignore_signature_keys=EXECUTION_FIELDS,
                             run_config=self.cfg.to_dict(), keep_last=self.cfg.checkpoint.keep_last,
@@ -360,7 +362,7 @@ def setup(cfg, train: bool = True) -> Setup:
                  strategy, trainable)
 
 
-def restore_state(s: Setup, workdir: Path, which: str = "latest"):
+def restore_state(s: Setup, workdir: paths.PathLike, which: str = "latest"):
     """The train state saved in `workdir` ('latest', 'best' or a step number)."""
     with s.checkpointer(workdir, read_only=True) as ckpt:
         if which == "latest":
@@ -370,7 +372,7 @@ def restore_state(s: Setup, workdir: Path, which: str = "latest"):
         else:
             restored = ckpt.restore(int(which), s.state)
     if restored is None:
-        raise FileNotFoundError(f"no checkpoint in {Path(workdir) / 'checkpoints'}")
+        raise FileNotFoundError(f"no checkpoint in {paths.as_path(workdir) / 'checkpoints'}")
     return restored
 
 
@@ -382,11 +384,11 @@ def print_results(results: dict, step: int) -> None:
 
 # ----------------------------------------------------------------------------- the run
 
-def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path,
+def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: paths.PathLike,
                        progress: bool = True, on_step=None, return_state: bool = False):
     """Runs the config in `workdir`; returns {task: {metric: value}} (and the final train state
     if `return_state`). `on_step(step)` is called after each step (tests, profilers)."""
-    workdir = Path(workdir)
+    workdir = paths.as_path(workdir)
     distributed.initialize(cfg)
     is_main = jax.process_index() == 0
     workdir.mkdir(parents=True, exist_ok=True)
@@ -394,16 +396,19 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path,
     s = setup(cfg)
     model, names, run, it, tx, state = s.model, s.names, s.run, s.iterator, s.tx, s.state
     init_batch = s.init_batch
+    mesh = sharding.make_mesh(cfg.get("mesh", None) and cfg.mesh.to_dict())
+    abstract_state = jax.eval_shape(lambda s: s, state)
     ckpt = s.checkpointer(workdir)
-    restored = ckpt.restore_latest(state, allow_new_tasks=cfg.get("allow_new_tasks", False))
+    # restored straight into the step's shardings: each process reads its shards (and on
+    # several processes nothing else would do: restored arrays cannot cross hosts)
+    restored = ckpt.restore_latest(state, allow_new_tasks=cfg.get("allow_new_tasks", False),
+                                   shardings=sharding.tree_shardings(mesh, abstract_state))
     if restored is not None:
         state = restored.state
         it.restore(restored.data_state)
         if is_main:
             print(f"resumed from step {restored.step} in {workdir / 'checkpoints'}")
 
-    mesh = sharding.make_mesh(cfg.get("mesh", None) and cfg.mesh.to_dict())
-    abstract_state = jax.eval_shape(lambda s: s, state)
     # Many tasks' small leaves travel stacked through the step's jit boundary (host dispatch
     # per array) and are updated stacked (a program per group, not per leaf; the state keeps
     # its per-leaf form): mtlx.train.stacking. The loop unstacks for evaluation and checkpoints.
@@ -561,7 +566,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: str | Path,
                      kind="info")
         logger.plot()
         logger.close()
-        atomic_write_text(workdir / "eval_results.json", json.dumps(results, indent=2, sort_keys=True))
+        paths.write_atomic(workdir / "eval_results.json", json.dumps(results, indent=2, sort_keys=True))
         if report is not None:
             report.write()
         print_results(results, final_step)

@@ -28,11 +28,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import jax.numpy as jnp
 import numpy as np
+
+from mtlx import paths
 
 Array = Any
 
@@ -214,10 +215,10 @@ class AffinityReport:
     the run resumed from.
     """
 
-    def __init__(self, names: Sequence[str], directory: Path, *, num_groups: Sequence[int] = (2, 3),
+    def __init__(self, names: Sequence[str], directory: paths.PathLike, *, num_groups: Sequence[int] = (2, 3),
                  max_exhaustive: int = 250_000, resume_step: int = 0, enabled: bool = True):
         self.names = list(names)
-        self.directory = Path(directory)
+        self.directory = paths.as_path(directory)  # local or a URL (mtlx.paths)
         t = len(self.names)
         bad = [k for k in num_groups if not isinstance(k, int) or k < 1]
         if bad:
@@ -240,9 +241,8 @@ class AffinityReport:
 
     def _rewrite(self):
         text = "".join(json.dumps(r) + "\n" for r in self.intervals)
-        tmp = self._file.with_name(self._file.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(self._file)
+        paths.write_atomic(self._file, text)
+        self._log = paths.LineLog(self._file)
 
     def add(self, step: int, probe: Dict[str, Any]) -> Dict[str, float]:
         """Records one probe result; returns the scalars to log (finite entries only)."""
@@ -255,8 +255,7 @@ class AffinityReport:
                "cosine": _jsonable(cos), "lookahead": _jsonable(z)}
         self.intervals = [r for r in self.intervals if r["step"] != rec["step"]] + [rec]
         if self.enabled:
-            with open(self._file, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            self._log.append(json.dumps(rec) + "\n")
         scalars = {}
         for i, a in enumerate(self.names):
             for j, b in enumerate(self.names):
@@ -283,17 +282,17 @@ class AffinityReport:
                 "lookahead": _jsonable(z), "lookahead_count": n_z.tolist(),
                 "groupings": groupings}
 
-    def write(self) -> List[Path]:
+    def write(self) -> list:
         """affinity.json, affinity.md (tables) and affinity.png (heat maps) in `directory`."""
         if not self.enabled:
             return []
         s = self.summary()
-        paths = [self.directory / "affinity.json", self.directory / "affinity.md"]
-        paths[0].write_text(json.dumps(s, indent=2))
-        paths[1].write_text(format_report(s))
+        written = [self.directory / "affinity.json", self.directory / "affinity.md"]
+        paths.write_atomic(written[0], json.dumps(s, indent=2))
+        paths.write_atomic(written[1], format_report(s))
         if s["intervals"]:
-            paths.append(plot_heatmaps(s, self.directory / "affinity.png"))
-        return paths
+            written.append(plot_heatmaps(s, self.directory / "affinity.png"))
+        return written
 
 
 def _table(names: Sequence[str], m: np.ndarray, corner: str) -> str:
@@ -324,7 +323,7 @@ def format_report(s: Dict[str, Any]) -> str:
     return "\n".join(out + [""])
 
 
-def plot_heatmaps(s: Dict[str, Any], path: Path) -> Path:
+def plot_heatmaps(s: Dict[str, Any], path: paths.PathLike):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -349,7 +348,7 @@ def plot_heatmaps(s: Dict[str, Any], path: Path) -> Path:
     axes[1].set_ylabel("stepped on task i", fontsize=8)
     axes[1].set_xlabel("loss of task j", fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
+    path = paths.as_path(path)
+    paths.savefig(fig, path, dpi=100)
     plt.close(fig)
     return path

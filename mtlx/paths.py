@@ -1,0 +1,106 @@
+"""Run directories on a local disk or in object storage (``gs://bucket/run``, ``s3://...``).
+
+A TPU pod slice has no filesystem that all its hosts see, so its runs keep their workdir in a
+bucket: checkpoints (orbax writes ``gs://`` itself, arrays through tensorstore), TensorBoard
+events (tensorboardX's GCS writer), ``metrics.jsonl``, ``eval_results.json``, plots and the
+affinity report. Local paths stay ``pathlib.Path``; a URL becomes an ``etils.epath.Path``
+(``gs://`` through gcsfs: ``pip install 'mtlx[gcs]'``), which has the same methods
+(``/``, ``mkdir``, ``exists``, ``read_text``, ``write_text``, ``open``).
+
+Object stores have neither rename nor append, so the two helpers below write differently:
+- ``write_atomic``: locally a temporary file renamed over the target (readers never see half a
+  file); in a bucket one upload, which the store publishes whole when it completes.
+- ``LineLog``: locally a file appended to; in a bucket the lines so far are kept and
+  the object is rewritten at each append (the logs written this way are small: a line per
+  logging interval).
+
+``pathlib.Path("gs://b/run")`` reads as ``gs:/b/run`` (pathlib collapses the double slash), so
+``as_path`` refuses a path in that form with a message saying to pass the URL as a string.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pathlib
+import re
+from typing import Any, Union
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
+_COLLAPSED = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]{1,}:/[^/]")  # 'gs:/b/x' (not 'C:/x')
+
+PathLike = Union[str, os.PathLike]
+
+
+def is_url(p: Any) -> bool:
+    """True for 'scheme://...' other than file://."""
+    s = os.fspath(p)
+    return bool(_URL.match(s)) and not s.startswith("file://")
+
+
+def as_path(p: PathLike):
+    """A local path as ``pathlib.Path`` (file:// stripped); a URL as ``etils.epath.Path``."""
+    s = os.fspath(p)
+    if s.startswith("file://"):
+        return pathlib.Path(s[len("file://"):])
+    if is_url(s):
+        from etils import epath
+        return epath.Path(s)
+    if _COLLAPSED.match(s) and not os.path.exists(s.split("/", 1)[0]):
+        scheme = s.split(":", 1)[0]
+        raise ValueError(f"path {s!r} looks like a {scheme}:// URL whose '//' was collapsed by "
+                         f"pathlib.Path; pass the URL as a string ('{scheme}://{s[len(scheme) + 2:]}')")
+    return pathlib.Path(s)
+
+
+def directory_string(p: PathLike) -> str:
+    """A directory as the string libraries take: a URL unchanged (no trailing '/'), a local
+    path made absolute."""
+    path = as_path(p)
+    if is_url(os.fspath(path)):
+        return os.fspath(path).rstrip("/")
+    return os.path.abspath(os.fspath(path))
+
+
+def write_atomic(path: PathLike, data: Union[str, bytes]) -> None:
+    """Writes ``data`` so that readers see the old content or the new, never half of it."""
+    path = as_path(path)
+    raw = data.encode() if isinstance(data, str) else data
+    if is_url(os.fspath(path)):
+        path.write_bytes(raw)  # an object appears whole when its upload completes
+        return
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(raw)
+    os.replace(tmp, path)
+
+
+def savefig(fig, path: PathLike, **kwargs) -> None:
+    """``fig.savefig`` to a local path or a URL (rendered in memory, then one upload)."""
+    path = as_path(path)
+    if not is_url(os.fspath(path)):
+        fig.savefig(path, **kwargs)
+        return
+    buf = io.BytesIO()
+    fig.savefig(buf, format=kwargs.pop("format", path.suffix.lstrip(".") or "png"), **kwargs)
+    write_atomic(path, buf.getvalue())
+
+
+class LineLog:
+    """Appends lines to a text file (a local file or an object; see the module docstring).
+
+    Existing content is kept: a resumed run appends to its log.
+    """
+
+    def __init__(self, path: PathLike):
+        self.path = as_path(path)
+        self._remote = is_url(os.fspath(self.path))
+        if self._remote:
+            self._text = self.path.read_text() if self.path.exists() else ""
+
+    def append(self, text: str) -> None:
+        if self._remote:
+            self._text += text
+            self.path.write_text(self._text)
+        else:
+            with open(self.path, "a") as f:
+                f.write(text)
