@@ -3,6 +3,8 @@
 
     python scripts/predict.py --config configs/demo.py --workdir DIR --input in.jsonl --output out.jsonl
 
+DIR, the input and the output may be local paths or URLs (gs://...: mtlx.paths).
+
 Each input line names its task and gives the task's text fields, e.g.
     {"task": "sst2", "sentence": "a gorgeous film"}
     {"task": "mrpc", "sentence1": "...", "sentence2": "..."}
@@ -62,6 +64,7 @@ def main(argv=None):
     import jax
     import numpy as np
     from mtlx import data as D
+    from mtlx import paths
     from mtlx.data.errors import ReadReport, RowErrors
     from mtlx.data.readers import make_example
     from mtlx.train.loop import restore_state, setup, text_generation
@@ -72,7 +75,7 @@ def main(argv=None):
     eval_step = jax.jit(make_eval_step(s.model))
     generate, decode = text_generation(s)
     specs = {sp.name: sp for sp in s.run.specs}
-    requests = read_requests(Path(args.input), specs)
+    requests = read_requests(paths.as_path(args.input), specs)
     outputs = {}
     for task, recs in requests.items():
         spec = specs[task]
@@ -167,9 +170,7 @@ def main(argv=None):
                 if ex in no_answer:  # SQuAD 2.0: "" = no answer; the score it was decided by
                     score = no_answer[ex]
                     outputs[n]["no_answer_score"] = score if np.isfinite(score) else None
-    with open(args.output, "w", encoding="utf-8") as f:
-        for n in sorted(outputs):
-            f.write(json.dumps(outputs[n]) + "\n")
+    paths.write_atomic(args.output, "".join(json.dumps(outputs[n]) + "\n" for n in sorted(outputs)))
     print(f"wrote {len(outputs)} predictions to {args.output}")
 
 

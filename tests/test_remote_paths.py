@@ -132,3 +132,32 @@ def test_two_process_run_resumes(where, tmp_path, request):
     # have evaluated at 3 again)
     assert [line["step"] for line in lines if line["kind"] == "eval"] == [3, 6]
     assert json.loads((run / "eval_results.json").read_text()).keys() == {"cola", "stsb"}
+
+
+def test_evaluate_and_predict_read_a_bucket(bucket, tmp_path):
+    """scripts/evaluate.py and predict.py with the workdir, the requests and the outputs in a
+    bucket."""
+    import subprocess
+    import sys
+    from tests.test_train_loop import DEMO, ROOT
+    wd = f"{bucket}/scripts_run"
+    cfg = local_cfg("--config.optim.num_train_steps=2", "--config.eval_every=2")
+    results = train_and_evaluate(cfg, wd, progress=False)
+    common = ["--config", DEMO + ":local", "--workdir", wd, "--config.tasks=cola,stsb,ud_pos",
+              "--config.model.hidden_dropout=0.0", "--config.optim.num_train_steps=2"]
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), *common],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = json.loads((paths.as_path(wd) / "eval_results.json").read_text())
+    assert got.keys() == results.keys()
+    for task in results:
+        assert got[task] == pytest.approx(results[task], rel=1e-4, abs=1e-3)
+    req, pred = f"{bucket}/requests.jsonl", f"{bucket}/predictions.jsonl"
+    paths.write_atomic(req, '{"task": "cola", "sentence": "The cat sat."}\n'
+                            '{"task": "ud_pos", "tokens": ["The", "cat", "sat", "."]}\n')
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "predict.py"), *common,
+                        "--input", req, "--output", pred],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(line) for line in paths.as_path(pred).read_text().splitlines()]
+    assert rows[0]["prediction"] in ("unacceptable", "acceptable") and len(rows[1]["prediction"]) == 4
