@@ -2,8 +2,8 @@
 
 A TPU pod slice has no filesystem that all its hosts see, so its runs keep their workdir in a
 bucket: checkpoints (orbax writes ``gs://`` itself, arrays through tensorstore), TensorBoard
-events (tensorboardX's GCS writer), ``metrics.jsonl``, ``eval_results.json``, plots and the
-affinity report. Local paths stay ``pathlib.Path``; a URL becomes an ``etils.epath.Path``
+events (written locally and uploaded: mtlx.train.logs), ``metrics.jsonl``,
+``eval_results.json``, plots and the affinity report. Local paths stay ``pathlib.Path``; a URL becomes an ``etils.epath.Path``
 (``gs://`` through gcsfs: ``pip install 'mtlx[gcs]'``), which has the same methods
 (``/``, ``mkdir``, ``exists``, ``read_text``, ``write_text``, ``open``).
 

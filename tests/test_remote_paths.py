@@ -11,7 +11,7 @@ import pytest
 from mtlx import paths
 from mtlx.train.checkpoint import Checkpointer
 from mtlx.train.loop import train_and_evaluate
-from tests.test_train_loop import leaves, local_cfg, preempt_at
+from tests.test_train_loop import leaves, local_cfg, preempted_and_resumed
 
 
 def test_path_forms(tmp_path):
@@ -74,10 +74,7 @@ def test_run_in_a_bucket_resumes_like_an_uninterrupted_local_run(bucket, tmp_pat
     local run; the bucket holds every output of the run."""
     _, local_state = train_and_evaluate(local_cfg(), tmp_path, progress=False, return_state=True)
     wd = f"{bucket}/run"
-    cfg = local_cfg("--config.checkpoint.every=100")  # only the preemption save happens
-    _, first = train_and_evaluate(cfg, wd, progress=False, on_step=preempt_at(3), return_state=True)
-    assert int(first.step) == 3
-    results, resumed = train_and_evaluate(cfg, wd, progress=False, return_state=True)
+    results, resumed = preempted_and_resumed(wd)
     assert int(resumed.step) == int(local_state.step) == 6
     for a, b in zip(leaves(resumed), leaves(local_state)):
         np.testing.assert_array_equal(a, b)

@@ -86,14 +86,18 @@ def test_stacked_state_run_checkpoints_by_name_and_resumes_unstacked(uninterrupt
             assert res2[task][k] == pytest.approx(v, rel=1e-3, abs=1e-4), (task, k)
 
 
+def preempted_and_resumed(workdir):
+    """The local run preempted (SIGTERM) at step 3 in `workdir`, then run again to its end:
+    (results, final state) of the second run."""
+    cfg = local_cfg("--config.checkpoint.every=100")  # only the preemption save happens
+    _, first = train_and_evaluate(cfg, workdir, progress=False, on_step=preempt_at(3), return_state=True)
+    assert int(first.step) == 3
+    return train_and_evaluate(cfg, workdir, progress=False, return_state=True)
+
+
 def test_preempted_run_resumes_bit_identical(uninterrupted, tmp_path):
     _, _, full_state = uninterrupted
-
-
-    cfg = local_cfg("--config.checkpoint.every=100")  # only the preemption save happens
-    _, first = train_and_evaluate(cfg, tmp_path, progress=False, on_step=preempt_at(3), return_state=True)
-    assert int(first.step) == 3
-    _, resumed = train_and_evaluate(cfg, tmp_path, progress=False, return_state=True)
+    _, resumed = preempted_and_resumed(tmp_path)
     assert int(resumed.step) == int(full_state.step) == 6
     for a, b in zip(leaves(resumed), leaves(full_state)):
         np.testing.assert_array_equal(a, b)
