@@ -14,17 +14,26 @@ Object stores have neither rename nor append, so the two helpers below write dif
   the object is rewritten at each append (the logs written this way are small: a line per
   logging interval).
 
+Inputs in a bucket (``data.data_root``, ``data.tokenizer``, ``model.checkpoint``): readers,
+tokenizers and Hugging Face loaders want local files, so ``local_copy`` downloads the object
+or directory tree once per host into a cache (``$MTLX_REMOTE_CACHE``, default
+``~/.cache/mtlx/remote``) and again when its listing (names, sizes, times) changes.
+
 ``pathlib.Path("gs://b/run")`` reads as ``gs:/b/run`` (pathlib collapses the double slash), so
 ``as_path`` refuses a path in that form with a message saying to pass the URL as a string.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import io
+import json
 import os
 import pathlib
 import re
-from typing import Any, Union
+import shutil
+from typing import Any, Optional, Union
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*://")
 _COLLAPSED = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]{1,}:/[^/]")  # 'gs:/b/x' (not 'C:/x')
@@ -104,3 +113,54 @@ class LineLog:
         else:
             with open(self.path, "a") as f:
                 f.write(text)
+
+
+def _walk(d):
+    for child in sorted(d.iterdir(), key=lambda c: c.name):
+        if child.is_dir():
+            yield from _walk(child)
+        else:
+            yield child
+
+
+def local_copy(p: Optional[PathLike], *, what: str = "path",
+               cache_dir: Optional[PathLike] = None) -> Optional[PathLike]:
+    """``p`` itself when local (or None); for a URL, a local copy of the object or directory
+    tree it names (see the module docstring). ``what`` names the config key in errors."""
+    if p is None or not is_url(p):
+        return p
+    src = as_path(p)
+    url = os.fspath(src).rstrip("/")
+    if not src.exists():
+        raise FileNotFoundError(f"{what}: {url} does not exist")
+    files = list(_walk(src)) if src.is_dir() else [src]
+    stats = [f.stat() for f in files]
+    listing = [[os.fspath(f.relative_to(src)) if f != src else "", st.length, st.mtime]
+               for f, st in zip(files, stats)]
+    root = pathlib.Path(cache_dir or os.environ.get("MTLX_REMOTE_CACHE")
+                        or pathlib.Path.home() / ".cache" / "mtlx" / "remote")
+    home = root / hashlib.sha256(url.encode()).hexdigest()[:16]
+    dest = home / (src.name or "root")
+    marker = home / "listing.json"
+    wanted = json.dumps({"url": url, "files": listing})
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the processes of one host download it once
+        if not (dest.exists() and marker.exists() and marker.read_text() == wanted):
+            _download(files, listing, home, dest)
+            write_atomic(marker, wanted)
+    return dest
+
+
+def _download(files, listing, home: pathlib.Path, dest: pathlib.Path) -> None:
+    tmp = home / f".download{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for f, (rel, _, _) in zip(files, listing):
+        target = tmp / rel if rel else tmp
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(f.read_bytes())
+    if dest.is_dir():
+        shutil.rmtree(dest)
+    elif dest.exists():
+        dest.unlink()
+    os.replace(tmp, dest)

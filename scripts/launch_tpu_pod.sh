@@ -3,13 +3,14 @@
 #
 #   TPU_NAME=my-v4-32 ZONE=us-central2-b WORKDIR=gs://my-bucket/run1 \
 #     bash scripts/launch_tpu_pod.sh --config configs/glue_shared_encoder.py \
-#       --config.model.checkpoint=/mnt/shared/bert-base-uncased --config.data.data_root=/mnt/shared/data
+#       --config.model.checkpoint=gs://my-bucket/bert-base-uncased --config.data.data_root=gs://my-bucket/data
 #
 # Every host runs the same command; JAX's TPU cluster detection (config.distributed='auto')
 # assigns process ids, and each process feeds only its rows of every global batch.
 # WORKDIR must be a place all hosts see (checkpoints are written by all processes): a bucket
 # (gs://..., the usual choice on a pod: setup below installs the gcs extra, and the TPU VM's
-# service account needs write access to it) or a shared filesystem.
+# service account needs write access to it) or a shared filesystem. The model, tokenizer and
+# data may be gs:// URLs too: each host copies them once into its cache (mtlx.paths.local_copy).
 # The repository must already be on every host at $REPO (default ~/mtlx), e.g. via
 #   gcloud compute tpus tpu-vm scp --recurse . $TPU_NAME:~/mtlx --zone $ZONE --worker=all
 set -euo pipefail

@@ -158,3 +158,56 @@ def test_evaluate_and_predict_read_a_bucket(bucket, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [json.loads(line) for line in paths.as_path(pred).read_text().splitlines()]
     assert rows[0]["prediction"] in ("unacceptable", "acceptable") and len(rows[1]["prediction"]) == 4
+
+
+def upload(local, url):
+    """Copies a local file or directory tree to `url`."""
+    local = paths.as_path(local)
+    files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
+    for f in files:
+        rel = f.relative_to(local).as_posix() if f != local else ""
+        paths.write_atomic(f"{url}/{rel}" if rel else url, f.read_bytes())
+
+
+def test_local_copy_downloads_once_and_again_when_changed(bucket, tmp_path):
+    src = f"{bucket}/copy_src"
+    paths.write_atomic(f"{src}/a.txt", "one")
+    paths.write_atomic(f"{src}/sub/b.txt", "two")
+    cache = tmp_path / "cache"
+    got = paths.local_copy(src, cache_dir=cache)
+    assert (got / "a.txt").read_text() == "one" and (got / "sub" / "b.txt").read_text() == "two"
+    (got / "a.txt").write_text("edited locally")  # an unchanged listing: not downloaded again
+    assert paths.local_copy(src, cache_dir=cache) == got and (got / "a.txt").read_text() == "edited locally"
+    paths.write_atomic(f"{src}/a.txt", "three!")  # the bucket changed: downloaded again
+    assert (paths.local_copy(src, cache_dir=cache) / "a.txt").read_text() == "three!"
+    one = paths.local_copy(f"{src}/sub/b.txt", cache_dir=cache)  # a single object
+    assert one.read_text() == "two" and one.name == "b.txt"
+    assert paths.local_copy(str(tmp_path), cache_dir=cache) == str(tmp_path)  # local: itself
+    with pytest.raises(FileNotFoundError, match=r"config.model.checkpoint: gs://mtlx-test/nope"):
+        paths.local_copy(f"{bucket}/nope", what="config.model.checkpoint", cache_dir=cache)
+
+
+def test_model_tokenizer_and_data_from_a_bucket(bucket, tmp_path, monkeypatch):
+    """config.model.checkpoint, config.data.tokenizer and config.data.data_root as gs:// URLs
+    train and evaluate as the same local paths do."""
+    from mtlx import data as D
+    from tests.hf_tiny import save_tiny_bert
+    monkeypatch.setenv("MTLX_REMOTE_CACHE", str(tmp_path / "cache"))
+    model_dir, _ = save_tiny_bert(tmp_path, vocab_size=30522)
+    vocab = D.sample_root() / "vocab" / "bert-base-uncased" / "vocab.txt"
+    upload(model_dir, f"{bucket}/inputs/model")
+    upload(vocab, f"{bucket}/inputs/vocab.txt")
+    for task in ("CoLA", "STS-B"):
+        upload(D.sample_root() / "glue" / task, f"{bucket}/inputs/data/glue/{task}")
+
+    def run(model, tokenizer, data_root, workdir):
+        cfg = local_cfg("--config.optim.num_train_steps=2", "--config.eval_every=2")
+        cfg.tasks = ("cola", "stsb")
+        cfg.model.checkpoint, cfg.data.tokenizer, cfg.data.data_root = model, tokenizer, data_root
+        return train_and_evaluate(cfg, workdir, progress=False)
+
+    local = run(model_dir, str(vocab), str(D.sample_root()), tmp_path / "local")
+    remote = run(f"{bucket}/inputs/model", f"{bucket}/inputs/vocab.txt", f"{bucket}/inputs/data",
+                 tmp_path / "remote")
+    assert remote == local and set(local) == {"cola", "stsb"}
+    assert list((tmp_path / "cache").iterdir())  # the inputs came through the cache

@@ -30,9 +30,10 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.data_root = None          # None: the sample shipped in mtlx/data/sample; else a folder
-                                     # with glue/<Task>/*.tsv and ud_english_ewt/*.conllu
+                                     # with glue/<Task>/*.tsv and ud_english_ewt/*.conllu (a
+                                     # gs:// URL is copied to a local cache: mtlx.paths)
     c.data.tokenizer = None          # None: the bert-base-uncased vocab in the sample; else a
-                                     # vocab file or a tokenizer directory
+                                     # vocab file or a tokenizer directory (local or gs://)
     c.data.max_length = 128          # truncation length (tokens)
     c.data.buckets = (64, 128)       # static padded lengths: one compilation per bucket
     c.data.on_error = "raise"        # or 'skip': skip malformed rows and report counts
@@ -52,7 +53,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.model = ml_collections.ConfigDict()
     c.model.family = "bert"          # bert | t5 (used when no checkpoint is given)
-    c.model.checkpoint = None        # a local Hugging Face model directory (config.json + weights)
+    c.model.checkpoint = None        # a Hugging Face model directory (config.json + weights),
+                                     # local or gs:// (copied to a local cache: mtlx.paths)
     c.model.config = ml_collections.ConfigDict(dict(   # architecture when training from scratch
         vocab_size=30522, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
         max_position_embeddings=512, type_vocab_size=2))

@@ -164,7 +164,9 @@ def _backbone(mc):
         if mc.get(key, None) is not None:
             overrides[key] = mc[key]
     if mc.get("checkpoint", None):
-        return hf.load_pretrained(mc.checkpoint, **overrides)
+        # a URL (gs://...) is copied to this host's cache first (mtlx.paths.local_copy)
+        return hf.load_pretrained(paths.local_copy(mc.checkpoint, what="config.model.checkpoint"),
+                                  **overrides)
     family = mc.get("family", "bert")
     arch = mc.config.to_dict() if isinstance(mc.config, ml_collections.ConfigDict) else dict(mc.config)
     if family == "bert":
@@ -234,12 +236,13 @@ class RunData:
 def load_data(cfg, backbone_cfg=None, train: bool = True) -> RunData:
     dc = cfg.data
     specs = build_specs(cfg)
-    tok_path = dc.get("tokenizer", None) or (D.sample_root() / "vocab" / "bert-base-uncased" / "vocab.txt")
+    tok_path = (paths.local_copy(dc.get("tokenizer", None), what="config.data.tokenizer")
+                or (D.sample_root() / "vocab" / "bert-base-uncased" / "vocab.txt"))
     tokenizer = D.load_tokenizer(tok_path)
     if backbone_cfg is not None:
         hf.check_tokenizer_fits(tokenizer, backbone_cfg)
     shard = (jax.process_index(), jax.process_count())
-    root = dc.get("data_root", None)
+    root = paths.local_copy(dc.get("data_root", None), what="config.data.data_root")
     on_error = dc.get("on_error", "raise")
     train_data, evals, refs = {}, {}, {}
     for spec in specs:
