@@ -3,7 +3,8 @@
 
     python scripts/train.py --config configs/demo.py[:variant] --workdir DIR [--config.key=value ...]
 
-Resumes from the latest checkpoint in DIR if there is one. Prints the per-task table at the end
+DIR is a local directory or a bucket URL (gs://BUCKET/run: mtlx.paths). Resumes from the
+latest checkpoint in DIR if there is one. Prints the per-task table at the end
 and writes DIR/eval_results.json.
 """
 import argparse
