@@ -247,26 +247,12 @@ def _is_key_array(x) -> bool:
     return hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
-def _abstract(x):
-    """A restore target leaf: arrays become ShapeDtypeStructs that keep their sharding."""
-    if isinstance(x, jax.Array):
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-    return x  # ShapeDtypeStruct, numpy array, Python scalar: orbax restores as that type
-
-
-def _with_sharding(leaf, sharding):
-    """A target leaf placed by ``sharding``: an abstract array carrying it, or for a concrete
-    array (an initial value that a new task may take) the value put there from the host
-    (each process holds the whole value; it keeps its own shards)."""
-    if isinstance(leaf, jax.ShapeDtypeStruct):
-        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
-    if isinstance(leaf, jax.Array):
-        if _is_key_array(leaf):
-            data = np.asarray(jax.device_get(jax.random.key_data(leaf)))
-            return jax.random.wrap_key_data(jax.device_put(data, sharding),
-                                            impl=jax.random.key_impl(leaf))
-        return jax.device_put(np.asarray(jax.device_get(leaf)), sharding)
-    return leaf  # numpy arrays and Python numbers are restored as such
+def _abstract(x, sharding=None):
+    """A restore target leaf: arrays become ShapeDtypeStructs with ``sharding`` (default:
+    their own)."""
+    if isinstance(x, (jax.Array, jax.ShapeDtypeStruct)):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding or x.sharding)
+    return x  # numpy array, Python scalar: orbax restores as that type
 
 
 def _check_leaves(state: Any) -> None:
@@ -516,8 +502,6 @@ class Checkpointer:
         cannot be moved onto the global mesh afterwards (no cross-host transfers). New tasks'
         leaves (``allow_new_tasks``) are placed with these shardings too.
         """
-        if shardings is not None:
-            target = jax.tree.map(_with_sharding, target, shardings)
         self.wait_until_finished()  # restoring reads what the last save wrote
         meta = self._mgr.restore(step, args=ocp.args.Composite(**{
             DATA_STATE: ocp.args.JsonRestore(), RUN_CONFIG: ocp.args.JsonRestore(),
@@ -537,9 +521,9 @@ class Checkpointer:
                 f"run:\n  " + "\n  ".join(diff.describe()))
 
         if diff:
-            state, fresh = self._restore_merged(step, target, diff, where)
+            state, fresh = self._restore_merged(step, target, diff, where, shardings)
         else:
-            abstract = jax.tree.map(_abstract, target)
+            abstract = jax.tree.map(_abstract, target, *([] if shardings is None else [shardings]))
             try:
                 state = self._mgr.restore(step, args=ocp.args.Composite(**{
                     STATE: ocp.args.PyTreeRestore(
@@ -554,12 +538,13 @@ class Checkpointer:
                         run_config=meta[RUN_CONFIG], tasks=saved_model["tasks"],
                         model_signature=saved_model.get("signature"), fresh_paths=fresh)
 
-    def _restore_merged(self, step: int, target: Any, diff: ModelDiff, where: str):
+    def _restore_merged(self, step: int, target: Any, diff: ModelDiff, where: str,
+                        shardings: Any = None):
         """Restore by leaf name when the task set changed: old leaves from disk, new from target.
 
         The checkpoint is read to host memory in its own structure, then each target leaf takes
-        the saved leaf of the same name (placed with the target's sharding) or, for new tasks,
-        its own value.
+        the saved leaf of the same name or, for new tasks, its own value, placed with
+        ``shardings`` (default: the target's own).
         """
         saved_meta = self._mgr.item_metadata(step)[STATE]
         saved_meta = getattr(saved_meta, "tree", saved_meta)
@@ -574,7 +559,7 @@ class Checkpointer:
         added, removed = set(diff.added), set(diff.removed)
         used, fresh, missing, reshaped, abstract_fresh = set(), [], [], [], []
 
-        def pick(path, leaf):
+        def pick(path, leaf, sharding=None):
             name = _leaf_name(path)
             if any(_key_name(k) in added for k in path):
                 pass  # a new task's leaf: the target's value
@@ -586,13 +571,19 @@ class Checkpointer:
                                 f"this run {_stored_shape(leaf)}")
             else:
                 used.add(name)
-                return _place(by_name[name], leaf)
+                return _place(by_name[name], leaf, sharding)
             fresh.append(name)
             if isinstance(leaf, jax.ShapeDtypeStruct):
                 abstract_fresh.append(name)
+            elif sharding is not None and isinstance(leaf, jax.Array):
+                # the initial value put on the run's sharding from the host (each process
+                # holds all of it and keeps its own shards)
+                return _place(np.asarray(jax.device_get(
+                    jax.random.key_data(leaf) if _is_key_array(leaf) else leaf)), leaf, sharding)
             return leaf
 
-        state = jax.tree_util.tree_map_with_path(pick, target)
+        state = jax.tree_util.tree_map_with_path(
+            pick, target, *([] if shardings is None else [shardings]))
         unused = [n for n in by_name if n not in used and not (parts_of[n] & removed)]
         if missing or unused:
             raise CheckpointMismatchError(
@@ -610,9 +601,11 @@ class Checkpointer:
         return state, tuple(fresh)
 
 
-def _place(value: np.ndarray, like: Any):
-    """A host value from the checkpoint, as the type/dtype/sharding of target leaf ``like``."""
-    sharding = getattr(like, "sharding", None)
+def _place(value: np.ndarray, like: Any, sharding: Any = None):
+    """A host value (key data for a key leaf), as the type/dtype of target leaf ``like``, an
+    array placed with ``sharding`` (default: ``like``'s own; numpy leaves stay on the host)."""
+    arrays = (jax.Array, jax.ShapeDtypeStruct)
+    sharding = (sharding or like.sharding) if isinstance(like, arrays) else None
     if _is_key_array(like):
         # An abstract key has no public impl accessor; its dtype carries the impl.
         impl = jax.random.key_impl(like) if isinstance(like, jax.Array) else like.dtype._impl
