@@ -144,11 +144,7 @@ def constrain(tree: Any) -> Any:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or _GRAD_CONSTRAINT.get() == "off":
         return tree
-
-    def one(path, x):
-        spec = spec_for(mesh, logical_axes(path_str(path), x.ndim), x.shape)
-        return jax.lax.with_sharding_constraint(x, spec)
-    return jax.tree_util.tree_map_with_path(one, tree)
+    return jax.tree.map(jax.lax.with_sharding_constraint, tree, tree_shardings(mesh, tree))
 
 
 def jit_train_step(step_fn, mesh: Mesh, abstract_state: Any, abstract_batch: Any, donate: bool = True,
