@@ -66,7 +66,7 @@ def directory_string(p: PathLike) -> str:
     """A directory as the string libraries take: a URL unchanged (no trailing '/'), a local
     path made absolute."""
     path = as_path(p)
-    if is_url(os.fspath(path)):
+    if is_url(path):
         return os.fspath(path).rstrip("/")
     return os.path.abspath(os.fspath(path))
 
@@ -75,7 +75,7 @@ def write_atomic(path: PathLike, data: Union[str, bytes]) -> None:
     """Writes ``data`` so that readers see the old content or the new, never half of it."""
     path = as_path(path)
     raw = data.encode() if isinstance(data, str) else data
-    if is_url(os.fspath(path)):
+    if is_url(path):
         path.write_bytes(raw)  # an object appears whole when its upload completes
         return
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -86,7 +86,7 @@ def write_atomic(path: PathLike, data: Union[str, bytes]) -> None:
 def savefig(fig, path: PathLike, **kwargs) -> None:
     """``fig.savefig`` to a local path or a URL (rendered in memory, then one upload)."""
     path = as_path(path)
-    if not is_url(os.fspath(path)):
+    if not is_url(path):
         fig.savefig(path, **kwargs)
         return
     buf = io.BytesIO()
@@ -102,7 +102,7 @@ class LineLog:
 
     def __init__(self, path: PathLike):
         self.path = as_path(path)
-        self._remote = is_url(os.fspath(self.path))
+        self._remote = is_url(self.path)
         if self._remote:
             self._text = self.path.read_text() if self.path.exists() else ""
 

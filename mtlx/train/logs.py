@@ -44,7 +44,7 @@ class RunLogger:
         if enabled:
             from tensorboardX import SummaryWriter
             events = self.workdir / "tensorboard"
-            if paths.is_url(os.fspath(self.workdir)):
+            if paths.is_url(self.workdir):
                 self._staging = tempfile.mkdtemp(prefix="mtlx_tensorboard_")
                 events = self._staging
             self._tb = SummaryWriter(os.fspath(events))
