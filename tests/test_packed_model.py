@@ -198,7 +198,10 @@ def test_mixed_rows_route_every_token_to_its_task(mixed, method):
             want = np.asarray(out_f[kind])[i, : len(idx)]
         else:
             got, want = out_p[kind][r * s + k], out_f[kind][i]
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=2e-5, err_msg=f"{method}: example {i} ({kind})")
+        # float32 rounding scales with the example's outputs (hyper_lora's reach ~2.6 here and
+        # differ by up to 4e-5 with either GELU gradient policy: a different order of sums)
+        atol = 2e-5 * max(1.0, float(np.abs(np.asarray(want)).max()))
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=atol, err_msg=f"{method}: example {i} ({kind})")
     lp, cp = H.packed_task_losses(out_p, mixed.batch, mixed.segments, TASKS)
     lf, cf = H.task_losses(out_f, flat, TASKS)
     np.testing.assert_allclose(cp, cf)

@@ -449,8 +449,9 @@ def test_prepended_keys_widen_bias_and_mask():
     enc1 = model.apply(v, ids, mask, method=t5.T5Model.encode)
     np.testing.assert_allclose(np.asarray(enc1.last_hidden_state),
                                np.asarray(enc0.last_hidden_state), atol=ATOL, rtol=0)
+    # Logits reach ~12 here: float32 rounding of the wider softmax's sums scales with them.
     np.testing.assert_allclose(np.asarray(model.apply(v, ids, mask, dec_ids, dec_mask)),
-                               np.asarray(logits0), atol=ATOL, rtol=0)
+                               np.asarray(logits0), atol=ATOL, rtol=2e-6)
     # The cached decoding path goes through the same hook (over the whole cache buffer).
     cache = model.apply(v, enc1.last_hidden_state, dec_ids.shape[1], method=t5.T5Model.init_cache)
     for t in range(dec_ids.shape[1]):

@@ -416,12 +416,10 @@ def feature_variants(base: W.Features, platform_name: str, short: bool = False,
                 f"not available on {platform_name}: cuDNN fused attention needs an NVIDIA GPU")
     else:
         out["attention=xla"] = rep(base, attention="xla")
-    # GELU's gradient: the platform's 'auto' choice (mtlx.models.activations: the saved input
-    # on accelerators, autodiff on a CPU) against the other; a GPU question of memory traffic
-    # (the tiny --quick CPU cell would not show it).
+    # GELU's gradient: 'auto' (mtlx.models.activations: the saved input) against autodiff of
+    # jax.nn.gelu; a GPU question of memory traffic (the tiny --quick CPU cell would not show it).
     if base.activation_vjp == "auto" and (not short or platform_name == "gpu"):
-        other_vjp = "saved_input" if platform_name == "cpu" else "autodiff"
-        out[f"activation_vjp={other_vjp}"] = rep(base, activation_vjp=other_vjp)
+        out["activation_vjp=autodiff"] = rep(base, activation_vjp="autodiff")
     # BERT's residual LayerNorm gradient (mtlx.models.norms): saved inputs (the default)
     # against autodiff of the formula.
     if base.layer_norm_vjp == "saved_inputs" and (not short or platform_name == "gpu"):

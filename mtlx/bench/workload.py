@@ -76,8 +76,8 @@ class Features:
     # Dropout on the sublayers' outputs (BertConfig.hidden_dropout). Not a throughput switch of
     # the same model: 0 measures what dropout (its random bits and masks) costs a step.
     hidden_dropout: float = HIDDEN_DROPOUT
-    # GELU's gradient (mtlx.models.activations policy): 'auto' (saved input on accelerators,
-    # autodiff on a CPU), 'saved_input' or 'autodiff': the A/B of that choice.
+    # GELU's gradient (mtlx.models.activations policy): 'auto' (the saved input, on every
+    # platform), 'saved_input' or 'autodiff': the A/B of that choice.
     activation_vjp: str = "auto"
     # Dropout's draws (mtlx.models.dropout policy): 'hash16' (four 16-bit draws a threefry
     # hash, the default) or 'bernoulli' (flax's float draw per element): the A/B.
