@@ -90,6 +90,24 @@ def test_run_in_a_bucket_resumes_like_an_uninterrupted_local_run(bucket, tmp_pat
     assert events and all(p.stat().length > 0 for p in events)
 
 
+def _two_process_config(tmp_path, steps, every=3):
+    """The demo's local config for two processes: cola and stsb, one length bucket, `steps`
+    steps, checkpoints and evaluations every `every` steps."""
+    path = tmp_path / f"config_{steps}_{every}.py"
+    demo = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "configs", "demo.py")
+    path.write_text("from mtlx.train.config import load_config\n\n"
+                    "def get_config(arg=None):\n"
+                    f"    c = load_config({demo + ':local'!r})\n"
+                    "    c.tasks = ('cola', 'stsb')\n"
+                    "    c.data.buckets = (c.data.max_length,)  # one bucket: several processes\n"
+                    f"    c.optim.num_train_steps = {steps}\n"
+                    f"    c.checkpoint.every = {every}\n"
+                    f"    c.eval_every = {every}\n"
+                    "    return c\n")
+    return str(path)
+
+
 @pytest.mark.parametrize("where", ["local", pytest.param("bucket", marks=pytest.mark.heavy)])
 def test_two_process_run_resumes(where, tmp_path, request):
     """Two processes (gloo) share one workdir, a local directory or (a TPU pod's way) a gs://
@@ -99,26 +117,11 @@ def test_two_process_run_resumes(where, tmp_path, request):
     from tests.test_multihost import run_two_workers
     wd = (f"{request.getfixturevalue('bucket')}/two_process_run" if where == "bucket"
           else str(tmp_path / "two_process_run"))
-
-    def config(steps):
-        path = tmp_path / f"config_{steps}.py"
-        demo = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                            "configs", "demo.py")
-        path.write_text("from mtlx.train.config import load_config\n\n"
-                        "def get_config(arg=None):\n"
-                        f"    c = load_config({demo + ':local'!r})\n"
-                        "    c.tasks = ('cola', 'stsb')\n"
-                        "    c.data.buckets = (c.data.max_length,)  # one bucket: several processes\n"
-                        f"    c.optim.num_train_steps = {steps}\n"
-                        "    c.checkpoint.every = 3\n"
-                        "    c.eval_every = 3\n"
-                        "    return c\n")
-        return str(path)
-
     for steps in (3, 6):
         out = tmp_path / f"results_{steps}.json"
+        config = _two_process_config(tmp_path, steps)
         run_two_workers("mh_loop_worker.py",
-                        lambda port, i: [port, str(i), config(steps), wd, str(out)], timeout=600)
+                        lambda port, i: [port, str(i), config, wd, str(out)], timeout=600)
         assert set(json.loads(out.read_text())) == {"cola", "stsb"}
     run = paths.as_path(wd)
     committed = sorted(int(p.name) for p in (run / "checkpoints").iterdir()
@@ -129,6 +132,32 @@ def test_two_process_run_resumes(where, tmp_path, request):
     # have evaluated at 3 again)
     assert [line["step"] for line in lines if line["kind"] == "eval"] == [3, 6]
     assert json.loads((run / "eval_results.json").read_text()).keys() == {"cola", "stsb"}
+
+
+@pytest.mark.parametrize("mode", ["sync_manager", pytest.param("allgather", marks=pytest.mark.heavy)])
+def test_two_processes_stop_at_one_step_when_one_is_preempted(mode, tmp_path, monkeypatch):
+    """Process 1 of 2 gets SIGTERM after step 2 of 40. The loop's PreemptionWatch leaves the
+    signal to JAX's preemption sync manager (no all-gather of a flag after every step): the
+    coordination service picks a step, both processes stop there, save it and exit 0; a
+    second run resumes from it to the end. 'allgather': the same with the service off
+    (JAX_ENABLE_PREEMPTION_SERVICE=false), the fallback that all-gathers the flag."""
+    from tests.test_multihost import run_two_workers
+    monkeypatch.setenv("JAX_ENABLE_PREEMPTION_SERVICE", "true" if mode == "sync_manager" else "false")
+    wd, out = tmp_path / "run", tmp_path / "stop.json"
+    config = _two_process_config(tmp_path, 40, every=100)
+    run_two_workers("mh_loop_worker.py",
+                    lambda port, i: [port, str(i), config, str(wd), str(out), "2"], timeout=600)
+    stops = [json.loads((tmp_path / f"stop.json.{i}").read_text()) for i in range(2)]
+    assert [s["mode"] for s in stops] == [[mode]] * 2
+    step = stops[0]["step"]
+    assert stops[1]["step"] == step and 2 <= step < 40, stops
+    ckpts = wd / "checkpoints"
+    committed = lambda: sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())  # noqa: E731
+    assert committed() == [step]
+    run_two_workers("mh_loop_worker.py",
+                    lambda port, i: [port, str(i), config, str(wd), str(out)], timeout=600)
+    assert set(json.loads(out.read_text())) == {"cola", "stsb"}
+    assert committed() == [step, 40]
 
 
 def test_evaluate_and_predict_read_a_bucket(bucket, tmp_path):
@@ -211,3 +240,43 @@ def test_model_tokenizer_and_data_from_a_bucket(bucket, tmp_path, monkeypatch):
                  tmp_path / "remote")
     assert remote == local and set(local) == {"cola", "stsb"}
     assert list((tmp_path / "cache").iterdir())  # the inputs came through the cache
+
+
+def test_task_files_from_a_bucket(bucket, tmp_path, monkeypatch):
+    """A task declared in config.tasks with its files as gs:// URLs, and one whose "root" is a
+    gs:// folder, load (through this host's cache) the examples their local files give."""
+    from mtlx import data as D
+    from mtlx.train.loop import load_data
+    monkeypatch.setenv("MTLX_REMOTE_CACHE", str(tmp_path / "cache"))
+    sst2 = D.sample_root() / "glue" / "SST-2"
+    upload(sst2, f"{bucket}/tasks/sst2")
+
+    def entry(name, files, root=None):
+        e = {"name": name, "head": "classification", "format": "tsv", "files": files,
+             "columns": {"text": "sentence", "label": "label"}, "labels": ["0", "1"]}
+        return dict(e, root=root) if root else e
+
+    local = entry("reviews", {"train": str(sst2 / "train.tsv"), "dev": str(sst2 / "dev.tsv")})
+    by_url = entry("reviews", {"train": f"{bucket}/tasks/sst2/train.tsv",
+                               "dev": f"{bucket}/tasks/sst2/dev.tsv"})
+    by_root = entry("reviews", {"train": "train.tsv", "dev": "dev.tsv"}, root=f"{bucket}/tasks/sst2")
+
+    def load(e):
+        cfg = local_cfg()
+        cfg.tasks = (e,)
+        run = load_data(cfg)
+        return run.specs[0], run.train["reviews"], run.eval["reviews"]
+
+    want = load(local)
+    for e in (by_url, by_root):
+        spec, train, dev = load(e)
+        assert not any(paths.is_url(f.path) for f in spec.source.files)
+        assert not paths.is_url(spec.source.root)
+        for got, ref in ((train, want[1]), (dev, want[2])):
+            assert len(got.unit_example) == len(ref.unit_example) > 0
+            np.testing.assert_array_equal(got.input_ids, ref.input_ids)
+            np.testing.assert_array_equal(got.row_starts, ref.row_starts)
+            np.testing.assert_array_equal(got.labels, ref.labels)
+    with pytest.raises(FileNotFoundError, match=r"task 'reviews' split 'dev': gs://mtlx-test/tasks/nope"):
+        load(entry("reviews", {"train": f"{bucket}/tasks/sst2/train.tsv",
+                               "dev": f"{bucket}/tasks/nope/dev.tsv"}))

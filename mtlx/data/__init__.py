@@ -19,7 +19,8 @@ from mtlx.data.mixtures import (Annealed, Mixture, Proportional, RoundRobin, Sch
 from mtlx.data.pipeline import (BatchLayout, DataIterator, EvalBatch, collate, device_put_batch,
                                 eval_batches, make_iterator, mixture_for, prefetch)
 from mtlx.data.prepare import prepare_tasks
-from mtlx.data.readers import Example, SplitData, load_split, resolve_path, sample_root
+from mtlx.data.readers import (Example, SplitData, load_split, resolve_path, sample_root,
+                               with_local_files)
 from mtlx.data.tasks import (HEAD_KINDS, Source, SplitFile, TaskSpec, TfdsSource,
                              UnknownTaskError, get_task, list_tasks, register_task,
                              task_from_config, text_to_text)
@@ -29,7 +30,8 @@ __all__ = [
     "DataError", "ReadReport", "Annealed", "Mixture", "Proportional", "RoundRobin", "Schedule",
     "Temperature", "Uniform", "make_strategy", "BatchLayout", "DataIterator", "EvalBatch",
     "collate", "device_put_batch", "eval_batches", "make_iterator", "mixture_for", "prefetch",
-    "Example", "SplitData", "load_split", "resolve_path", "sample_root", "HEAD_KINDS", "Source",
+    "Example", "SplitData", "load_split", "resolve_path", "sample_root", "with_local_files",
+    "HEAD_KINDS", "Source",
     "SplitFile", "TaskSpec", "TfdsSource", "UnknownTaskError", "get_task", "list_tasks",
     "register_task", "task_from_config", "text_to_text", "TokenizedSplit", "load_tokenizer", "shard_indices",
     "tokenize_split", "prepare_tasks",

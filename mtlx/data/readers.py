@@ -69,6 +69,28 @@ def sample_root() -> Path:
     return Path(str(importlib.resources.files("mtlx.data").joinpath("sample")))
 
 
+def with_local_files(spec: TaskSpec, cache_dir=None) -> TaskSpec:
+    """`spec` with its files local: a source root or split file given as a URL (gs://...; a
+    task config's "root" or "files") is copied once into this host's cache
+    (mtlx.paths.local_copy) and the spec points at the copy. Local paths are left as they are."""
+    from mtlx import paths
+    source = getattr(spec, "source", None)
+    if source is None or not hasattr(source, "files"):
+        return spec
+    what = f"task {spec.name!r}"
+    root = source.root
+    if root and paths.is_url(root):
+        root = str(paths.local_copy(root, what=f"{what} root", cache_dir=cache_dir))
+    files = tuple(
+        dataclasses.replace(f, path=str(paths.local_copy(
+            f.path, what=f"{what} split {f.split!r}", cache_dir=cache_dir)))
+        if paths.is_url(f.path) else f
+        for f in source.files)
+    if root == source.root and files == source.files:
+        return spec
+    return dataclasses.replace(spec, source=dataclasses.replace(source, root=root, files=files))
+
+
 def resolve_path(spec: TaskSpec, split: str, data_root=None, dirs: Optional[Mapping[str, Any]] = None) -> Path:
     """Where `split` of `spec` lives: dirs[spec.source.root] if given, else data_root/root.
 

@@ -70,8 +70,9 @@ Guarantees and how they are obtained (each one is tested in tests/test_checkpoin
 
 Preemption: ``install_preemption_handler()`` turns SIGTERM into a flag that the loop polls
 after each step (a signal handler must not run a save: it interrupts the main thread at an
-arbitrary bytecode, possibly inside a save). It is per process: in a multi-process run the
-loop must agree on the stop step across processes (e.g. all-gather the flag) before saving.
+arbitrary bytecode, possibly inside a save). It is per process: in a multi-process run every
+process must stop (and save) at the same step, which ``PreemptionWatch`` (what the loop uses)
+arranges through JAX's preemption sync manager.
 """
 
 from __future__ import annotations
@@ -667,3 +668,56 @@ def install_preemption_handler(callback: Optional[Callable[[int], None]] = None,
     for sig in signals:
         flag._previous[sig] = signal.signal(sig, handler)
     return flag
+
+
+def preemption_sync_manager_running() -> bool:
+    """Whether JAX's preemption sync manager runs in this process: `jax.distributed.initialize`
+    starts it (and its SIGTERM notifier) unless `jax_enable_preemption_service` is off."""
+    try:
+        from jax._src import distributed as jax_distributed
+    except ImportError:  # pragma: no cover - a JAX without the module
+        return False
+    state = jax_distributed.global_state
+    return state.client is not None and getattr(state, "preemption_sync_manager", None) is not None
+
+
+class PreemptionWatch:
+    """When the training loop stops for a preemption (SIGTERM): ``should_stop(step)`` after
+    each step, true at the same step on every process.
+
+    - One process: ``install_preemption_handler``'s flag.
+    - Several processes with JAX's preemption sync manager (the default after
+      `jax.distributed.initialize`): its own SIGTERM notifier tells the coordination service,
+      which picks the step after the furthest any process has reported; each process then asks
+      `multihost_utils.reached_preemption_sync_point(step)`, a check of local state that keeps
+      no device waiting, so the host goes on dispatching steps ahead of the devices. No Python
+      handler is installed (it would replace the notifier). The loop must call this with every
+      step, the same sequence on every process (as Orbax's CheckpointManager does too).
+    - Several processes without it (`jax_enable_preemption_service` off): the flag is
+      all-gathered after every step; that collective waits for the step to finish, so the host
+      cannot run ahead.
+    """
+
+    def __init__(self, multi_process: bool):
+        self.mode = ("sync_manager" if multi_process and preemption_sync_manager_running()
+                     else "allgather" if multi_process else "flag")
+        self.flag = PreemptionFlag() if self.mode == "sync_manager" else install_preemption_handler()
+
+    @property
+    def signum(self) -> Optional[int]:
+        return self.flag.signum
+
+    def should_stop(self, step: int) -> bool:
+        if self.mode == "sync_manager":
+            from jax.experimental import multihost_utils
+            if multihost_utils.reached_preemption_sync_point(int(step)):
+                self.flag.set(signal.SIGTERM)  # the notifier's signal; the loop reports it
+            return self.flag.is_set()
+        stop = self.flag.is_set()
+        if self.mode == "allgather":
+            from jax.experimental import multihost_utils
+            stop = bool(np.max(multihost_utils.process_allgather(np.int32(stop))))
+        return stop
+
+    def close(self) -> None:
+        self.flag.uninstall()

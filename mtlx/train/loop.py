@@ -29,7 +29,7 @@ from mtlx.models import hf
 from mtlx.models.heads import TaskHead
 from mtlx.models.multitask import MultiTaskModel, init_params, with_backbone
 from mtlx.train import distributed, evaluate as E, optim, sharding, stacking
-from mtlx.train.checkpoint import Checkpointer, install_preemption_handler
+from mtlx.train.checkpoint import Checkpointer, PreemptionWatch
 from mtlx.train.config import ConfigError, convert_value
 from mtlx.train.logs import RunLogger
 from mtlx.train.spans import SpanReferences
@@ -235,7 +235,8 @@ class RunData:
 
 def load_data(cfg, backbone_cfg=None, train: bool = True) -> RunData:
     dc = cfg.data
-    specs = build_specs(cfg)
+    # task files given as URLs (gs://...) are read from this host's copy (mtlx.paths.local_copy)
+    specs = [D.with_local_files(s) for s in build_specs(cfg)]
     tok_path = (paths.local_copy(dc.get("tokenizer", None), what="config.data.tokenizer")
                 or (D.sample_root() / "vocab" / "bert-base-uncased" / "vocab.txt"))
     tokenizer = D.load_tokenizer(tok_path)
@@ -461,7 +462,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: paths.PathLike,
                                 generate=generate, decode=decode)
 
     logger = RunLogger(workdir, enabled=is_main)
-    preempted = install_preemption_handler()
+    preempted = PreemptionWatch(multi)
     total = int(cfg.optim.num_train_steps)
     start = start_step
     probe = report = None  # task-affinity report (mtlx.weighting.affinity)
@@ -521,10 +522,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: paths.PathLike,
                 bar.update(1)
             if on_step is not None:
                 on_step(done)
-            stop = preempted.is_set()
-            if multi:  # every process must stop (and save) at the same step
-                from jax.experimental import multihost_utils
-                stop = bool(np.max(multihost_utils.process_allgather(np.int32(stop))))
+            stop = preempted.should_stop(done)  # the same step on every process
             eval_now = done % cfg.eval_every == 0 or done == total
             save_now = done % cfg.checkpoint.every == 0 or done == total or stop
             if eval_now:
@@ -554,7 +552,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: paths.PathLike,
         if bar is not None:
             bar.close()
         ckpt.close()
-        preempted.uninstall()
+        preempted.close()
 
     state = view(state)
     final_step = int(jax.device_get(state.step))
