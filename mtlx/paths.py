@@ -10,9 +10,12 @@ events (written locally and uploaded: mtlx.train.logs), ``metrics.jsonl``,
 Object stores have neither rename nor append, so the two helpers below write differently:
 - ``write_atomic``: locally a temporary file renamed over the target (readers never see half a
   file); in a bucket one upload, which the store publishes whole when it completes.
-- ``LineLog``: locally a file appended to; in a bucket the lines so far are kept and
-  the object is rewritten at each append (the logs written this way are small: a line per
-  logging interval).
+- ``LineLog``: locally a file appended to. In a gs:// bucket each append uploads the new
+  lines as a small object and composes it onto the log (GCS compose: a server-side
+  concatenation that replaces the object whole), so a long run does not upload its whole log
+  at each interval; the object is rewritten whole when opened and every
+  ``LineLog.REWRITE_EVERY`` appends (GCS caps a composite object at 1,024 components). Other
+  schemes rewrite the object at each append.
 
 Inputs in a bucket (``data.data_root``, ``data.tokenizer``, ``model.checkpoint``): readers,
 tokenizers and Hugging Face loaders want local files, so ``local_copy`` downloads the object
@@ -99,20 +102,39 @@ class LineLog:
 
     Existing content is kept: a resumed run appends to its log.
     """
+    REWRITE_EVERY = 512  # appends composed onto a gs:// object between two whole rewrites
 
     def __init__(self, path: PathLike):
         self.path = as_path(path)
         self._remote = is_url(self.path)
         if self._remote:
+            self._url = os.fspath(self.path)
             self._text = self.path.read_text() if self.path.exists() else ""
+            self._composed = None  # appends composed since the last whole write; None: none yet
+            self._gcs = None
+            if self._url.startswith("gs://"):
+                import fsspec
+                self._gcs = fsspec.filesystem("gs")
 
     def append(self, text: str) -> None:
-        if self._remote:
-            self._text += text
-            self.path.write_text(self._text)
-        else:
+        if not self._remote:
             with open(self.path, "a") as f:
                 f.write(text)
+            return
+        self._text += text
+        if self._gcs is None or self._composed is None or self._composed >= self.REWRITE_EVERY:
+            # the first write of this log object (which resets a resumed log's component
+            # count), every REWRITE_EVERY appends, and schemes without compose
+            self.path.write_text(self._text)
+            self._composed = 0
+            return
+        part = f"{self._url}.part-{os.getpid()}-{self._composed}"
+        self._gcs.pipe_file(part, text.encode())
+        try:
+            self._gcs.merge(self._url, [self._url, part])
+        finally:
+            self._gcs.rm_file(part)
+        self._composed += 1
 
 
 def _walk(d):

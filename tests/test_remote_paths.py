@@ -48,6 +48,29 @@ def test_bucket_objects(bucket):
     assert (d / "m.jsonl").read_text() == "a\nb\nc\n"
 
 
+def test_bucket_log_appends_by_compose(bucket, monkeypatch):
+    """A gs:// LineLog uploads each append's lines and composes them onto the object (no part
+    objects left), rewriting the object whole when opened and every REWRITE_EVERY appends."""
+    d = paths.as_path(bucket) / "composed"
+    monkeypatch.setattr(paths.LineLog, "REWRITE_EVERY", 3)
+    log = paths.LineLog(d / "m.jsonl")
+    merges, real_merge = [], log._gcs.merge
+
+    def merge(path, parts, **kw):
+        merges.append(len(parts))
+        return real_merge(path, parts, **kw)
+    monkeypatch.setattr(log._gcs, "merge", merge)
+    lines = [f'{{"step": {i}}}\n' for i in range(9)]
+    for line in lines:
+        log.append(line)
+    # whole writes at appends 1, 5 and 9; the six between composed two objects each
+    assert merges == [2] * 6
+    assert (d / "m.jsonl").read_text() == "".join(lines)
+    assert [p.name for p in d.iterdir()] == ["m.jsonl"]
+    paths.LineLog(d / "m.jsonl").append("end\n")  # reopened (a resumed run): appends
+    assert (d / "m.jsonl").read_text() == "".join(lines) + "end\n"
+
+
 def test_checkpointer_in_a_bucket(bucket):
     where = f"{bucket}/ckpt"
     state = {"w": jnp.arange(6.0).reshape(2, 3), "step": jnp.int32(0)}
