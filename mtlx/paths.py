@@ -10,12 +10,13 @@ events (written locally and uploaded: mtlx.train.logs), ``metrics.jsonl``,
 Object stores have neither rename nor append, so the two helpers below write differently:
 - ``write_atomic``: locally a temporary file renamed over the target (readers never see half a
   file); in a bucket one upload, which the store publishes whole when it completes.
-- ``LineLog``: locally a file appended to. In a gs:// bucket each append uploads the new
-  lines as a small object and composes it onto the log (GCS compose: a server-side
-  concatenation that replaces the object whole), so a long run does not upload its whole log
-  at each interval; the object is rewritten whole when opened and every
-  ``LineLog.REWRITE_EVERY`` appends (GCS caps a composite object at 1,024 components). Other
-  schemes rewrite the object at each append.
+- ``LineLog``: locally a file appended to. In a bucket, ``ObjectAppender``: in gs:// each
+  append uploads the new lines as a small object and composes it onto the log (GCS compose: a
+  server-side concatenation that replaces the object whole), so a long run does not upload
+  its whole log at each interval; the object is written whole at the first append and every
+  ``ObjectAppender.REWRITE_EVERY`` appends (GCS caps a composite object at 1,024 components).
+  Other schemes rewrite the object at each append. TensorBoard's event files go up the same
+  way (mtlx.train.logs).
 
 Inputs in a bucket (``data.data_root``, ``data.tokenizer``, ``model.checkpoint``): readers,
 tokenizers and Hugging Face loaders want local files, so ``local_copy`` downloads the object
@@ -97,24 +98,53 @@ def savefig(fig, path: PathLike, **kwargs) -> None:
     write_atomic(path, buf.getvalue())
 
 
+class ObjectAppender:
+    """Keeps an object in a bucket equal to a growing stream of bytes (a log, an event file).
+
+    ``append(new, whole)``: in gs://, the first call and every ``REWRITE_EVERY``-th after it
+    upload ``whole()`` (the stream so far); the calls between upload only ``new`` as a part
+    object and compose it onto the object (a server-side concatenation that replaces the
+    object whole), then delete the part. GCS caps a composite object at 1,024 components,
+    hence the periodic whole write. Other schemes upload ``whole()`` at every call.
+    """
+    REWRITE_EVERY = 512
+
+    def __init__(self, url: PathLike):
+        self.path = as_path(url)
+        self._url = os.fspath(self.path)
+        self._gcs = None
+        if self._url.startswith("gs://"):
+            import fsspec
+            self._gcs = fsspec.filesystem("gs")
+        self._composed = None  # parts composed since the last whole write; None: none yet
+
+    def append(self, new: bytes, whole) -> None:
+        if self._gcs is None or self._composed is None or self._composed >= self.REWRITE_EVERY:
+            write_atomic(self.path, whole())
+            self._composed = 0
+            return
+        part = f"{self._url}.part-{os.getpid()}-{self._composed}"
+        self._gcs.pipe_file(part, new)
+        try:
+            self._gcs.merge(self._url, [self._url, part])
+        finally:
+            self._gcs.rm_file(part)
+        self._composed += 1
+
+
 class LineLog:
     """Appends lines to a text file (a local file or an object; see the module docstring).
 
-    Existing content is kept: a resumed run appends to its log.
+    Existing content is kept: a resumed run appends to its log (in a bucket, the object is
+    written whole at the first append, then appended to by ``ObjectAppender``).
     """
-    REWRITE_EVERY = 512  # appends composed onto a gs:// object between two whole rewrites
 
     def __init__(self, path: PathLike):
         self.path = as_path(path)
         self._remote = is_url(self.path)
         if self._remote:
-            self._url = os.fspath(self.path)
             self._text = self.path.read_text() if self.path.exists() else ""
-            self._composed = None  # appends composed since the last whole write; None: none yet
-            self._gcs = None
-            if self._url.startswith("gs://"):
-                import fsspec
-                self._gcs = fsspec.filesystem("gs")
+            self._object = ObjectAppender(self.path)
 
     def append(self, text: str) -> None:
         if not self._remote:
@@ -122,19 +152,7 @@ class LineLog:
                 f.write(text)
             return
         self._text += text
-        if self._gcs is None or self._composed is None or self._composed >= self.REWRITE_EVERY:
-            # the first write of this log object (which resets a resumed log's component
-            # count), every REWRITE_EVERY appends, and schemes without compose
-            self.path.write_text(self._text)
-            self._composed = 0
-            return
-        part = f"{self._url}.part-{os.getpid()}-{self._composed}"
-        self._gcs.pipe_file(part, text.encode())
-        try:
-            self._gcs.merge(self._url, [self._url, part])
-        finally:
-            self._gcs.rm_file(part)
-        self._composed += 1
+        self._object.append(text.encode(), lambda: self._text.encode())
 
 
 def _walk(d):

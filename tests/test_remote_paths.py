@@ -50,16 +50,18 @@ def test_bucket_objects(bucket):
 
 def test_bucket_log_appends_by_compose(bucket, monkeypatch):
     """A gs:// LineLog uploads each append's lines and composes them onto the object (no part
-    objects left), rewriting the object whole when opened and every REWRITE_EVERY appends."""
+    objects left), writing the object whole at its first append and every REWRITE_EVERY
+    appends."""
     d = paths.as_path(bucket) / "composed"
-    monkeypatch.setattr(paths.LineLog, "REWRITE_EVERY", 3)
+    monkeypatch.setattr(paths.ObjectAppender, "REWRITE_EVERY", 3)
     log = paths.LineLog(d / "m.jsonl")
-    merges, real_merge = [], log._gcs.merge
+    gcs = log._object._gcs
+    merges, real_merge = [], gcs.merge
 
     def merge(path, parts, **kw):
         merges.append(len(parts))
         return real_merge(path, parts, **kw)
-    monkeypatch.setattr(log._gcs, "merge", merge)
+    monkeypatch.setattr(gcs, "merge", merge)
     lines = [f'{{"step": {i}}}\n' for i in range(9)]
     for line in lines:
         log.append(line)
@@ -110,7 +112,28 @@ def test_run_in_a_bucket_resumes_like_an_uninterrupted_local_run(bucket, tmp_pat
     assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [3, 6]
     assert (run / "plots" / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
     events = [p for p in (run / "tensorboard").iterdir() if "tfevents" in p.name]
-    assert events and all(p.stat().length > 0 for p in events)
+    assert len(events) == 2 and not [p for p in (run / "tensorboard").iterdir() if ".part-" in p.name]
+    # the objects (written, then appended to by compose) are whole TFRecord streams of events
+    # holding every logged scalar step of their part of the run
+    import re  # tags as tensorboardX cleans them ('cola->stsb' -> 'cola-_stsb')
+    logged = {(x["step"], re.sub(r"[^-/\w\.]", "_", k)) for x in lines for k, v in x.items()
+              if k not in ("step", "kind") and np.isfinite(v)}
+    assert set().union(*(_event_scalars(p.read_bytes()) for p in events)) == logged
+
+
+def _event_scalars(data: bytes) -> set:
+    """{(step, tag)} of the scalar summaries in a TFRecord stream of TensorBoard events; the
+    records' framing (lengths) is checked as it is read."""
+    import struct
+    from tensorboardX.proto import event_pb2
+    out, at = set(), 0
+    while at < len(data):
+        (n,) = struct.unpack_from("<Q", data, at)
+        assert at + 12 + n + 4 <= len(data), "a truncated record"
+        event = event_pb2.Event.FromString(data[at + 12: at + 12 + n])
+        out |= {(event.step, v.tag) for v in event.summary.value}
+        at += 12 + n + 4
+    return out
 
 
 def _two_process_config(tmp_path, steps, every=3):

@@ -28,10 +28,11 @@ class RunLogger:
     """Scalars to `workdir/tensorboard` (event files) and `workdir/metrics.jsonl`; `workdir`
     is a local directory or a URL (gs://...: mtlx.paths).
 
-    In a bucket the event file is written in a local temporary directory and uploaded whole
-    after each `write` (as tensorboardX's own GCS writer does at each flush; its writer is not
-    used because it uploads again from `__del__` at interpreter exit, when the store may be
-    gone). TensorBoard reading the bucket sees each logging interval as it is written.
+    In a bucket the event file is written in a local temporary directory and, after each
+    `write`, what it gained since the last upload is appended to its object
+    (`paths.ObjectAppender`: composed onto it in gs://; tensorboardX's own GCS writer uploads
+    the whole file at each flush, and again from `__del__` at interpreter exit, when the store
+    may be gone). TensorBoard reading the bucket sees each logging interval as it is written.
     """
 
     def __init__(self, workdir: paths.PathLike, enabled: bool = True):
@@ -41,6 +42,7 @@ class RunLogger:
         self._tb = None
         self._jsonl = None
         self._staging = None  # the local event files of a run in a bucket
+        self._uploaded = {}   # event file name -> (its ObjectAppender, bytes uploaded)
         if enabled:
             from tensorboardX import SummaryWriter
             events = self.workdir / "tensorboard"
@@ -54,7 +56,11 @@ class RunLogger:
         remote = self.workdir / "tensorboard"
         for name in sorted(os.listdir(self._staging)):
             with open(os.path.join(self._staging, name), "rb") as f:
-                paths.write_atomic(remote / name, f.read())
+                data = f.read()
+            appender, sent = self._uploaded.get(name) or (paths.ObjectAppender(remote / name), 0)
+            if len(data) > sent:
+                appender.append(data[sent:], lambda: data)
+                self._uploaded[name] = (appender, len(data))
 
     def write(self, step: int, scalars: Mapping[str, float], kind: str = "train") -> None:
         clean = {k: float(v) for k, v in scalars.items()}
