@@ -33,6 +33,7 @@ import fcntl
 import hashlib
 import io
 import json
+import logging
 import os
 import pathlib
 import re
@@ -128,7 +129,10 @@ class ObjectAppender:
         try:
             self._gcs.merge(self._url, [self._url, part])
         finally:
-            self._gcs.rm_file(part)
+            try:
+                self._gcs.rm_file(part)
+            except Exception as e:  # a stray part object must not stop a run
+                logging.getLogger(__name__).warning("could not delete %s: %s", part, e)
         self._composed += 1
 
 
