@@ -119,6 +119,10 @@ class ObjectAppender:
             self._gcs = fsspec.filesystem("gs")
         self._composed = None  # parts composed since the last whole write; None: none yet
 
+    def written_whole(self) -> None:
+        """The caller has just written the object whole: the next append may compose."""
+        self._composed = 0
+
     def append(self, new: bytes, whole) -> None:
         if self._gcs is None or self._composed is None or self._composed >= self.REWRITE_EVERY:
             write_atomic(self.path, whole())
@@ -140,15 +144,22 @@ class LineLog:
     """Appends lines to a text file (a local file or an object; see the module docstring).
 
     Existing content is kept: a resumed run appends to its log (in a bucket, the object is
-    written whole at the first append, then appended to by ``ObjectAppender``).
+    written whole at the first append, then appended to by ``ObjectAppender``). ``written``:
+    the content the caller has just written whole to ``path``; it is not read back, and in a
+    bucket the appends compose onto it from the first.
     """
 
-    def __init__(self, path: PathLike):
+    def __init__(self, path: PathLike, written: Optional[str] = None):
         self.path = as_path(path)
         self._remote = is_url(self.path)
         if self._remote:
-            self._text = self.path.read_text() if self.path.exists() else ""
+            if written is not None:
+                self._text = written
+            else:
+                self._text = self.path.read_text() if self.path.exists() else ""
             self._object = ObjectAppender(self.path)
+            if written is not None:
+                self._object.written_whole()
 
     def append(self, text: str) -> None:
         if not self._remote:

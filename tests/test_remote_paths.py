@@ -71,6 +71,13 @@ def test_bucket_log_appends_by_compose(bucket, monkeypatch):
     assert [p.name for p in d.iterdir()] == ["m.jsonl"]
     paths.LineLog(d / "m.jsonl").append("end\n")  # reopened (a resumed run): appends
     assert (d / "m.jsonl").read_text() == "".join(lines) + "end\n"
+    # content the caller has just written whole: not read back, the first append composes
+    paths.write_atomic(d / "w.jsonl", "kept\n")
+    merges.clear()
+    written = paths.LineLog(d / "w.jsonl", written="kept\n")
+    monkeypatch.setattr(written._object._gcs, "merge", merge)
+    written.append("next\n")
+    assert merges == [2] and (d / "w.jsonl").read_text() == "kept\nnext\n"
 
 
 def test_checkpointer_in_a_bucket(bucket):

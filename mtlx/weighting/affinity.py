@@ -242,7 +242,7 @@ class AffinityReport:
     def _rewrite(self):
         text = "".join(json.dumps(r) + "\n" for r in self.intervals)
         paths.write_atomic(self._file, text)
-        self._log = paths.LineLog(self._file)
+        self._log = paths.LineLog(self._file, written=text)
 
     def add(self, step: int, probe: Dict[str, Any]) -> Dict[str, float]:
         """Records one probe result; returns the scalars to log (finite entries only)."""
