@@ -153,13 +153,12 @@ class LineLog:
         self.path = as_path(path)
         self._remote = is_url(self.path)
         if self._remote:
-            if written is not None:
-                self._text = written
-            else:
-                self._text = self.path.read_text() if self.path.exists() else ""
             self._object = ObjectAppender(self.path)
             if written is not None:
+                self._text = written
                 self._object.written_whole()
+            else:
+                self._text = self.path.read_text() if self.path.exists() else ""
 
     def append(self, text: str) -> None:
         if not self._remote:

@@ -55,12 +55,19 @@ class RunLogger:
     def _upload_events(self) -> None:
         remote = self.workdir / "tensorboard"
         for name in sorted(os.listdir(self._staging)):
-            with open(os.path.join(self._staging, name), "rb") as f:
-                data = f.read()
+            local = os.path.join(self._staging, name)
+            size = os.path.getsize(local)
             appender, sent = self._uploaded.get(name) or (paths.ObjectAppender(remote / name), 0)
-            if len(data) > sent:
-                appender.append(data[sent:], lambda: data)
-                self._uploaded[name] = (appender, len(data))
+            if size <= sent:
+                continue
+
+            def read(start, local=local, size=size):  # bytes [start, size) of the local file
+                with open(local, "rb") as f:
+                    f.seek(start)
+                    return f.read(size - start)
+            # only what the file gained is read, unless the object is written whole
+            appender.append(read(sent), lambda: read(0))
+            self._uploaded[name] = (appender, size)
 
     def write(self, step: int, scalars: Mapping[str, float], kind: str = "train") -> None:
         clean = {k: float(v) for k, v in scalars.items()}
