@@ -666,3 +666,64 @@ def test_metrics_table():
         format_metrics_table({"a": 0.5})
     with pytest.raises(ValueError, match=r"no task results"):
         format_metrics_table({})
+
+
+def test_delta_p_over_a_negative_baseline_counts_a_gain_as_a_gain():
+    # A Matthews correlation from -0.1 to +0.2 is a gain: +300% of |B| (LibMTL's signed
+    # division would give -300%); over a positive baseline nothing changes.
+    hib = {"mcc": True, "loss": False}
+    assert delta_p({"cola": {"mcc": 0.2}}, {"cola": {"mcc": -0.1}}, hib) == pytest.approx(300.0)
+    assert delta_p({"cola": {"mcc": -0.2}}, {"cola": {"mcc": -0.1}}, hib) == pytest.approx(-100.0)
+    assert delta_p({"t": {"loss": -2.0}}, {"t": {"loss": -1.0}}, hib) == pytest.approx(100.0)
+    assert delta_p({"cola": {"mcc": 0.3}}, {"cola": {"mcc": 0.2}}, hib) == pytest.approx(50.0)
+
+
+@pytest.mark.parametrize("metric", [accuracy, matthews_corrcoef])
+def test_label_metrics_refuse_nan(metric):
+    # sklearn refuses NaN labels; counted as a label, NaN matched itself in the MCC's
+    # confusion matrix (1.0 below) while accuracy counted it wrong (0.5).
+    y = np.array([np.nan, np.nan, 1.0, 0.0])
+    with pytest.raises(ValueError, match=r"references contain NaN \(at index 0\)"):
+        metric(np.array([0.0, 1.0, 1.0, 0.0]), y)
+    with pytest.raises(ValueError, match=r"predictions contain NaN \(at index 0\)"):
+        metric(y, np.array([0.0, 1.0, 1.0, 0.0]))
+    with pytest.raises(ValueError):
+        skm.matthews_corrcoef(y, y)
+
+
+# ------------------------------------------------------- a task's headline and model selection
+
+def test_headline_of_entity_f1_is_the_f1_alone():
+    # 10 gold entities, 1 predicted and right: P 1, R 0.1, F1 2/11 (CoNLL's one score); the
+    # mean of the three (0.427) would favour high-precision, low-recall checkpoints.
+    from mtlx.train import evaluate as E
+    gold = [["B-PER", "O"] * 10]
+    pred = [["B-PER", "O"] + ["O", "O"] * 9]
+    res = get_metric("entity_f1")(pred, gold)
+    assert res == pytest.approx({"entity_precision": 1.0, "entity_recall": 0.1,
+                                 "entity_f1": 2 / 11})
+    assert E.headline(dict(res, loss=0.3)) == pytest.approx(2 / 11)
+    # a composite's parts do count: MRPC's mean of accuracy and F1 (GLUE)
+    assert E.headline({"accuracy": 0.8, "f1": 0.6, "acc_and_f1": 0.7, "loss": 1.0}) == \
+        pytest.approx(0.7)
+
+
+def test_an_undefined_task_score_makes_the_average_undefined():
+    # STS-B's head collapsed to a constant: its correlations are NaN. Averaging CoLA alone
+    # (0.5) would rank this model above one whose STS-B is merely weak (0.38).
+    from mtlx.train import evaluate as E
+    rng = np.random.default_rng(0)
+    gold = rng.uniform(0, 5, 50)
+    stsb = get_metric("pearson_and_spearman")
+    collapsed = {"cola": {"mcc": 0.5, "loss": 0.6},
+                 "stsb": dict(stsb(np.full(50, 2.5), gold), loss=2.0)}
+    weak = {"cola": {"mcc": 0.5, "loss": 0.6},
+            "stsb": dict(stsb(gold + rng.normal(0, 4, 50), gold), loss=1.5)}
+    assert math.isnan(E.headline(collapsed["stsb"])) and math.isnan(E.summary_score(collapsed))
+    assert E.undefined_scores(collapsed) == ["stsb/pearson", "stsb/spearman",
+                                            "stsb/pearson_and_spearman"]
+    assert E.selection_metrics(collapsed, "avg") is None          # not ranked for 'best'
+    assert E.selection_metrics(collapsed, "cola/mcc")["cola/mcc"] == 0.5
+    assert np.isfinite(E.summary_score(weak)) and E.undefined_scores(weak) == []
+    assert E.selection_metrics(weak, "avg")["avg"] == pytest.approx(
+        (0.5 + E.headline(weak["stsb"])) / 2)

@@ -56,3 +56,12 @@ def check_binary(metric: str, what: str, x: np.ndarray) -> None:
         raise ValueError(
             f"mtlx.metrics.{metric}: {what} must hold only 0 and 1 (positive class 1), "
             f"found {bad.flat[0]!r}")
+
+
+def check_no_nan(metric: str, p: np.ndarray, r: np.ndarray) -> None:
+    """Label arrays must not hold NaN (sklearn refuses them too): NaN equals nothing, not even
+    itself, so counting it as a label would score it inconsistently from metric to metric."""
+    for what, x in (("predictions", p), ("references", r)):
+        if x.dtype.kind in "fc" and np.isnan(x).any():
+            raise ValueError(f"mtlx.metrics.{metric}: {what} contain NaN "
+                             f"(at index {int(np.flatnonzero(np.isnan(x).ravel())[0])})")

@@ -15,12 +15,13 @@ from typing import Any
 
 import numpy as np
 
-from mtlx.metrics._checks import check_binary, check_pair
+from mtlx.metrics._checks import check_binary, check_no_nan, check_pair
 
 
 def accuracy(predictions: Any, references: Any) -> float:
     """Fraction of examples whose prediction equals the reference (sklearn `accuracy_score`)."""
     p, r = check_pair("accuracy", predictions, references, ndim=1)
+    check_no_nan("accuracy", p, r)
     return float(np.mean(p == r))
 
 
@@ -63,6 +64,7 @@ def matthews_corrcoef(predictions: Any, references: Any) -> float:
     undefined; like sklearn we return 0.0, the score of an uninformative predictor.
     """
     p, r = check_pair("mcc", predictions, references, ndim=1)
+    check_no_nan("mcc", p, r)
     labels, idx = np.unique(np.concatenate([r, p]), return_inverse=True)
     k = len(labels)
     r_idx, p_idx = idx[: len(r)], idx[len(r):]

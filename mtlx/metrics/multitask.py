@@ -17,6 +17,9 @@ def delta_p(results: Mapping[str, Mapping[str, float]],
     single-task baseline, N the multi-task result and w_tm = 1 when higher is better, so a
     gain counts positive either way. Each task weighs the same whatever its number of metrics.
     LibMTL's function returns the fraction; this returns the percentage (x100).
+    One departure: the change is relative to |B_tm|, not B_tm. The two agree for every
+    positive baseline (accuracy, F1, a loss); LibMTL's signed division would count a gain as a
+    loss over a negative baseline (a Matthews correlation or a Pearson r below 0 can be one).
 
     The metrics of each task are those of `baselines[task]`; extra metrics in `results` (e.g. a
     GLUE "score") are ignored. `higher_is_better` is {task: {metric: bool}} or one
@@ -44,7 +47,7 @@ def delta_p(results: Mapping[str, Mapping[str, float]],
                     f"mtlx.metrics.delta_p: task {task!r}: baseline {metric!r} is 0, the relative "
                     f"change is undefined")
             sign = -1.0 if higher else 1.0
-            task_sum += sign * (b - results[task][metric]) / b
+            task_sum += sign * (b - results[task][metric]) / abs(b)
         total += task_sum / len(base)
     return 100.0 * total / len(baselines)
 

@@ -31,6 +31,10 @@ class Metric:
     higher_is_better: bool = True  # for every key (what delta_p and model selection need)
     options: tuple[str, ...] = ()  # keyword options fn accepts
     reference: str = ""            # where the definition comes from
+    # Keys reported beside the metric's score but not part of it: a task's headline number
+    # (mtlx.train.evaluate.headline) leaves them out (entity precision and recall next to
+    # entity F1, CoNLL's one score; a composite's parts, e.g. MRPC's accuracy and F1, do count).
+    supporting: tuple[str, ...] = ()
 
     def __call__(self, predictions: Any, references: Any, **options: Any) -> dict[str, float]:
         unknown = set(options) - set(self.options)
@@ -81,7 +85,8 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
            reference="fraction of non-ignored tokens predicted correctly"),
     Metric("entity_f1", _entity_f1, ("entity_precision", "entity_recall", "entity_f1"),
            "token_labels", options=_ENTITY_OPTIONS,
-           reference="CoNLL-2003 conlleval.pl; seqeval (micro average)"),
+           reference="CoNLL-2003 conlleval.pl; seqeval (micro average)",
+           supporting=("entity_precision", "entity_recall")),
     Metric("squad", qa.squad, ("exact_match", "f1"), "text",
            reference="Rajpurkar et al. 2016; official evaluate-v1.1.py"),
     # Over all questions; qa.squad_v2 itself also gives the answerable / unanswerable breakdown
@@ -97,6 +102,9 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
            lambda p, r: {"macro_f1": classification.multilabel_f1(p, r, average="macro")},
            ("macro_f1",), "multi_labels", reference="sklearn f1_score(average='macro')"),
 )}
+
+# Every key some metric reports only beside its score (Metric.supporting).
+SUPPORTING_KEYS = frozenset(k for m in METRICS.values() for k in m.supporting)
 
 
 def get_metric(name: str) -> Metric:

@@ -14,6 +14,7 @@ import numpy as np
 
 from mtlx import metrics as M
 from mtlx.batch import IGNORE_INDEX
+from mtlx.metrics.registry import SUPPORTING_KEYS
 
 
 def _gather(tree):
@@ -240,18 +241,32 @@ def evaluate_tasks(eval_fn: Callable, params: Any, specs: Sequence, eval_data: M
 
 
 def headline(task_results: Mapping[str, float]) -> float:
-    """One number per task: the mean of its metrics (GLUE's convention), loss excluded, and
-    breakdowns ('group.metric' keys, e.g. SQuAD 2.0's 'has_answer.f1') too."""
-    vals = [v for k, v in task_results.items() if k != "loss" and "." not in k and np.isfinite(v)]
-    return float(np.mean(vals)) if vals else float("nan")
+    """One number per task: the mean of its metrics (GLUE's convention), leaving out the loss,
+    breakdowns ('group.metric' keys, e.g. SQuAD 2.0's 'has_answer.f1') and figures reported
+    beside a score (entity precision and recall next to entity F1:
+    mtlx.metrics.registry.SUPPORTING_KEYS). NaN when one of the metrics it averages is
+    undefined (a correlation of constant predictions is NaN): the task's other metrics do not
+    stand in for it."""
+    vals = [v for k, v in task_results.items()
+            if k != "loss" and "." not in k and k not in SUPPORTING_KEYS]
+    if not vals or not all(np.isfinite(v) for v in vals):
+        return float("nan")
+    return float(np.mean(vals))
 
 
 def summary_score(results: Mapping[str, Mapping[str, float]]) -> float:
-    """Mean of the tasks' headline numbers: the run's model-selection metric ('avg')."""
+    """Mean of the tasks' headline numbers: the run's model-selection metric ('avg'). NaN when
+    a task's headline is undefined (`undefined_scores` names them): averaging the other tasks
+    alone would rank a model whose regression head collapsed to a constant above one whose
+    head is merely weak."""
     vals = [headline(r) for r in results.values()]
-    vals = [v for v in vals if np.isfinite(v)]
-    return float(np.mean(vals)) if vals else float("nan")
+    return float(np.mean(vals)) if vals and all(np.isfinite(v) for v in vals) else float("nan")
 
+
+def undefined_scores(results: Mapping[str, Mapping[str, float]]) -> list:
+    """'task/metric' of every non-finite metric that a task's headline averages."""
+    return [f"{t}/{k}" for t, r in results.items() for k, v in r.items()
+            if k != "loss" and "." not in k and k not in SUPPORTING_KEYS and not np.isfinite(v)]
 
 
 def selection_metrics(results: Mapping[str, Mapping[str, float]], key: str) -> Optional[dict]:

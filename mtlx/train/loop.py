@@ -383,7 +383,9 @@ def restore_state(s: Setup, workdir: paths.PathLike, which: str = "latest"):
 def print_results(results: dict, step: int) -> None:
     if results:
         print(M.format_metrics_table(results, title=f"per-task evaluation at step {step}"))
-        print(f"average of task scores: {E.summary_score(results):.4f}")
+        undefined = E.undefined_scores(results)
+        print(f"average of task scores: {E.summary_score(results):.4f}"
+              + (f" (undefined: {', '.join(undefined)})" if undefined else ""))
 
 
 # ----------------------------------------------------------------------------- the run
@@ -539,9 +541,17 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: paths.PathLike,
                 logger.write(done, scalars, kind="eval")
             if save_now:
                 check(pending)
-                ckpt.save(done, view(state), data_state=prefetched.state(),
-                          metrics=E.selection_metrics(results, cfg.checkpoint.get("best_metric", "avg"))
-                          if eval_now else None)
+                ranking = None
+                if eval_now:
+                    best_key = cfg.checkpoint.get("best_metric", "avg")
+                    ranking = E.selection_metrics(results, best_key)
+                    if ranking is None and is_main:
+                        why = ", ".join(E.undefined_scores(results)) if best_key == "avg" else ""
+                        print(f"\nstep {done}: config.checkpoint.best_metric {best_key!r} is "
+                              f"not finite ({why or best_key} = nan; a correlation of constant "
+                              f"predictions is undefined): this checkpoint is not ranked for "
+                              f"'best'")
+                ckpt.save(done, view(state), data_state=prefetched.state(), metrics=ranking)
             if stop:
                 if is_main:
                     print(f"\npreempted (signal {preempted.signum}): saved step {done}, exiting")
