@@ -99,6 +99,25 @@ def savefig(fig, path: PathLike, **kwargs) -> None:
     write_atomic(path, buf.getvalue())
 
 
+def _filesystem(path):
+    """The fsspec filesystem etils.epath reads and writes ``path`` through: one instance, one
+    listing cache, so what this module changes behind epath's back (a compose) is forgotten
+    where epath would read it."""
+    try:
+        return path._backend.fs(os.fspath(path))
+    except AttributeError:  # an etils without its fsspec backend attribute
+        import fsspec
+        return fsspec.filesystem(os.fspath(path).split("://", 1)[0])
+
+
+def _forget_listings(fs, url: str) -> None:
+    """Drops the cached listings of ``url``, its parents and everything under it."""
+    key = fs._strip_protocol(url).rstrip("/")
+    for cached in [k for k in list(fs.dircache) if k.startswith(key + "/")]:
+        fs.dircache.pop(cached, None)
+    fs.invalidate_cache(url)
+
+
 class ObjectAppender:
     """Keeps an object in a bucket equal to a growing stream of bytes (a log, an event file).
 
@@ -107,37 +126,81 @@ class ObjectAppender:
     object and compose it onto the object (a server-side concatenation that replaces the
     object whole), then delete the part. GCS caps a composite object at 1,024 components,
     hence the periodic whole write. Other schemes upload ``whole()`` at every call.
+
+    A compose is conditional on the generation this appender last wrote (GCS's
+    ``ifGenerationMatch``): when a compose's reply is lost, the client's retry is refused (412)
+    instead of composing the part a second time, and the object's size tells whether the first
+    attempt took. If the object holds anything but the bytes appended so far (a retry on a
+    store that ignores the condition, another writer), it is written whole. Part objects are
+    named ``.mtlx-part.*`` beside the object: nothing TensorBoard takes for an event file.
     """
     REWRITE_EVERY = 512
 
     def __init__(self, url: PathLike):
         self.path = as_path(url)
         self._url = os.fspath(self.path)
-        self._gcs = None
-        if self._url.startswith("gs://"):
-            import fsspec
-            self._gcs = fsspec.filesystem("gs")
-        self._composed = None  # parts composed since the last whole write; None: none yet
+        self._gcs = _filesystem(self.path) if self._url.startswith("gs://") else None
+        self._composed = None   # parts composed since the last whole write; None: none yet
+        self._size = 0          # bytes the object holds after this appender's last write
+        self._generation = None  # the object's generation then (the compose's condition)
+        parent, _, name = self._url.rpartition("/")
+        self._part_prefix = (f"{parent}/.mtlx-part.{hashlib.sha256(name.encode()).hexdigest()[:12]}"
+                             f".{os.getpid()}")
 
-    def written_whole(self) -> None:
-        """The caller has just written the object whole: the next append may compose."""
-        self._composed = 0
+    def _written(self, size: int) -> None:
+        self._composed, self._size = 0, size
+        if self._gcs is not None:
+            _forget_listings(self._gcs, self._url)
+            self._generation = self._gcs.info(self._url).get("generation")
+
+    def written_whole(self, size: int) -> None:
+        """The caller has just written the object whole (``size`` bytes): the next append may
+        compose."""
+        self._written(size)
 
     def append(self, new: bytes, whole) -> None:
-        if self._gcs is None or self._composed is None or self._composed >= self.REWRITE_EVERY:
-            write_atomic(self.path, whole())
-            self._composed = 0
+        if not new:
             return
-        part = f"{self._url}.part-{os.getpid()}-{self._composed}"
+        if self._gcs is None or self._composed is None or self._composed >= self.REWRITE_EVERY:
+            data = whole()
+            write_atomic(self.path, data)
+            self._written(len(data))
+            return
+        part = f"{self._part_prefix}.{self._composed}"
         self._gcs.pipe_file(part, new)
         try:
-            self._gcs.merge(self._url, [self._url, part])
+            meta = self._compose(part)
         finally:
             try:
                 self._gcs.rm_file(part)
             except Exception as e:  # a stray part object must not stop a run
                 logging.getLogger(__name__).warning("could not delete %s: %s", part, e)
+        if int(meta["size"]) != self._size + len(new):
+            logging.getLogger(__name__).warning(
+                "%s holds %s bytes after a compose, %d expected: writing it whole",
+                self._url, meta["size"], self._size + len(new))
+            data = whole()
+            write_atomic(self.path, data)
+            self._written(len(data))
+            return
         self._composed += 1
+        self._size, self._generation = int(meta["size"]), meta.get("generation")
+
+    def _compose(self, part: str) -> dict:
+        """Composes [object, part] onto the object, if it is still at the generation written
+        last; returns the object's metadata after it (its size says whether the part is in)."""
+        bucket, key, _ = self._gcs.split_path(self._url)
+        try:
+            return self._gcs.call(
+                "POST", "b/{}/o/{}/compose", bucket, key, json_out=True,
+                ifGenerationMatch=self._generation, headers={"Content-Type": "application/json"},
+                json={"kind": "storage#composeRequest",
+                      "sourceObjects": [{"name": key}, {"name": self._gcs.split_path(part)[1]}],
+                      "destination": {"name": key, "bucket": bucket}})
+        except FileExistsError:  # 412: the object moved on; an earlier attempt may have taken
+            return self._gcs.info(self._url)
+        finally:
+            _forget_listings(self._gcs, self._url)
 
 
 class LineLog:
@@ -156,7 +219,7 @@ class LineLog:
             self._object = ObjectAppender(self.path)
             if written is not None:
                 self._text = written
-                self._object.written_whole()
+                self._object.written_whole(len(written.encode()))
             else:
                 self._text = self.path.read_text() if self.path.exists() else ""
 
@@ -185,6 +248,7 @@ def local_copy(p: Optional[PathLike], *, what: str = "path",
         return p
     src = as_path(p)
     url = os.fspath(src).rstrip("/")
+    _forget_listings(_filesystem(src), url)  # the store as it is now, not as first listed
     if not src.exists():
         raise FileNotFoundError(f"{what}: {url} does not exist")
     files = list(_walk(src)) if src.is_dir() else [src]
@@ -192,9 +256,9 @@ def local_copy(p: Optional[PathLike], *, what: str = "path",
     listing = [[os.fspath(f.relative_to(src)) if f != src else "", st.length, st.mtime]
                for f, st in zip(files, stats)]
     root = pathlib.Path(cache_dir or os.environ.get("MTLX_REMOTE_CACHE")
-                        or pathlib.Path.home() / ".cache" / "mtlx" / "remote")
+                        or pathlib.Path.home() / ".cache" / "mtlx" / "remote").expanduser().absolute()
     home = root / hashlib.sha256(url.encode()).hexdigest()[:16]
-    dest = home / (src.name or "root")
+    dest = home / "data" / (src.name or "root")  # apart from the marker and the lock
     marker = home / "listing.json"
     wanted = json.dumps({"url": url, "files": listing})
     home.mkdir(parents=True, exist_ok=True)
@@ -217,4 +281,5 @@ def _download(files, listing, home: pathlib.Path, dest: pathlib.Path) -> None:
         shutil.rmtree(dest)
     elif dest.exists():
         dest.unlink()
+    dest.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, dest)

@@ -47,6 +47,14 @@ def write_t5_text_to_text_config(path, tok_dir, extra=()):
     return path
 
 
+# What the `bucket` fixture's compose does beyond the emulator's own: GCS refuses a compose
+# whose ifGenerationMatch differs from the destination's generation (412), which the emulator
+# ignores; `honor_compose_preconditions=False` serves the emulator's way (a store that ignores
+# the condition). `after_compose(response)`, when set, runs after each compose (tests drop a
+# reply so the client retries).
+GCS_EMULATOR = type("GcsEmulator", (), {"honor_compose_preconditions": True, "after_compose": None})()
+
+
 @pytest.fixture(scope="session")
 def bucket():
     """gs://mtlx-test, served in memory by a GCS emulator (gcp-storage-emulator) on a free local
@@ -73,6 +81,30 @@ def bucket():
         response["x-goog-metageneration"] = obj["metageneration"]
 
     objects.download = download  # objects.get (the JSON API's ?alt=media) looks it up here
+
+    from http import HTTPStatus
+    from gcp_storage_emulator import server as emulator_server
+    plain_compose = objects.compose
+
+    def compose(request, response, storage, *args, **kwargs):
+        want = request.query.get("ifGenerationMatch")
+        if want and GCS_EMULATOR.honor_compose_preconditions:
+            try:
+                now = storage.get_file_obj(request.params["bucket_name"],
+                                           request.params["object_id"])["generation"]
+            except NotFound:
+                now = "0"
+            if str(now) != str(want[0]):
+                response.status = HTTPStatus.PRECONDITION_FAILED
+                return
+        plain_compose(request, response, storage, *args, **kwargs)
+        if GCS_EMULATOR.after_compose is not None:
+            GCS_EMULATOR.after_compose(response)
+
+    routes = [methods for _, methods in emulator_server.HANDLERS
+              if methods.get(emulator_server.POST) is plain_compose]
+    for methods in routes:
+        methods[emulator_server.POST] = compose
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -90,6 +122,8 @@ def bucket():
     finally:
         server.stop()
         objects.download = plain_download
+        for methods in routes:
+            methods[emulator_server.POST] = plain_compose
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -55,29 +55,69 @@ def test_bucket_log_appends_by_compose(bucket, monkeypatch):
     d = paths.as_path(bucket) / "composed"
     monkeypatch.setattr(paths.ObjectAppender, "REWRITE_EVERY", 3)
     log = paths.LineLog(d / "m.jsonl")
-    gcs = log._object._gcs
-    merges, real_merge = [], gcs.merge
+    composes, real_compose = [], paths.ObjectAppender._compose
 
-    def merge(path, parts, **kw):
-        merges.append(len(parts))
-        return real_merge(path, parts, **kw)
-    monkeypatch.setattr(gcs, "merge", merge)
+    def compose(self, part):
+        # the part sits beside the object, named so TensorBoard never takes it for an event file
+        parts = [p.name for p in d.iterdir() if p.name != "m.jsonl" and p.name != "w.jsonl"]
+        composes.append(parts)
+        return real_compose(self, part)
+    monkeypatch.setattr(paths.ObjectAppender, "_compose", compose)
     lines = [f'{{"step": {i}}}\n' for i in range(9)]
     for line in lines:
         log.append(line)
-    # whole writes at appends 1, 5 and 9; the six between composed two objects each
-    assert merges == [2] * 6
+    # whole writes at appends 1, 5 and 9; the six between composed a part each
+    assert len(composes) == 6 and all(len(c) == 1 and c[0].startswith(".mtlx-part.")
+                                      for c in composes)
     assert (d / "m.jsonl").read_text() == "".join(lines)
     assert [p.name for p in d.iterdir()] == ["m.jsonl"]
     paths.LineLog(d / "m.jsonl").append("end\n")  # reopened (a resumed run): appends
     assert (d / "m.jsonl").read_text() == "".join(lines) + "end\n"
     # content the caller has just written whole: not read back, the first append composes
     paths.write_atomic(d / "w.jsonl", "kept\n")
-    merges.clear()
+    composes.clear()
     written = paths.LineLog(d / "w.jsonl", written="kept\n")
-    monkeypatch.setattr(written._object._gcs, "merge", merge)
     written.append("next\n")
-    assert merges == [2] and (d / "w.jsonl").read_text() == "kept\nnext\n"
+    assert len(composes) == 1 and (d / "w.jsonl").read_text() == "kept\nnext\n"
+
+
+@pytest.mark.parametrize("store", ["gcs", "ignores_preconditions"])
+def test_a_compose_whose_reply_is_lost_is_not_applied_twice(bucket, monkeypatch, store):
+    """The store composes, the reply is lost (503), gcsfs retries. GCS refuses the retry
+    (ifGenerationMatch: 412) and the object's size shows the first attempt took; a store
+    that ignores the condition composes twice, and the size mismatch has the log written
+    whole. Either way each line is there once."""
+    from tests.conftest import GCS_EMULATOR
+    monkeypatch.setattr(GCS_EMULATOR, "honor_compose_preconditions", store == "gcs")
+    lost = []
+
+    def lose_first_reply(response):
+        if not lost:
+            lost.append(1)
+            response.status = 503
+    monkeypatch.setattr(GCS_EMULATOR, "after_compose", lose_first_reply)
+    url = f"{bucket}/lost_reply_{store}/m.jsonl"
+    log = paths.LineLog(url)
+    log.append("line1\n")
+    log.append("line2\n")  # composed, reply lost, retried
+    assert lost and paths.as_path(url).read_text() == "line1\nline2\n"
+    log.append("line3\n")
+    assert paths.as_path(url).read_text() == "line1\nline2\nline3\n"
+
+
+def test_a_listing_does_not_hide_later_appends(bucket):
+    """Listing the directory (a notebook, a resumed run in the same process) caches its
+    entries; a compose must not leave them stale, or a reopened log reads the old object and
+    writes it back whole without the lines composed since."""
+    d = paths.as_path(bucket) / "listed"
+    log = paths.LineLog(d / "m.jsonl")
+    log.append("1\n")
+    log.append("2\n")
+    assert [p.name for p in d.iterdir()] == ["m.jsonl"]
+    log.append("3\n")
+    assert (d / "m.jsonl").read_text() == "1\n2\n3\n"
+    paths.LineLog(d / "m.jsonl").append("4\n")
+    assert (d / "m.jsonl").read_text() == "1\n2\n3\n4\n"
 
 
 def test_checkpointer_in_a_bucket(bucket):
@@ -119,12 +159,12 @@ def test_run_in_a_bucket_resumes_like_an_uninterrupted_local_run(bucket, tmp_pat
     assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [3, 6]
     assert (run / "plots" / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
     events = [p for p in (run / "tensorboard").iterdir() if "tfevents" in p.name]
-    assert len(events) == 2 and not [p for p in (run / "tensorboard").iterdir() if ".part-" in p.name]
+    assert len(events) == 2 and not [p for p in (run / "tensorboard").iterdir() if "part" in p.name]
     # the objects (written, then appended to by compose) are whole TFRecord streams of events
     # holding every logged scalar step of their part of the run
     import re  # tags as tensorboardX cleans them ('cola->stsb' -> 'cola-_stsb')
     logged = {(x["step"], re.sub(r"[^-/\w\.]", "_", k)) for x in lines for k, v in x.items()
-              if k not in ("step", "kind") and np.isfinite(v)}
+              if k not in ("step", "kind") and v is not None}  # null: not finite
     assert set().union(*(_event_scalars(p.read_bytes()) for p in events)) == logged
 
 
@@ -141,6 +181,24 @@ def _event_scalars(data: bytes) -> set:
         out |= {(event.step, v.tag) for v in event.summary.value}
         at += 12 + n + 4
     return out
+
+
+def test_each_logged_interval_reaches_the_bucket_when_written(bucket):
+    """RunLogger in a bucket: right after each write, the event object holds that write's
+    scalars and metrics.jsonl its line."""
+    from mtlx.train.logs import RunLogger
+    run = paths.as_path(bucket) / "interval_logs"
+    logger = RunLogger(run)
+    try:
+        for step in (1, 2, 3):
+            logger.write(step, {f"train/a{step}": 0.5, f"train/b{step}": 1.5})
+            objects = list((run / "tensorboard").iterdir())
+            assert len(objects) == 1 and "tfevents" in objects[0].name
+            got = _event_scalars(objects[0].read_bytes())
+            assert got == {(i, f"train/{x}{i}") for i in range(1, step + 1) for x in "ab"}
+            assert len((run / "metrics.jsonl").read_text().splitlines()) == step
+    finally:
+        logger.close()
 
 
 def _two_process_config(tmp_path, steps, every=3):
@@ -267,6 +325,30 @@ def test_local_copy_downloads_once_and_again_when_changed(bucket, tmp_path):
     assert paths.local_copy(str(tmp_path), cache_dir=cache) == str(tmp_path)  # local: itself
     with pytest.raises(FileNotFoundError, match=r"config.model.checkpoint: gs://mtlx-test/nope"):
         paths.local_copy(f"{bucket}/nope", what="config.model.checkpoint", cache_dir=cache)
+
+
+def test_local_copy_sees_changes_made_elsewhere_and_keeps_odd_names(bucket, tmp_path, monkeypatch):
+    import gcsfs
+    cache = tmp_path / "cache"
+    paths.write_atomic(f"{bucket}/changed/vocab.txt", "old\n")
+    assert (paths.local_copy(f"{bucket}/changed", cache_dir=cache) / "vocab.txt").read_text() == "old\n"
+    # another host rewrites it (another client: this process's listing cache never hears of it)
+    gcsfs.GCSFileSystem(skip_instance_cache=True).pipe_file("mtlx-test/changed/vocab.txt", b"new!\n")
+    assert (paths.local_copy(f"{bucket}/changed", cache_dir=cache) / "vocab.txt").read_text() == "new!\n"
+    # objects named like the cache's own files (its marker, its lock)
+    for name in ("listing.json", "lock"):
+        paths.write_atomic(f"{bucket}/odd/{name}", f"content of {name}\n")
+        for _ in range(2):
+            got = paths.local_copy(f"{bucket}/odd/{name}", cache_dir=cache)
+            assert got.read_text() == f"content of {name}\n"
+    # a relative (or ~) cache directory: the copy's path is absolute, whatever the cwd later
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MTLX_REMOTE_CACHE", "relative_cache")
+    got = paths.local_copy(f"{bucket}/changed")
+    assert got.is_absolute() and got.is_relative_to(tmp_path / "relative_cache")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MTLX_REMOTE_CACHE", "~/c")
+    assert paths.local_copy(f"{bucket}/changed").is_relative_to(tmp_path / "home" / "c")
 
 
 def test_model_tokenizer_and_data_from_a_bucket(bucket, tmp_path, monkeypatch):

@@ -103,6 +103,35 @@ def test_preempted_run_resumes_bit_identical(uninterrupted, tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
+def test_preempted_at_an_evaluation_step_saves_without_evaluating(tmp_path):
+    """A grace period after SIGTERM is short: the step is saved at once, not evaluated first
+    (the resumed run evaluates at its next evaluation step)."""
+    cfg = local_cfg("--config.eval_every=3", "--config.checkpoint.every=100")
+    results = train_and_evaluate(cfg, tmp_path, progress=False, on_step=preempt_at(3))
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert results == {} and not [l for l in lines if l["kind"] == "eval"]
+    ckpt = Checkpointer(tmp_path / "checkpoints", tasks=["cola", "stsb", "ud_pos"], model_signature={})
+    assert ckpt.all_steps() == [3]
+    ckpt.close()
+    results = train_and_evaluate(cfg, tmp_path, progress=False)
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert set(results) == {"cola", "stsb", "ud_pos"}
+    assert [l["step"] for l in lines if l["kind"] == "eval"] == [6]
+
+
+def test_a_failing_checkpoint_close_still_restores_the_signal_handlers(tmp_path, monkeypatch):
+    before = signal.getsignal(signal.SIGTERM)
+    real_close = Checkpointer.close
+
+    def close(self):
+        real_close(self)
+        raise RuntimeError("the last save failed")
+    monkeypatch.setattr(Checkpointer, "close", close)
+    with pytest.raises(RuntimeError, match="the last save failed"):
+        train_and_evaluate(local_cfg("--config.optim.num_train_steps=2"), tmp_path, progress=False)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_workdir_of_another_task_set(uninterrupted, tmp_path):
     wd, _, _ = uninterrupted
     import shutil
@@ -517,3 +546,19 @@ def test_frozen_kernels_in_bf16_train_the_same_steps(tmp_path):
         LP.setup(local_cfg("--config.model.frozen_dtype=bfloat16"))
     with pytest.raises(ValueError, match=r"config.model.frozen_dtype='int8': must be None or one of"):
         LP.setup(local_cfg("--config.model.dtype=bfloat16", "--config.model.frozen_dtype=int8"))
+
+
+def test_metrics_jsonl_is_strict_json(tmp_path):
+    """A value that is not finite (an undefined metric, no learning rate) is written null:
+    Python's json would write a bare NaN, which jq and other strict parsers refuse."""
+    from mtlx.train.logs import RunLogger
+    logger = RunLogger(tmp_path)
+    logger.write(1, {"eval/stsb/pearson": float("nan"), "x": float("inf"), "train/loss": 0.5})
+    logger.close()
+    logger.close()  # closing twice is harmless (the loop closes on an error path too)
+
+    def refuse(name):
+        raise ValueError(f"not strict JSON: {name}")
+    line = (tmp_path / "metrics.jsonl").read_text()
+    assert json.loads(line, parse_constant=refuse) == {
+        "step": 1, "kind": "train", "eval/stsb/pearson": None, "x": None, "train/loss": 0.5}

@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from collections import defaultdict
 from typing import Mapping, Optional
 
@@ -26,13 +27,15 @@ def plot_groups(keys) -> dict:
 
 class RunLogger:
     """Scalars to `workdir/tensorboard` (event files) and `workdir/metrics.jsonl`; `workdir`
-    is a local directory or a URL (gs://...: mtlx.paths).
+    is a local directory or a URL (gs://...: mtlx.paths). metrics.jsonl is strict JSON: a
+    value that is not finite is written null (TensorBoard gets finite values only).
 
     In a bucket the event file is written in a local temporary directory and, after each
     `write`, what it gained since the last upload is appended to its object
     (`paths.ObjectAppender`: composed onto it in gs://; tensorboardX's own GCS writer uploads
     the whole file at each flush, and again from `__del__` at interpreter exit, when the store
-    may be gone). TensorBoard reading the bucket sees each logging interval as it is written.
+    may be gone). Events are written synchronously and flushed at each `write`, so
+    TensorBoard reading the bucket sees each logging interval as it is written.
     """
 
     def __init__(self, workdir: paths.PathLike, enabled: bool = True):
@@ -44,12 +47,16 @@ class RunLogger:
         self._staging = None  # the local event files of a run in a bucket
         self._uploaded = {}   # event file name -> (its ObjectAppender, bytes uploaded)
         if enabled:
-            from tensorboardX import SummaryWriter
+            from tensorboardX.event_file_writer import EventsWriter
             events = self.workdir / "tensorboard"
             if paths.is_url(self.workdir):
                 self._staging = tempfile.mkdtemp(prefix="mtlx_tensorboard_")
                 events = self._staging
-            self._tb = SummaryWriter(os.fspath(events))
+            os.makedirs(events, exist_ok=True)
+            # tensorboardX's synchronous writer: its SummaryWriter hands events to a thread,
+            # and its flush() does not wait for the events still queued, so an upload right
+            # after it could miss the interval's last scalars.
+            self._tb = EventsWriter(os.path.join(os.fspath(events), "events"))
             self._jsonl = paths.LineLog(self.workdir / "metrics.jsonl")
 
     def _upload_events(self) -> None:
@@ -75,18 +82,25 @@ class RunLogger:
             self.history[k].append((step, v))
         if not self.enabled:
             return
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.summary import scalar
+        now = time.time()
         for k, v in clean.items():
             if math.isfinite(v):
-                self._tb.add_scalar(k, v, step)
-        self._jsonl.append(json.dumps({"step": step, "kind": kind, **clean}) + "\n")
+                self._tb.write_event(Event(wall_time=now, step=int(step), summary=scalar(k, v)))
+        self._tb.flush()
+        # strict JSON: a value that is not finite (an undefined metric, no learning rate) is null
+        record = {k: v if math.isfinite(v) else None for k, v in clean.items()}
+        self._jsonl.append(json.dumps({"step": step, "kind": kind, **record}) + "\n")
         if self._staging is not None:
-            self._tb.flush()
             self._upload_events()
 
     def close(self) -> None:
+        """Flushes and closes the event writer, uploads what is left (a run in a bucket) and
+        removes the staging directory. Safe to call again."""
         if self._tb is not None:
-            self._tb.flush()
-            self._tb.close()
+            tb, self._tb = self._tb, None
+            tb.close()  # flushes
         if self._staging is not None:
             self._upload_events()
             shutil.rmtree(self._staging, ignore_errors=True)

@@ -525,7 +525,9 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: paths.PathLike,
             if on_step is not None:
                 on_step(done)
             stop = preempted.should_stop(done)  # the same step on every process
-            eval_now = done % cfg.eval_every == 0 or done == total
+            # Preempted: save at once (a grace period is ~30 s on spot VMs and TPUs); the run
+            # that resumes evaluates at its next evaluation step (this step goes unranked).
+            eval_now = (done % cfg.eval_every == 0 or done == total) and not stop
             save_now = done % cfg.checkpoint.every == 0 or done == total or stop
             if eval_now:
                 check(pending)
@@ -557,12 +559,20 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: paths.PathLike,
                     print(f"\npreempted (signal {preempted.signum}): saved step {done}, exiting")
                 break
         check(pending)
+    except BaseException:
+        try:
+            logger.close()  # what was logged reaches the workdir; the staging directory goes
+        except Exception as e:  # noqa: BLE001 - the run's own error is the one to raise
+            print(f"mtlx: closing the run's logs after an error failed too: {e!r}")
+        raise
     finally:
-        prefetched.close()
-        if bar is not None:
-            bar.close()
-        ckpt.close()
-        preempted.close()
+        try:
+            prefetched.close()
+            if bar is not None:
+                bar.close()
+            ckpt.close()  # may raise (a failed last save): the signal handlers still go back
+        finally:
+            preempted.close()
 
     state = view(state)
     final_step = int(jax.device_get(state.step))
