@@ -197,8 +197,16 @@ def test_eval_batches_cover_each_example_once(data, raw, tok, tmp_path):
     assert seen == list(range(400))
     # Several processes: the same number of batches everywhere, shards together cover the split.
     parts = [tokenize_split(raw["cola"], tok, shard=(p, 3)) for p in range(3)]
-    runs = [list(eval_batches(p, 0, batch_size=48)) for p in parts]
+    runs = [list(eval_batches(p, 0, batch_size=48, buckets=(64,))) for p in parts]
     assert len({len(r) for r in runs}) == 1
+    assert {eb.batch.input_ids.shape for r in runs for eb in r} == {(16, 64)}  # one shape
+    # without one bucket, each process would take its batch's length from its own rows
+    for buckets in (None, (32, 64)):
+        with pytest.raises(ValueError, match=r"'cola': evaluating a shard on 3 processes needs one length bucket"):
+            next(eval_batches(parts[0], 0, batch_size=48, buckets=buckets))
+    mix = mixture_for({"cola": parts[0]})
+    with pytest.raises(ValueError, match=r"3 processes need one length bucket given"):
+        make_iterator({"cola": parts[0]}, mix, batch_size=48, seed=0)
     covered = sorted(i for r in runs for eb in r for i in eb.example_index.tolist() if i >= 0)
     assert covered == list(range(300))
     copa = tokenize_split(_copa(tmp_path, n=5), tok)
@@ -216,11 +224,11 @@ def test_windowed_tagging_on_several_processes_needs_num_batches(raw, tok):
     parts = [tokenize_split(split, tok, shard=(p, 2), max_length=16) for p in range(2)]
     assert whole.num_rows > whole.num_examples
     with pytest.raises(ValueError, match="'ud_pos': its examples are cut into windows .* pass num_batches"):
-        list(eval_batches(parts[0], 0, batch_size=32))
+        list(eval_batches(parts[0], 0, batch_size=32, buckets=(16,)))
     n = max(-(-p.num_units // 16) for p in parts)
     rows = []  # (example, tokens) of every row evaluated, over both shards
     for part in parts:
-        for eb in eval_batches(part, 0, batch_size=32, num_batches=n):
+        for eb in eval_batches(part, 0, batch_size=32, num_batches=n, buckets=(16,)):
             rows += [(part.unit_example[r], tuple(part.row_tokens(r))) for r in eb.row_index.tolist() if r >= 0]
     assert sorted(rows) == sorted((whole.unit_example[r], tuple(whole.row_tokens(r)))
                                   for r in range(whole.num_rows))

@@ -55,3 +55,17 @@ def test_save_load_span_and_skip_stats(tmp_path, tok):
     assert data.num_examples == 2 and data.stats["skipped_rows"] == {"unknown_label": 1}
     save_tokenized(data, tmp_path / "x.npz")
     _equal(load_tokenized(tmp_path / "x.npz"), data)
+
+
+def test_a_lenient_runs_cache_does_not_serve_a_strict_run(tmp_path, tok):
+    """on_error is part of the cache key: rows a run with on_error='skip' dropped must still
+    stop a run with on_error='raise' that shares its cache."""
+    from mtlx.data import DataError
+    glue = tmp_path / "glue"
+    (glue / "SST-2").mkdir(parents=True)
+    (glue / "SST-2" / "train.tsv").write_text("sentence\tlabel\ngood\t1\nbad\t7\nfine\t1\n")
+    cache = tmp_path / "cache"
+    lenient = prepare_tasks(["sst2"], tok, dirs={"glue": glue}, on_error="skip", cache_dir=cache)
+    assert lenient["sst2"].num_examples == 2
+    with pytest.raises(DataError, match=r"train.tsv:3"):
+        prepare_tasks(["sst2"], tok, dirs={"glue": glue}, on_error="raise", cache_dir=cache)

@@ -127,6 +127,11 @@ def test_user_task_config_errors(tmp_path):
         task_from_config(dict(base, format="parquet"))
     with pytest.raises(ValueError, match=r"unknown metric\(s\) \['acc'\]"):
         task_from_config(dict(base, metrics=["acc"]))
+    # a tag per word: only the CoNLL formats carry one (the row was read as one untagged word,
+    # then tokenizing it raised a bare IndexError)
+    with pytest.raises(ValueError, match=r"token classification reads a tag per word.*head "
+                                         r"'token_classification' with source format 'csv'"):
+        task_from_config(dict(base, head="token_classification", labels=["O", "B-X"]))
     bad = tmp_path / "bad.json"
     bad.write_text('{"name": "x",\n "head": }')
     with pytest.raises(ValueError, match=r"bad.json:2: invalid JSON"):

@@ -221,6 +221,11 @@ class DataIterator:
             raise ValueError(f"tasks were tokenized with different pad ids {pads}: use one tokenizer")
         self.pad_id = pads.pop()
         longest = max(int(d.row_lengths.max()) for d in self.data)
+        if self.process_count > 1 and not buckets:
+            raise ValueError(f"{self.process_count} processes need one length bucket given "
+                             f"(e.g. the tokenization max_length): without one, each process "
+                             f"would pad to the longest row of its own shard ({longest} here), "
+                             f"and the global batch has one shape")
         self.buckets = tuple(sorted(buckets)) if buckets else (longest,)
         if longest > self.buckets[-1]:
             raise ValueError(f"rows of up to {longest} tokens do not fit the largest bucket "
@@ -362,6 +367,11 @@ def eval_batches(data: TokenizedSplit, task_id: int, *, batch_size: int,
         most_units = -(-data.num_examples // count) if count > 1 else data.num_units
         num_batches = -(-most_units // per_batch)
     layout = layout or BatchLayout.for_data([data])
+    if count > 1 and (not buckets or len(buckets) > 1):
+        raise ValueError(f"task {data.task!r}: evaluating a shard on {count} processes needs "
+                         f"one length bucket (got {tuple(buckets or ())}): each process would "
+                         f"otherwise pick its batch's length from its own rows, and a global "
+                         f"batch has one shape")
     buckets = tuple(sorted(buckets)) if buckets else (int(data.row_lengths.max()),)
     offset = p * local
     for i in range(num_batches):

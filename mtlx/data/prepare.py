@@ -46,10 +46,11 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()
 
 
-def _cache_key(spec, split, path: Path, tokenizer, shard, max_length) -> str:
+def _cache_key(spec, split, path: Path, tokenizer, shard, max_length, on_error) -> str:
+    # on_error is part of it: rows a lenient run skipped must not pass a strict run unseen
     h = hashlib.sha256()
     for part in (CACHE_VERSION, repr(spec), split, tuple(shard), max_length,
-                 tokenizer_fingerprint(tokenizer)):
+                 tokenizer_fingerprint(tokenizer), on_error):
         h.update(repr(part).encode("utf-8"))
     h.update(hashlib.sha256(path.read_bytes()).digest())
     return h.hexdigest()[:32]
@@ -96,7 +97,8 @@ def prepare_tasks(tasks: Sequence[Any], tokenizer, *, split: Optional[str] = Non
         cache_file = None
         if cache_dir is not None:
             path = resolve_path(spec, name, data_root, dirs)
-            key = _cache_key(spec, name, path, tokenizer, shard, max_length or spec.max_length)
+            key = _cache_key(spec, name, path, tokenizer, shard, max_length or spec.max_length,
+                             on_error)
             cache_file = Path(cache_dir) / f"{spec.name}-{name}-{key}.npz"
             if cache_file.is_file():
                 out[spec.name] = load_tokenized(cache_file)

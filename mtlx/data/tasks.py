@@ -181,6 +181,13 @@ class TaskSpec:
             raise ValueError(f"{where}: unknown head kind {self.head!r}; known: {list(HEAD_KINDS)}")
         if self.source.format not in FORMATS:
             raise ValueError(f"{where}: unknown source format {self.source.format!r}; known: {list(FORMATS)}")
+        tagged = self.source.format in ("conllu", "conll2003")
+        if (self.head == "token_classification") != tagged:
+            raise ValueError(
+                f"{where}: token classification reads a tag per word, which only the CoNLL "
+                f"formats ('conllu', 'conll2003') carry, and those formats are read for token "
+                f"classification only; got head {self.head!r} with source format "
+                f"{self.source.format!r}")
         if self.head in LABELLED_HEADS and not self.labels:
             raise ValueError(f"{where}: head {self.head!r} needs a label list")
         if self.head not in LABELLED_HEADS + ("seq2seq",) and self.labels:

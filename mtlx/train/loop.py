@@ -328,6 +328,10 @@ def setup(cfg, train: bool = True) -> Setup:
     backbone_cfg = with_extensions(backbone_cfg, cfg, names)
     model = MultiTaskModel(backbone_cfg, heads, head_dropout=cfg.model.get("head_dropout", 0.1))
     buckets = tuple(cfg.data.buckets) if cfg.data.get("buckets", None) else None
+    if buckets is None and jax.process_count() > 1:
+        # one shape on every process: the tokenization limit, not a shard's longest row
+        limit = cfg.data.get("max_length", None)
+        buckets = (int(max(limit or spec.max_length for spec in run.specs)),)
     it = None
     if train:
         mc = cfg.mixture
