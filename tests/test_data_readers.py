@@ -425,3 +425,43 @@ def test_squad_v2_unanswerable_questions(tmp_path):
     (tmp_path / "squad_v2" / "train-v2.0.json").write_text(json.dumps(doc, indent=1))
     with pytest.raises(DataError, match=rf"train-v2.0.json:{line}: question is marked is_impossible but has answers"):
         load_split("squad_v2", "train", dirs={"squad_v2": tmp_path / "squad_v2"})
+
+
+def test_a_line_that_is_not_utf8_takes_its_whole_record(tmp_path):
+    """The skip policy drops the record holding a line that is not UTF-8 (a CoNLL-U sentence,
+    a CSV record over several lines), counted among the rows read; before, the line alone
+    was dropped: the sentence was kept cut short, the CSV record lost its closing quote."""
+    import dataclasses
+    from mtlx.data import SplitFile, get_task
+    from mtlx.data.tasks import task_from_config
+    good = ("# sent_id = s1\n1\tThe\tthe\tDET\tDT\t_\t2\tdet\t_\t_\n"
+            "2\tdog\tdog\tNOUN\tNN\t_\t3\tnsubj\t_\t_\n").encode()
+    (tmp_path / "x.conllu").write_bytes(
+        good + b"3\tbarks\xff\tbark\tVERB\tVBZ\t_\t0\troot\t_\t_\n\n"
+        + good.replace(b"s1", b"s2") + b"3\tbarks\tbark\tVERB\tVBZ\t_\t0\troot\t_\t_\n")
+    pos = get_task("ud_pos")
+    spec = dataclasses.replace(pos, name="ud_x", source=dataclasses.replace(
+        pos.source, root=str(tmp_path), files=(SplitFile("train", "x.conllu"),)))
+    with pytest.raises(DataError, match=r"x.conllu:4: .*invalid UTF-8 at byte 7"):
+        load_split(spec, "train")
+    data = load_split(spec, "train", on_error="skip")
+    assert [e.texts for e in data.examples] == [("The", "dog", "barks")]
+    assert data.report.rows_read == 2 and data.report.skipped == {"invalid_utf8": 1}
+
+    (tmp_path / "y.csv").write_bytes(
+        b'text,label\n"first line\nsecond \xff line",a\nnext,b\nthird,a\n')
+    csv_spec = task_from_config({"name": "csv_y", "head": "classification", "format": "csv",
+                                 "files": {"train": "y.csv"}, "labels": ["a", "b"],
+                                 "columns": {"text": "text", "label": "label"},
+                                 "root": str(tmp_path)})
+    with pytest.raises(DataError, match=r"y.csv:3: .*invalid UTF-8"):
+        load_split(csv_spec, "train")
+    data = load_split(csv_spec, "train", on_error="skip")
+    assert [e.texts[0] for e in data.examples] == ["next", "third"]
+    assert data.report.rows_read == 3 and data.report.first["invalid_utf8"].endswith("y.csv:3")
+
+    (tmp_path / "z.tsv").write_bytes(b"text\tlabel\nok\ta\nbad \xff\tb\nfine\tb\n")
+    tsv_spec = dataclasses.replace(csv_spec, name="tsv_z", source=dataclasses.replace(
+        csv_spec.source, format="tsv", files=(SplitFile("train", "z.tsv"),)))
+    data = load_split(tsv_spec, "train", on_error="skip")
+    assert len(data) == 2 and data.report.rows_read == 3

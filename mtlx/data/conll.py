@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mtlx.data.errors import RowErrors
-from mtlx.data.readers import Example, decoded_lines
+from mtlx.data.readers import Example, Undecodable, decoded_lines
 from mtlx.data.tasks import TaskSpec
 
 CONLLU_FIELDS = ("id", "form", "lemma", "upos", "xpos", "feats", "head", "deprel", "deps", "misc")
@@ -35,6 +35,11 @@ def read(spec: TaskSpec, entry, path: Path, errors: RowErrors) -> list:
     examples = []
     for start, block in _sentences(decoded_lines(path, errors), spec.source.format):
         errors.report.rows_read += 1
+        undecodable = [(line, text) for line, text in block if isinstance(text, Undecodable)]
+        if undecodable:  # the whole sentence is bad, not just its line
+            line, text = undecodable[0]
+            errors.bad("invalid_utf8", text.message, line=line)
+            continue
         try:
             ex = parse(start, block)
         except _BadLine as bad:
@@ -55,12 +60,13 @@ def _sentences(lines, fmt: str):
     """Groups (line, text) into sentences: yields (first line, [(line, text), ...])."""
     block = []
     for line, text in lines:
-        if not text.strip():
+        plain = text.text if isinstance(text, Undecodable) else text
+        if not plain.strip():
             if block:
                 yield block[0][0], block
             block = []
             continue
-        if fmt == "conll2003" and text.startswith("-DOCSTART-"):
+        if fmt == "conll2003" and plain.startswith("-DOCSTART-"):
             if block:
                 yield block[0][0], block
             block = []

@@ -37,7 +37,8 @@ segments a step holds is a pure function of (seed, step) and the data, like unpa
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+import dataclasses
+from typing import Any, Mapping, Optional, Sequence
 
 import flax.struct
 import numpy as np
@@ -153,11 +154,15 @@ class PackedIterator(DataIterator):
     """Like DataIterator, but each row holds several examples: of one task, or of any tasks
     with `mix_tasks`.
 
-    Each process draws up to `max_segments` x its rows slots per step from the mixture and
-    places them by first fit into rows of `row_len` tokens. Because how many examples a step
-    consumes depends on their lengths, recomputing the counts for a resume replays the
-    placements step by step (Python, about 0.1 ms a step); the iterator keeps its latest counts
-    so walking forward never replays.
+    Each process considers `max_segments` x its rows draws a step from the mixture and places
+    them by first fit into rows of `row_len` tokens. With a mixed mixture, the draws a step
+    cannot place (an example longer than the room left, and its task's later draws) open the
+    next step's draws instead of being dropped: dropping them favoured tasks of short examples
+    (0.61 / 0.39 for CoLA beside RTE under uniform sampling), while carried over every draw is
+    placed, in order, and the mix is the strategy's. Because how many draws a step consumes
+    depends on the examples' lengths, the state of a step (units per task, carried draws,
+    stream position) is found by replaying the placements step by step (Python, about 0.1 ms
+    a step); the iterator keeps its latest state so walking forward never replays.
     """
 
     def __init__(self, data, mixture, *, batch_size: int, seed: int, row_len: int,
@@ -171,20 +176,35 @@ class PackedIterator(DataIterator):
             raise ValueError(f"max_segments must be >= 1, got {max_segments}")
         self.max_segments, self.position_offset = int(max_segments), int(position_offset)
         self.mix_tasks = bool(mix_tasks)
-        self._anchor = (0, None)
+        self._anchor = None  # (step, its _State): the latest state found, to replay from
+        self._state = None
         super().__init__(data, mixture, batch_size=batch_size, seed=seed, start_step=start_step,
                          buckets=(row_len,))
         self.row_len = row_len
+        self._state = self._state_at(self.step)
+
+    @property
+    def slots(self) -> int:
+        return self.local_rows * self.max_segments
 
     def local_tasks(self, start: int, num_steps: int) -> np.ndarray:
-        slots = self.local_rows * self.max_segments
+        slots = self.slots
         ids = self.mixture.sample(self.seed, start, num_steps, self.batch_size * self.max_segments)
         a = self.process_index * slots
         return ids[:, a: a + slots]
 
-    def _place(self, step: int, counts: np.ndarray) -> tuple:
-        tasks = self.local_tasks(step, 1)[0]
-        units, lengths, c = [], [], counts.copy()
+    def _draws(self, step: int, state: "_State") -> np.ndarray:
+        """The draws `step` considers: the carried ones first, then fresh ones from the
+        stream (mixed mixtures); the step's own slots otherwise."""
+        if not self.mixture.mixed:
+            return self.local_tasks(step, 1)[0]
+        fresh = self._stream(state.cursor, state.cursor + self.slots - len(state.carried))
+        return np.concatenate([np.asarray(state.carried, np.int32), fresh.astype(np.int32)])
+
+    def _place(self, step: int, state: "_State") -> tuple:
+        """(units placed, their (row, offset), the state after `step`)."""
+        tasks = self._draws(step, state)
+        units, lengths, c = [], [], state.counts.copy()
         for t in tasks:
             u = self.order.unit(int(t), int(c[t]))
             d = self.data[t]
@@ -193,21 +213,35 @@ class PackedIterator(DataIterator):
             c[t] += 1
         placed = first_fit(lengths, tasks, self.local_rows, self.buckets[-1], self.max_segments,
                            self.mix_tasks)
-        return [units[i] for i, _, _ in placed], [(r, o) for _, r, o in placed]
+        counts = state.counts.copy()
+        for i, _, _ in placed:
+            counts[tasks[i]] += 1
+        if self.mixture.mixed:
+            taken = {i for i, _, _ in placed}
+            after = _State(counts, tuple(int(t) for i, t in enumerate(tasks) if i not in taken),
+                           state.cursor + self.slots - len(state.carried))
+        else:
+            after = _State(counts, (), state.cursor + self.slots)
+        return [units[i] for i, _, _ in placed], [(r, o) for _, r, o in placed], after
+
+    def _state_at(self, step: int) -> "_State":
+        if self._anchor is None or step < self._anchor[0]:
+            self._anchor = (0, _State(np.zeros(len(self.data), np.int64), (), 0))
+        at, state = self._anchor
+        for s in range(at, step):
+            state = self._place(s, state)[2]
+        self._anchor = (step, state)
+        return state
+
+    def replay(self, step: int) -> tuple:
+        state = self._state_at(step)
+        return state.counts.copy(), state.cursor
 
     def counts_before(self, step: int) -> np.ndarray:
-        anchor_step, anchor_counts = self._anchor
-        if anchor_counts is None or step < anchor_step:
-            anchor_step, anchor_counts = 0, np.zeros(len(self.data), np.int64)
-        counts = anchor_counts.copy()
-        for s in range(anchor_step, step):
-            for t, _ in self._place(s, counts)[0]:
-                counts[t] += 1
-        self._anchor = (step, counts.copy())
-        return counts
+        return self._state_at(step).counts.copy()
 
     def batch_at(self, step: int) -> PackedBatch:
-        return self._collate(*self._place(step, self.counts_before(step)))
+        return self._collate(*self._place(step, self._state_at(step))[:2])
 
     def _collate(self, units, placements) -> PackedBatch:
         segments = [(self.data[t], int(self.data[t].unit_starts[u]), t) for t, u in units]
@@ -215,15 +249,29 @@ class PackedIterator(DataIterator):
                     self.layout, self.pad_id, self.position_offset, self.mix_tasks)
 
     def __next__(self) -> PackedBatch:
-        units, placements = self._place(self.step, self.counts)
-        for t, _ in units:
-            self.counts[t] += 1
+        units, placements, self._state = self._place(self.step, self._state)
         self.step += 1
-        self._anchor = (self.step, self.counts.copy())
+        self.counts, self.cursor = self._state.counts.copy(), self._state.cursor
+        self._anchor = (self.step, self._state)
         return self._collate(units, placements)
 
-    def units_at(self, step: int, counts: Optional[np.ndarray] = None) -> list:
-        return self._place(step, self.counts_before(step) if counts is None else counts)[0]
+    def restore(self, state: Mapping[str, Any]) -> None:
+        super().restore(state)
+        self._state = self._state_at(self.step)
+
+    def units_at(self, step: int, counts: Optional[np.ndarray] = None, cursor=None) -> list:
+        """The units `step` places (its state replayed; `counts`/`cursor` are not needed)."""
+        state = self._state if step == self.step and self._state is not None else self._state_at(step)
+        return self._place(step, state)[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class _State:
+    """A packed iterator's position: units taken per task, the draws carried into the next
+    step (mixed mixtures), and the stream position of its first fresh draw."""
+    counts: np.ndarray
+    carried: tuple
+    cursor: int
 
 
 def make_packed_iterator(data, mixture, *, batch_size: int, seed: int, row_len: int,

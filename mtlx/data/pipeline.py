@@ -235,8 +235,11 @@ class DataIterator:
                              "different shapes for one global batch; give one bucket")
         self.layout = BatchLayout.for_data(self.data)
         self.order = UnitOrder(self.seed, self.data)
+        # Mixed batches with multi-row units (multiple choice): a draw whose unit does not fit
+        # the rows left opens the next step instead of being dropped (see `draws_at`).
+        self.carries = bool(mixture.mixed and (self.rows_per_unit > 1).any())
         self.step = int(start_step)
-        self.counts = self.counts_before(self.step)
+        self.counts, self.cursor = self.replay(self.step)
 
     # -- pure parts ------------------------------------------------------------------------
     def local_tasks(self, start: int, num_steps: int) -> np.ndarray:
@@ -249,8 +252,47 @@ class DataIterator:
         """Which slots' units fit: whole units in slot order until the first that does not."""
         return np.cumsum(self.rows_per_unit[tasks], axis=-1) <= self.local_rows
 
+    @property
+    def slots(self) -> int:
+        """Draws a step offers this process (its slice of `local_tasks`)."""
+        return self.local_rows
+
+    def _stream(self, begin: int, end: int) -> np.ndarray:
+        """This process's draws at positions [begin, end) of its stream: step s's slots are
+        positions s*slots .. (s+1)*slots - 1."""
+        if end <= begin:
+            return np.zeros(0, np.int32)
+        n = self.slots
+        first, last = begin // n, -(-end // n)
+        flat = self.local_tasks(first, last - first).reshape(-1)
+        return flat[begin - first * n: end - first * n]
+
+    def _fitting(self, draws: np.ndarray) -> int:
+        """How many of `draws` (in order) fill the rows: whole units until the first that
+        does not fit (at least one: no unit is wider than the rows)."""
+        return int(np.searchsorted(np.cumsum(self.rows_per_unit[draws]), self.local_rows,
+                                   side="right"))
+
+    def replay(self, step: int) -> tuple:
+        """(units drawn per task by this process in steps 0..step-1, the stream position of
+        `step`'s first draw): replays task draws only."""
+        if not self.carries:
+            return self.counts_before(step), step * self.slots
+        counts = np.zeros(len(self.data), np.int64)
+        rows, cursor, buf, buf_start = self.local_rows, 0, np.zeros(0, np.int32), 0
+        for _ in range(step):
+            if cursor + rows > buf_start + len(buf):
+                buf_start, buf = cursor, self._stream(cursor, cursor + REPLAY_CHUNK * rows)
+            draws = buf[cursor - buf_start: cursor - buf_start + rows]
+            n = self._fitting(draws)
+            counts += np.bincount(draws[:n], minlength=len(self.data))
+            cursor += n
+        return counts, cursor
+
     def counts_before(self, step: int) -> np.ndarray:
-        """Units drawn per task by this process in steps 0..step-1 (replays task draws only)."""
+        """Units drawn per task by this process in steps 0..step-1."""
+        if self.carries:
+            return self.replay(step)[0]
         counts = np.zeros(len(self.data), np.int64)
         for start in range(0, step, REPLAY_CHUNK):
             n = min(REPLAY_CHUNK, step - start)
@@ -259,13 +301,33 @@ class DataIterator:
             counts += np.bincount(tasks[used], minlength=len(self.data))
         return counts
 
-    def units_at(self, step: int, counts: Optional[np.ndarray] = None) -> list:
-        """[(task index, unit index)] of `step` in row order; `counts` = counts_before(step)."""
-        counts = self.counts_before(step) if counts is None else counts.copy()
-        tasks = self.local_tasks(step, 1)[0]
-        used = self._used(tasks)
+    def draws_at(self, step: int, cursor: Optional[int] = None) -> np.ndarray:
+        """The tasks of `step`'s units in row order; `cursor` = replay(step)[1].
+
+        Mixed batches fill the rows with whole units in draw order. Where every unit is one
+        row, a step takes its own B/P draws. With multi-row units (multiple choice), the draw
+        whose unit no longer fits would be dropped, and it is more often a wide one: the
+        realised mix would favour one-row tasks (0.566 / 0.434 instead of 0.5 / 0.5 for a
+        3-choice task beside a one-row one, 8 rows). So the draws form one stream per process,
+        each step taking the units that fit from where the last stopped: every draw is used,
+        in order, and the mix is the strategy's. Still a pure function of (seed, step),
+        through a replay of the draws before it."""
+        if not self.carries:
+            tasks = self.local_tasks(step, 1)[0]
+            return tasks[self._used(tasks)]
+        cursor = self.replay(step)[1] if cursor is None else cursor
+        draws = self._stream(cursor, cursor + self.local_rows)
+        return draws[: self._fitting(draws)]
+
+    def units_at(self, step: int, counts: Optional[np.ndarray] = None,
+                 cursor: Optional[int] = None) -> list:
+        """[(task index, unit index)] of `step` in row order; `counts`, `cursor` =
+        replay(step) (found when not given)."""
+        if counts is None or (cursor is None and self.carries):
+            counts, cursor = self.replay(step)
+        counts = counts.copy()
         out = []
-        for t in tasks[used]:
+        for t in self.draws_at(step, cursor):
             out.append((int(t), self.order.unit(int(t), int(counts[t]))))
             counts[t] += 1
         return out
@@ -290,9 +352,10 @@ class DataIterator:
         return self
 
     def __next__(self) -> Batch:
-        units = self.units_at(self.step, self.counts)
+        units = self.units_at(self.step, self.counts, self.cursor)
         for t, _ in units:
             self.counts[t] += 1
+        self.cursor += len(units)
         self.step += 1
         return self.collate_units(units)
 
@@ -305,7 +368,7 @@ class DataIterator:
             raise ValueError(f"data iterator state was saved with seed {state['seed']}, this "
                              f"iterator has seed {self.seed}")
         self.step = int(state["step"])
-        self.counts = self.counts_before(self.step)
+        self.counts, self.cursor = self.replay(self.step)
 
     def epochs(self) -> dict:
         """Task -> fractional epochs this process has drawn so far."""

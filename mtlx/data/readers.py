@@ -154,8 +154,23 @@ def load_split(task, split: Optional[str] = None, *, data_root=None,
 
 # ----------------------------------------------------------------------------- shared checks
 
+class Undecodable:
+    """A line that is not valid UTF-8, as `decoded_lines` yields it: the record it belongs to
+    (a row, a CSV record spanning lines, a CoNLL sentence) is bad as a whole, and it is the
+    format's reader that knows that record. `text`: the line decoded with replacement
+    characters (so a CSV record or a sentence can still be delimited)."""
+
+    def __init__(self, line: int, byte: int, text: str):
+        self.line, self.byte, self.text = line, byte, text
+
+    @property
+    def message(self) -> str:
+        return f"invalid UTF-8 at byte {self.byte} of line {self.line}"
+
+
 def decoded_lines(path: Path, errors: RowErrors):
-    """Yields (line number, text) for each line; invalid UTF-8 goes through the error policy.
+    """Yields (line number, text) for each line, `Undecodable` for a line that is not UTF-8
+    (the reader rejects the record holding it through the error policy).
 
     Splits on "\\n" only (a CR before it is dropped) so a bare CR inside a field stays text;
     a final line without newline is kept; the UTF-8 BOM of line 1 is removed.
@@ -170,7 +185,7 @@ def decoded_lines(path: Path, errors: RowErrors):
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            errors.bad("invalid_utf8", f"invalid UTF-8 at byte {e.start} of the line", line=i)
+            yield i, Undecodable(i, e.start, raw.decode("utf-8", "replace"))
             continue
         if i == 1 and text.startswith("\ufeff"):
             text = text[1:]
@@ -357,11 +372,19 @@ def _read_delimited(spec: TaskSpec, entry, path: Path, errors: RowErrors) -> lis
     tsv = spec.source.format == "tsv"
     lines = decoded_lines(path, errors)
     if tsv:
-        rows = ((i, text.split("\t")) for i, text in lines)
+        rows = ((i, text if isinstance(text, Undecodable) else text.split("\t"))
+                for i, text in lines)
     else:
         rows = _csv_rows(lines, path)
     header, index, examples = None, None, []
     for line, cols in rows:
+        if isinstance(cols, Undecodable):
+            if entry.header and header is None:
+                raise DataError(f"the header is not UTF-8: {cols.message}", path=path,
+                                line=line, task=spec.name)
+            errors.report.rows_read += 1
+            errors.bad("invalid_utf8", cols.message, line=cols.line)
+            continue
         if entry.header and header is None:
             header = [c.strip() for c in cols]
             index = _column_indices(spec, entry, header, path)
@@ -390,23 +413,27 @@ def _csv_rows(lines, path):
     """CSV rows with the line each starts on (quoted fields may span lines)."""
     lines = iter(lines)
     start = [None]
+    bad = [None]  # the first line of the record being read that is not UTF-8
 
     def feed():
         for i, text in lines:
             if start[0] is None:
                 start[0] = i
+            if isinstance(text, Undecodable):
+                bad[0] = bad[0] or text
+                text = text.text
             yield text + "\n"
 
     reader = csv.reader(feed(), strict=True)
     while True:
-        start[0] = None
+        start[0] = bad[0] = None
         try:
             row = next(reader)
         except StopIteration:
             return
         except csv.Error as e:
             raise DataError(f"CSV does not parse: {e}", path=path, line=start[0]) from None
-        yield start[0], row or [""]
+        yield start[0], (bad[0] if bad[0] is not None else row or [""])
 
 
 # ----------------------------------------------------------------------------- JSONL
@@ -437,6 +464,10 @@ def _read_jsonl(spec: TaskSpec, entry, path: Path, errors: RowErrors) -> list:
                         path=path, task=spec.name)
     examples = []
     for line, text in decoded_lines(path, errors):
+        if isinstance(text, Undecodable):
+            errors.report.rows_read += 1
+            errors.bad("invalid_utf8", text.message, line=line)
+            continue
         if not text.strip():
             continue
         errors.report.rows_read += 1
@@ -546,4 +577,4 @@ def _squad_example(spec, entry, context, qa, where, line_of, errors) -> Optional
 
 
 __all__ = ["Example", "SplitData", "load_split", "resolve_path", "sample_root", "make_example",
-           "label_index", "decoded_lines", "PREPROCESSORS"]
+           "label_index", "decoded_lines", "Undecodable", "PREPROCESSORS"]
