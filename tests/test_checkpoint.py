@@ -599,3 +599,16 @@ def test_sigterm_saves_and_exits_cleanly_then_resumes(tmp_path, reference):
     stdout = _run(workdir, "--out", str(tmp_path / "final.npz"), "--save-every", "1000")
     assert stdout.splitlines()[0] == f"RESUMED {k}"
     _assert_same_final(tmp_path / "final.npz", reference)
+
+
+def test_an_extensions_copy_of_the_task_list_is_not_part_of_the_signature():
+    """A PEFT extension's repr held the model's task names, so adding a task changed the
+    signature and every PEFT run refused `allow_new_tasks`; older checkpoints stored it."""
+    old = {"tasks": normalize_tasks(TASKS), "signature": {"extensions": [
+        "Adapter(task_names=('a', 'b'), tasks=None, reduction_factor=4)"]}}
+    new = {"tasks": normalize_tasks(TASKS + [{"name": "c", "kind": "classification", "num_labels": 2}]), "signature": {
+        "extensions": ["Adapter(tasks=None, reduction_factor=4)"]}}
+    diff = compare_model_spec(old, new)
+    assert not diff.signature and diff.added == ("c",)
+    other = {"tasks": new["tasks"], "signature": {"extensions": ["Adapter(tasks=None, reduction_factor=8)"]}}
+    assert compare_model_spec(old, other).signature  # a real difference still counts

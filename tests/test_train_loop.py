@@ -132,6 +132,22 @@ def test_a_failing_checkpoint_close_still_restores_the_signal_handlers(tmp_path,
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_a_peft_run_takes_a_new_task(tmp_path):
+    """Adapters keep a copy of the task list, which was part of the checkpoint's signature:
+    adding a task to any PEFT run was refused even with allow_new_tasks."""
+    adapters = str(ROOT / "configs" / "glue_adapters.py") + ":local"
+    base = ["--config.optim.num_train_steps=2", "--config.eval_every=2"]
+    first = train_and_evaluate(apply_overrides(load_config(adapters), base + [
+        "--config.tasks=('cola','sst2')"]), tmp_path, progress=False)
+    # the same steps: nothing more is trained, so the old tasks score as they did
+    again = train_and_evaluate(apply_overrides(load_config(adapters), base + [
+        "--config.tasks=('cola','sst2','stsb')", "--config.allow_new_tasks=True"]),
+        tmp_path, progress=False)
+    assert set(again) == {"cola", "sst2", "stsb"}
+    for task in ("cola", "sst2"):
+        assert again[task] == pytest.approx(first[task], rel=1e-6, abs=1e-7)
+
+
 def test_workdir_of_another_task_set(uninterrupted, tmp_path):
     wd, _, _ = uninterrupted
     import shutil

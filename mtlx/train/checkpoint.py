@@ -82,6 +82,7 @@ import errno
 import logging
 import math
 import os
+import re
 import signal
 import threading
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -207,12 +208,27 @@ class _Missing:
 _MISSING = _Missing()
 
 
+_TASK_NAMES = re.compile(r"task_names=\((?:'[^']*'(?:, )?,?)*\)(?:, )?")
+
+
+def without_task_names(text: str) -> str:
+    """A signature value (e.g. a PEFT extension's repr) without its copy of the model's task
+    list (``task_names=('a', 'b'), ``): tasks are compared by name on their own, so adding or
+    removing one must not change the signature."""
+    return _TASK_NAMES.sub("", text)
+
+
 def compare_model_spec(saved: Mapping, current: Mapping, ignore: Sequence[str] = ()) -> ModelDiff:
     """Pure comparison of two ``{'tasks': [...], 'signature': {...}}`` records; signature keys
-    in `ignore` (top-level names) are left out on both sides."""
+    in `ignore` (top-level names) are left out on both sides, and so are copies of the task
+    list inside signature values (`without_task_names`: older checkpoints kept them)."""
     def sig(record):
         flat = _flatten_json(record.get("signature") or {})
-        return {k: v for k, v in flat.items() if k.split(".", 1)[0] not in set(ignore)}
+        def plain(v):
+            if isinstance(v, str):
+                return without_task_names(v)
+            return [plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+        return {k: plain(v) for k, v in flat.items() if k.split(".", 1)[0] not in set(ignore)}
     a, b = sig(saved), sig(current)
     signature = tuple((k, a.get(k, _MISSING), b.get(k, _MISSING)) for k in sorted(a.keys() | b.keys())
                       if a.get(k, _MISSING) != b.get(k, _MISSING))

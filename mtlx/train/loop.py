@@ -29,7 +29,7 @@ from mtlx.models import hf
 from mtlx.models.heads import TaskHead
 from mtlx.models.multitask import MultiTaskModel, init_params, with_backbone
 from mtlx.train import distributed, evaluate as E, optim, sharding, stacking
-from mtlx.train.checkpoint import Checkpointer, PreemptionWatch
+from mtlx.train.checkpoint import Checkpointer, PreemptionWatch, without_task_names
 from mtlx.train.config import ConfigError, convert_value
 from mtlx.train.logs import RunLogger
 from mtlx.train.spans import SpanReferences
@@ -214,7 +214,9 @@ def signature_of(backbone_cfg) -> dict:
             continue
         v = getattr(backbone_cfg, f.name)
         if f.name == "extensions":
-            v = [repr(e) for e in v]
+            # the model's task list is compared on its own (by name: tasks may be added or
+            # removed); the extensions' copies of it must not make every change a mismatch
+            v = [without_task_names(repr(e)) for e in v]
         elif not isinstance(v, (int, float, str, bool, type(None))):
             v = str(getattr(v, "__name__", v))
         out[f.name] = v
