@@ -612,3 +612,17 @@ def test_an_extensions_copy_of_the_task_list_is_not_part_of_the_signature():
     assert not diff.signature and diff.added == ("c",)
     other = {"tasks": new["tasks"], "signature": {"extensions": ["Adapter(tasks=None, reduction_factor=8)"]}}
     assert compare_model_spec(old, other).signature  # a real difference still counts
+
+
+def test_scores_taken_under_another_task_set_do_not_compete(tmp_path):
+    """Before tasks were added, 'avg' averaged other tasks (and the untrained new task lowers
+    it after): such a checkpoint neither counts as 'best' nor is kept as one."""
+    with ckpt(tmp_path / "c", keep_last=1, best_metric="avg") as c:
+        c.save(1, make_state(0), data_state={}, metrics={"avg": 0.9})
+    more = TASKS + [{"name": "c", "kind": "classification", "num_labels": 2}]
+    with ckpt(tmp_path / "c", tasks=more, keep_last=1, best_metric="avg") as c:
+        assert c.best_step() is None  # the only ranked step was taken with tasks a, b
+        c.save(2, make_state(1), data_state={}, metrics={"avg": 0.5})
+        c.wait_until_finished()
+        assert c.best_step() == 2 and c.all_steps() == [2]
+        assert c.metrics(2)["_tasks"] == ["a", "b", "c"]

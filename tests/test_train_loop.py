@@ -578,3 +578,24 @@ def test_metrics_jsonl_is_strict_json(tmp_path):
     line = (tmp_path / "metrics.jsonl").read_text()
     assert json.loads(line, parse_constant=refuse) == {
         "step": 1, "kind": "train", "eval/stsb/pearson": None, "x": None, "train/loss": 0.5}
+
+
+def test_best_is_the_runs_own_best_and_checkpoint_names_are_checked(tmp_path):
+    """'best' ranks by the training run's best_metric / best_mode (saved with its config),
+    whatever the evaluating command's config says; a wrong --checkpoint is named."""
+    from mtlx.train import loop as LP
+    cfg = local_cfg("--config.eval_every=2", "--config.checkpoint.every=2",
+                    "--config.checkpoint.keep_last=3", "--config.checkpoint.best_metric=cola/loss",
+                    "--config.checkpoint.best_mode=max")
+    train_and_evaluate(cfg, tmp_path, progress=False)
+    ckpt = Checkpointer(tmp_path / "checkpoints", tasks=["cola", "stsb", "ud_pos"], model_signature={})
+    steps = ckpt.all_steps()
+    losses = {s: ckpt.metrics(s)["cola/loss"] for s in steps}
+    ckpt.close()
+    assert steps == [2, 4, 6] and len(set(losses.values())) == 3
+    s = LP.setup(local_cfg(), train=False)  # best_metric 'avg', best_mode 'max'
+    assert LP.restore_state(s, tmp_path, "best").step == max(losses, key=losses.get)
+    with pytest.raises(ValueError, match=r"checkpoint must be 'latest', 'best' or a step number, got 'bset'"):
+        LP.restore_state(s, tmp_path, "bset")
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint of step 99 in .*; its steps: \[2, 4, 6\]"):
+        LP.restore_state(s, tmp_path, "99")

@@ -96,6 +96,7 @@ from mtlx import paths
 log = logging.getLogger(__name__)
 
 STATE, DATA_STATE, RUN_CONFIG, MODEL = "state", "data_state", "run_config", "model"
+TASKS_KEY = "_tasks"  # saved with a step's metrics: the tasks they were taken with
 _ITEMS = (STATE, DATA_STATE, RUN_CONFIG, MODEL)
 _FORMAT = 1  # version of the 'model' item's layout
 
@@ -367,7 +368,12 @@ class Checkpointer:
         policies = [ocp.checkpoint_managers.LatestN(n=keep_last)]
         best_fn = None
         if best_metric is not None:
-            best_fn = lambda metrics: metrics[best_metric]  # noqa: E731
+            worst = math.inf if best_mode == "min" else -math.inf
+
+            def best_fn(metrics):
+                # A score taken under another task set (before tasks were added) does not
+                # compete: it averaged other tasks, and its checkpoint no longer fits the model.
+                return metrics[best_metric] if self._same_tasks(metrics) else worst
             policies.append(ocp.checkpoint_managers.BestN(
                 get_metric_fn=best_fn, reverse=(best_mode == "min"), n=keep_best,
                 keep_checkpoints_without_metrics=False))
@@ -394,9 +400,38 @@ class Checkpointer:
     def latest_step(self) -> Optional[int]:
         return self._mgr.latest_step()
 
-    def best_step(self) -> Optional[int]:
-        """The kept step with the best ``best_metric`` (None without a best_metric or metrics)."""
-        return None if self.best_metric is None else self._mgr.best_step()
+    def _same_tasks(self, metrics: Mapping) -> bool:
+        """Whether `metrics` were taken with this run's tasks (saved with them as "_tasks";
+        older checkpoints' metrics, without it, count as taken with them)."""
+        tasks = metrics.get(TASKS_KEY)
+        return tasks is None or list(tasks) == [t["name"] for t in self._model["tasks"]]
+
+    def best_step(self, metric: Optional[str] = None, mode: Optional[str] = None) -> Optional[int]:
+        """The kept step with the best `metric` (default ``best_metric``; `mode` 'max' or
+        'min', default ``best_mode``) among those evaluated with this run's tasks; None when
+        no kept step has that metric."""
+        metric = metric or self.best_metric
+        mode = mode or self.best_mode
+        if metric is None:
+            return None
+        if mode not in ("max", "min"):
+            raise ValueError(f"best_mode must be 'max' or 'min', got {mode!r}")
+        best, best_value = None, None
+        for step in self.all_steps():
+            m = self._mgr.metrics(step) or {}
+            value = m.get(metric)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not self._same_tasks(m):
+                continue
+            if best is None or (value > best_value if mode == "max" else value < best_value):
+                best, best_value = step, value
+        return best
+
+    def run_config(self, step: int) -> Any:
+        """The run config saved with `step` (the JSON the training run passed)."""
+        self.wait_until_finished()
+        return self._mgr.restore(step, args=ocp.args.Composite(**{
+            RUN_CONFIG: ocp.args.JsonRestore()}))[RUN_CONFIG]
 
     def metrics(self, step: int) -> Optional[dict]:
         return self._mgr.metrics(step)
@@ -452,7 +487,8 @@ class Checkpointer:
         step = int(step)
         payload_data = _to_json(data_state, "data_state")
         if metrics is not None:
-            metrics = _to_json(metrics, "metrics")
+            metrics = dict(_to_json(metrics, "metrics"),
+                           **{TASKS_KEY: [t["name"] for t in self._model["tasks"]]})
             if self.best_metric is not None:
                 if self.best_metric not in metrics:
                     raise KeyError(f"save(step={step}): metrics lack best_metric "
@@ -499,8 +535,9 @@ class Checkpointer:
         step = self.latest_step()
         return None if step is None else self.restore(step, target, **kwargs)
 
-    def restore_best(self, target: Any, **kwargs) -> Optional[Restored]:
-        step = self.best_step()
+    def restore_best(self, target: Any, *, metric: Optional[str] = None,
+                     mode: Optional[str] = None, **kwargs) -> Optional[Restored]:
+        step = self.best_step(metric, mode)
         return None if step is None else self.restore(step, target, **kwargs)
 
     def restore(self, step: int, target: Any, *, allow_new_tasks: bool = False,

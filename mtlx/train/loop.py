@@ -373,17 +373,38 @@ def setup(cfg, train: bool = True) -> Setup:
 
 
 def restore_state(s: Setup, workdir: paths.PathLike, which: str = "latest"):
-    """The train state saved in `workdir` ('latest', 'best' or a step number)."""
+    """The train state saved in `workdir` ('latest', 'best' or a step number).
+
+    'best' ranks by the training run's own `checkpoint.best_metric` / `best_mode` (saved with
+    its checkpoints; this command's config may differ, and a note says so), among the steps
+    evaluated with this run's tasks."""
+    which = str(which)
+    if which not in ("latest", "best") and not which.isdigit():
+        raise ValueError(f"checkpoint must be 'latest', 'best' or a step number, got {which!r}")
+    where = paths.as_path(workdir) / "checkpoints"
     with s.checkpointer(workdir, read_only=True) as ckpt:
+        steps = ckpt.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint in {where}")
         if which == "latest":
-            restored = ckpt.restore_latest(s.state)
-        elif which == "best":
-            restored = ckpt.restore_best(s.state)
-        else:
-            restored = ckpt.restore(int(which), s.state)
-    if restored is None:
-        raise FileNotFoundError(f"no checkpoint in {paths.as_path(workdir) / 'checkpoints'}")
-    return restored
+            return ckpt.restore_latest(s.state)
+        if which.isdigit():
+            if int(which) not in steps:
+                raise FileNotFoundError(f"no checkpoint of step {which} in {where}; its steps: {steps}")
+            return ckpt.restore(int(which), s.state)
+        ours = s.cfg.checkpoint
+        metric, mode = ours.get("best_metric", "avg"), ours.get("best_mode", "max")
+        saved = (ckpt.run_config(steps[-1]) or {}).get("checkpoint", {})
+        run_metric, run_mode = saved.get("best_metric", metric), saved.get("best_mode", mode)
+        if (run_metric, run_mode) != (metric, mode):
+            print(f"'best' by the training run's checkpoint.best_metric={run_metric!r} "
+                  f"(best_mode={run_mode!r}), not this command's {metric!r} ({mode!r})")
+        restored = ckpt.restore_best(s.state, metric=run_metric, mode=run_mode)
+        if restored is None:
+            raise FileNotFoundError(
+                f"no checkpoint in {where} has a finite {run_metric!r} taken with this run's "
+                f"tasks (steps {steps}); pass 'latest' or a step number")
+        return restored
 
 
 def print_results(results: dict, step: int) -> None:
