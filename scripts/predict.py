@@ -39,18 +39,56 @@ from mtlx.train.config import parse_cli  # noqa: E402
 def read_requests(path: Path, specs: dict) -> dict:
     """{task: [(line number, record)]}; errors name the file and line."""
     by_task = {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    raw = path.read_bytes()
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]  # a UTF-8 byte order mark
+    for n, data in enumerate(raw.split(b"\n"), 1):
+        try:
+            line = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise SystemExit(f"{path}:{n}: not UTF-8 (byte {e.start} of the line)")
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise SystemExit(f"{path}:{n}: not valid JSON ({e.msg})")
+        if not isinstance(rec, dict):
+            raise SystemExit(f"{path}:{n}: a request is a JSON object, got {type(rec).__name__}")
         task = rec.get("task")
         if task not in specs:
             raise SystemExit(f"{path}:{n}: unknown task {task!r}; this model's tasks: {sorted(specs)}")
         by_task.setdefault(task, []).append((n, rec))
     return by_task
+
+
+def request_texts(rec: dict, spec, where: str) -> tuple:
+    """The request's texts for `spec`: its text fields' strings, or the list of words of a
+    token-classification request; SystemExit naming `where` otherwise."""
+    if spec.head == "token_classification":
+        words = rec.get("tokens")
+        if not isinstance(words, list) or not words or \
+                not all(isinstance(w, str) and w.strip() for w in words):
+            raise SystemExit(f"{where}: task {spec.name!r} needs \"tokens\": a non-empty list of "
+                             f"non-empty strings, got {words!r}")
+        return tuple(words)
+    texts = tuple(rec.get(f) for f in spec.text_fields)
+    bad = [f for f, t in zip(spec.text_fields, texts) if not isinstance(t, str) or not t.strip()]
+    if bad:
+        raise SystemExit(f"{where}: task {spec.name!r} needs fields {list(spec.text_fields)} as "
+                         f"non-empty strings; "
+                         + ", ".join(f"{f!r} is {rec.get(f)!r}" for f in bad))
+    return texts
+
+
+def words_cut(words, tagged: int, tokenizer) -> int:
+    """How many of `words` the tokenizer cut (past max_length): every word from the first
+    after the `tagged` ones that makes a subword (a word that makes none, such as a
+    zero-width space, gets no tag without being cut)."""
+    for i in range(tagged, len(words)):
+        if tokenizer(words[i], add_special_tokens=False)["input_ids"]:
+            return len(words) - i
+    return 0
 
 
 def main(argv=None):
@@ -91,12 +129,7 @@ def main(argv=None):
                 except D.DataError as e:
                     raise SystemExit(str(e))
                 continue
-            if spec.head == "token_classification":
-                texts = tuple(rec.get("tokens") or ())
-            else:
-                texts = tuple(rec.get(f) for f in spec.text_fields)
-            if not texts or any(t is None or not str(t).strip() for t in texts):
-                raise SystemExit(f"{args.input}:{n}: task {task!r} needs fields {list(spec.text_fields)}")
+            texts = request_texts(rec, spec, f"{args.input}:{n}")
             kwargs = dict(texts=texts, line=n)
             if spec.head == "token_classification":
                 kwargs["tags"] = (0,) * len(texts)  # placeholder labels, never read
@@ -104,7 +137,11 @@ def main(argv=None):
         split = D.SplitData(task=spec, split="predict", examples=examples,
                             report=ReadReport(path=args.input, task=task, rows_read=len(examples)),
                             path=args.input, labelled=spec.head == "token_classification")
-        tok = D.tokenize_split(split, s.run.tokenizer, max_length=cfg.data.max_length)
+        try:
+            tok = D.tokenize_split(split, s.run.tokenizer, max_length=cfg.data.max_length)
+        except D.DataError as e:  # e.g. a question too long for a window: its request's line
+            raise SystemExit(str(D.DataError(e.message, path=args.input, line=e.line,
+                                             where=e.where, task=task)))
         task_id = s.names.index(task)
         decoder = words = None
         choice_scores = {}   # multiple choice: example -> its candidates' scores, in order
@@ -154,7 +191,8 @@ def main(argv=None):
             tags = words.tags()
             for ex, (n, rec) in enumerate(recs):
                 value = [None if t is None else spec.labels[t] for t in tags.get(ex, [])]
-                missing = len(rec["tokens"]) - len(value)
+                missing = words_cut(rec["tokens"], len(value), s.run.tokenizer)
+                value += [None] * (len(rec["tokens"]) - missing - len(value))  # no subword
                 outputs[n] = dict(rec, prediction=value)
                 if missing > 0:  # words past data.max_length were cut by the tokenizer
                     print(f"{args.input}:{n}: task {task!r}: {missing} of {len(rec['tokens'])} "

@@ -330,7 +330,9 @@ def test_evaluate_and_predict_scripts(uninterrupted, tmp_path):
     many.append(json.dumps({"task": "ud_pos", "tokens": ["word"] * 80}))  # 18 words past 64 tokens
     req.write_text('{"task": "cola", "sentence": "The cat sat."}\n'
                    '{"task": "stsb", "sentence1": "A dog runs.", "sentence2": "A dog is running."}\n'
-                   '{"task": "ud_pos", "tokens": ["The", "cat", "sat", "."]}\n' + "\n".join(many) + "\n")
+                   '{"task": "ud_pos", "tokens": ["The", "cat", "sat", "."]}\n'
+                   + json.dumps({"task": "ud_pos", "tokens": ["The", "cat", "\u200b"]}) + "\n"
+                   + "\n".join(many) + "\n")
     pred = tmp_path / "pred.jsonl"
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "predict.py"), *common, "--input", str(req),
                         "--output", str(pred)], capture_output=True, text=True, cwd=ROOT, timeout=600)
@@ -339,11 +341,14 @@ def test_evaluate_and_predict_scripts(uninterrupted, tmp_path):
     assert rows[0]["prediction"] in ("unacceptable", "acceptable")
     assert isinstance(rows[1]["prediction"], float)
     assert len(rows[2]["prediction"]) == 4
-    assert len(rows) == 74 and all(len(r["prediction"]) == len(r["tokens"]) for r in rows[2:-1])
+    assert len(rows) == 75 and all(len(r["prediction"]) == len(r["tokens"]) for r in rows[2:-1])
+    # a last word that makes no subword gets null; it was not cut by max_length
+    assert rows[3]["prediction"][2] is None and "words_without_prediction" not in rows[3]
     cut = rows[-1]
     assert len(cut["prediction"]) + cut["words_without_prediction"] == 80
     assert cut["words_without_prediction"] == 18  # [CLS] + 62 words + [SEP] fill 64 tokens
-    assert f"req.jsonl:74: task 'ud_pos': 18 of 80 words are past" in r.stderr
+    assert f"req.jsonl:75: task 'ud_pos': 18 of 80 words are past" in r.stderr
+    assert "req.jsonl:4:" not in r.stderr
     # Tagging in windows (config.task_overrides): every word of the long input gets its tag,
     # the same tags where the input fit; a word that makes no subword gets null.
     long_req = tmp_path / "long.jsonl"
@@ -599,3 +604,43 @@ def test_best_is_the_runs_own_best_and_checkpoint_names_are_checked(tmp_path):
         LP.restore_state(s, tmp_path, "bset")
     with pytest.raises(FileNotFoundError, match=r"no checkpoint of step 99 in .*; its steps: \[2, 4, 6\]"):
         LP.restore_state(s, tmp_path, "99")
+
+
+def test_predict_requests_are_checked_naming_file_and_line(tmp_path):
+    """Bad requests end predict.py with the file, the line and what is wrong (before: raw
+    tracebacks from the decoder, a list's .get, or deep inside the tokenizer)."""
+    import importlib.util
+    from types import SimpleNamespace
+    spec = importlib.util.spec_from_file_location("predict_script", ROOT / "scripts" / "predict.py")
+    P = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(P)
+    specs = {"cola": SimpleNamespace(name="cola", head="classification", text_fields=("sentence",)),
+             "ud_pos": SimpleNamespace(name="ud_pos", head="token_classification", text_fields=("tokens",))}
+    req = tmp_path / "r.jsonl"
+    for body, message in [
+            (b'\xef\xbb\xbf{"task": "cola", "sentence": "x"}\n\n{"task": "cola", "sentence": "caf\xe9"}\n',
+             r"r.jsonl:3: not UTF-8 \(byte \d+ of the line\)"),
+            (b'[1, 2]\n', r"r.jsonl:1: a request is a JSON object, got list")]:
+        req.write_bytes(body)
+        with pytest.raises(SystemExit, match=message):
+            P.read_requests(req, specs)
+    req.write_bytes(b'\xef\xbb\xbf{"task": "cola", "sentence": "x"}\n')  # a BOM is not an error
+    assert P.read_requests(req, specs) == {"cola": [(1, {"task": "cola", "sentence": "x"})]}
+    for rec, message in [({"sentence": 123}, r"'sentence' is 123"),
+                         ({"sentence": ["a", "b"]}, r"'sentence' is \['a', 'b'\]"),
+                         ({"a": 1}, r"'sentence' is None")]:
+        with pytest.raises(SystemExit, match=r"in.jsonl:7: task 'cola' needs fields \['sentence'\] "
+                                             r"as non-empty strings; " + message):
+            P.request_texts(rec, specs["cola"], "in.jsonl:7")
+    for words in (["a", 3], [], "a b", ["a", " "]):
+        with pytest.raises(SystemExit, match=r"task 'ud_pos' needs \"tokens\": a non-empty list"):
+            P.request_texts({"tokens": words}, specs["ud_pos"], "in.jsonl:2")
+    tok = load_tokenizer_for_tests()
+    assert P.words_cut(["The", "cat", "\u200b"], 2, tok) == 0
+    assert P.words_cut(["The", "cat", "\u200b", "sat"], 2, tok) == 1  # "sat" on: cut
+    assert P.words_cut(["The", "cat"], 2, tok) == 0
+
+
+def load_tokenizer_for_tests():
+    from mtlx.data import load_tokenizer, sample_root
+    return load_tokenizer(sample_root() / "vocab" / "bert-base-uncased" / "vocab.txt")

@@ -39,6 +39,7 @@ class DataError(ValueError):
                  where: Optional[str] = None, task: Optional[str] = None,
                  reason: Optional[str] = None):
         self.path, self.line, self.where, self.task, self.reason = path, line, where, task, reason
+        self.message = message
         loc = str(path) if path is not None else ""
         if line is not None:
             loc += f":{line}"
