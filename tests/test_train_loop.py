@@ -644,3 +644,45 @@ def test_predict_requests_are_checked_naming_file_and_line(tmp_path):
 def load_tokenizer_for_tests():
     from mtlx.data import load_tokenizer, sample_root
     return load_tokenizer(sample_root() / "vocab" / "bert-base-uncased" / "vocab.txt")
+
+
+def test_a_resumed_run_logs_from_its_checkpoint(tmp_path):
+    """Rows logged by steps after the checkpoint a run resumes from (lost with the crash) are
+    dropped from metrics.jsonl, the curves cover the whole run, and TensorBoard is told to
+    purge its events after the resume step."""
+    from mtlx.train.logs import RunLogger
+    logger = RunLogger(tmp_path)
+    for step in (2, 4, 6):
+        logger.write(step, {"train/loss": 1.0 / step})
+    logger.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 8, "kind": "train", "train/lo')  # cut short by the crash
+    resumed = RunLogger(tmp_path, resume_step=4)
+    resumed.write(6, {"train/loss": 0.2})
+    resumed.close()
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["train/loss"]) for r in rows] == [(2, 0.5), (4, 0.25), (6, 0.2)]
+    assert resumed.history["train/loss"] == [(2, 0.5), (4, 0.25), (6, 0.2)]
+    from tensorboardX.proto import event_pb2
+    import struct
+    files = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(files) == 2  # the resumed run's own file, even within the same second
+    newest = max(files, key=lambda p: p.stat().st_mtime_ns).read_bytes()
+    (n,) = struct.unpack_from("<Q", newest, 0)
+    at = 12 + n + 4  # after the file version record
+    (n,) = struct.unpack_from("<Q", newest, at)
+    first = event_pb2.Event.FromString(newest[at + 12: at + 12 + n])
+    assert first.step == 5 and first.session_log.status == event_pb2.SessionLog.START
+
+
+def test_a_text_to_text_peft_run_trains_without_heads(tmp_path):
+    """A text-to-text T5 has no task heads: the default trainable patterns leave the heads'
+    pattern out instead of failing on it (the config.trainable check: it matched nothing)."""
+    from mtlx.train import loop as LP
+    cfg = apply_overrides(load_config(str(ROOT / "configs" / "glue_hyperformerpp.py") + ":local"),
+                          ["--config.text_to_text=True", "--config.tasks=('rte','stsb')"])
+    s = LP.setup(cfg, train=False)
+    import flax.traverse_util as tu
+    flat = tu.flatten_dict(s.trainable, sep="/")
+    assert not any(k.startswith("heads/") for k in flat)
+    assert any(v for k, v in flat.items() if "hyper" in k) and not all(flat.values())

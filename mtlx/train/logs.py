@@ -8,6 +8,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from collections import defaultdict
 from typing import Mapping, Optional
 
@@ -38,7 +39,12 @@ class RunLogger:
     TensorBoard reading the bucket sees each logging interval as it is written.
     """
 
-    def __init__(self, workdir: paths.PathLike, enabled: bool = True):
+    def __init__(self, workdir: paths.PathLike, enabled: bool = True,
+                 resume_step: Optional[int] = None):
+        """`resume_step`: the step a resumed run restarts from. metrics.jsonl keeps the rows up
+        to it (later ones were logged by steps the checkpoint does not hold, which the resumed
+        run logs again), the history (the curves' data) starts from them, and TensorBoard is
+        told to drop its events after it (a SessionLog START at resume_step + 1)."""
         self.workdir = paths.as_path(workdir)
         self.enabled = enabled
         self.history = defaultdict(list)  # name -> [(step, value)]
@@ -56,8 +62,41 @@ class RunLogger:
             # tensorboardX's synchronous writer: its SummaryWriter hands events to a thread,
             # and its flush() does not wait for the events still queued, so an upload right
             # after it could miss the interval's last scalars.
-            self._tb = EventsWriter(os.path.join(os.fspath(events), "events"))
-            self._jsonl = paths.LineLog(self.workdir / "metrics.jsonl")
+            # the name's time is in seconds: a suffix keeps a run resumed within the same
+            # second from truncating the file it resumes (the writer opens it with 'wb')
+            self._tb = EventsWriter(os.path.join(os.fspath(events), "events"),
+                                    filename_suffix=f".{uuid.uuid4().hex[:8]}")
+            self._jsonl = paths.LineLog(self.workdir / "metrics.jsonl",
+                                        written=self._resume(resume_step))
+
+    def _resume(self, step: Optional[int]) -> Optional[str]:
+        """Keeps metrics.jsonl's rows up to `step` and takes them into the history; returns
+        the text written back (None when the log is left as it is)."""
+        path = self.workdir / "metrics.jsonl"
+        if step is None or not path.exists():
+            return None
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+        self._tb.write_event(Event(wall_time=time.time(), step=int(step) + 1,
+                                   session_log=SessionLog(status=SessionLog.START)))
+        kept, dropped = [], 0
+        for line in path.read_text().splitlines(keepends=True):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by the crash
+                dropped += 1
+                continue
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int) or row["step"] > step:
+                dropped += 1
+                continue
+            kept.append(line if line.endswith("\n") else line + "\n")
+            for k, v in row.items():
+                if k not in ("step", "kind") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self.history[k].append((row["step"], float(v)))
+        if not dropped:
+            return None
+        text = "".join(kept)
+        paths.write_atomic(path, text)
+        return text
 
     def _upload_events(self) -> None:
         remote = self.workdir / "tensorboard"

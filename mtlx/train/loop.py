@@ -189,14 +189,15 @@ def with_extensions(backbone_cfg, cfg, task_names):
     return registry.attach(backbone_cfg, methods, task_names, key="config.peft.methods")
 
 
-def trainable_patterns(cfg, backbone_cfg) -> tuple:
+def trainable_patterns(cfg, backbone_cfg, params=None) -> tuple:
     """config.trainable, or by default: everything (no PEFT) / the PEFT methods' own parameters
-    + task heads + the backbone's layer norms (mtlx.peft.registry.trainable_patterns)."""
+    + task heads + the backbone's layer norms (mtlx.peft.registry.trainable_patterns; with
+    `params`, the heads' pattern only when the model has heads: a text-to-text T5 has none)."""
     explicit = tuple(cfg.get("trainable", ()) or ())
     if explicit or not getattr(backbone_cfg, "extensions", ()):
         return explicit
     from mtlx.peft import registry
-    return tuple(registry.trainable_patterns(backbone_cfg))
+    return tuple(registry.trainable_patterns(backbone_cfg, params=params))
 
 
 # Backbone config fields that change how the step computes, not which parameters exist: left out
@@ -357,7 +358,7 @@ def setup(cfg, train: bool = True) -> Setup:
     params = init_params(model, jax.random.key(cfg.seed), unpack_batch(init_batch)[0])
     if pretrained is not None:
         params = with_backbone(params, pretrained)
-    trainable = optim.trainable_mask(params, trainable_patterns(cfg, backbone_cfg))
+    trainable = optim.trainable_mask(params, trainable_patterns(cfg, backbone_cfg, params))
     params = optim.cast_frozen_kernels(params, trainable, cfg.model.get("frozen_dtype", None),
                                        backbone_cfg.dtype)
     schedule = optim.make_schedule(cfg.optim)
@@ -490,7 +491,7 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: paths.PathLike,
                                 max_batches=cfg.get("eval_max_batches", None),
                                 generate=generate, decode=decode)
 
-    logger = RunLogger(workdir, enabled=is_main)
+    logger = RunLogger(workdir, enabled=is_main, resume_step=start_step)
     preempted = PreemptionWatch(multi)
     total = int(cfg.optim.num_train_steps)
     start = start_step
