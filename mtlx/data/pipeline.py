@@ -355,8 +355,8 @@ class DataIterator:
         units = self.units_at(self.step, self.counts, self.cursor)
         for t, _ in units:
             self.counts[t] += 1
-        self.cursor += len(units)
         self.step += 1
+        self.cursor = self.cursor + len(units) if self.carries else self.step * self.slots
         return self.collate_units(units)
 
     def state(self) -> dict:
