@@ -223,11 +223,12 @@ def ref_cagrad(g, calpha=0.5, rescale=1):
 
 
 def ref_nash_alpha(g):
-    """alpha with M alpha = 1/alpha, M = G G^T / ||G G^T||_F, by SciPy's root finder."""
+    """alpha with G G^T alpha = 1/alpha (Navon et al. 2022, eq. 2; LibMTL's constraints
+    alpha_i (G G^T alpha)_i >= 1, its normalisation multiplied back), by SciPy's root finder."""
     gtg = g @ g.T
-    m = gtg / np.linalg.norm(gtg)
-    sol = root(lambda a: m @ a - 1.0 / a, np.ones(len(g)), method="hybr")
-    assert np.max(np.abs(m @ sol.x - 1.0 / sol.x) * sol.x) < 1e-8
+    x0 = np.ones(len(g)) / np.sqrt(np.linalg.norm(gtg))
+    sol = root(lambda a: gtg @ a - 1.0 / a, x0, method="hybr")
+    assert np.max(np.abs(gtg @ sol.x * sol.x - 1.0)) < 1e-8
     return sol.x
 
 
@@ -399,6 +400,51 @@ def test_nash_mtl_matches_bargaining_solution_and_clip(jitted, kind, mask):
     assert bool(aux["converged"])
     np.testing.assert_allclose(np.asarray(state.stats["alpha"])[present], alpha[present],
                                rtol=1e-3)
+
+
+def test_cagrad_default_solves_an_ill_conditioned_problem(jitted):
+    """Rank-deficient (7 tasks, 5 dims), gradient norms 0.3 to 270: the default cap reaches
+    the inner optimum that SLSQP finds (at the old cap of 500: -1.080 against -1.502)."""
+    g = np.array([
+        [-0.04298156, 0.07067849, -0.28587383, 0.15875874, -0.05026317],
+        [0.34809285, 0.13266642, 0.10055862, -0.38765153, -0.32271108],
+        [-0.02719319, -0.16264501, -0.13207012, -0.09150009, -0.21219185],
+        [13.910093, 6.6547899, 25.259563, -16.134102, 33.862103],
+        [-10.139548, 3.567502, 35.822887, 19.984159, -28.316851],
+        [107.575813, 192.48175, 55.448318, 83.148972, -120.527473],
+        [-0.00700359, -0.10623761, -0.28880522, -0.17393294, -0.09597842]], np.float32)
+    t = len(g)
+    s = W.get_strategy("cagrad")  # called directly: `compiled` counts the default's traces
+    _, _, aux = jax.jit(s.combine)(jnp.asarray(g), jnp.ones(t), jnp.ones(t, bool), s.init(t),
+                                   KEY, jnp.int32(0))
+    gg = g.astype(np.float64) @ g.T.astype(np.float64)
+    c = 0.5 * np.sqrt(gg.mean() + 1e-8) + 1e-8
+    obj = lambda x: x @ gg @ np.full(t, 1 / t) + c * np.sqrt(x @ gg @ x + 1e-8)  # noqa: E731
+    best = minimize(obj, np.full(t, 1 / t), bounds=[(0, 1)] * t, method="SLSQP",
+                    constraints={"type": "eq", "fun": lambda x: 1 - x.sum()},
+                    options={"ftol": 1e-13, "maxiter": 1000}).fun
+    assert obj(np.asarray(aux["simplex_weights"], np.float64)) == pytest.approx(best, abs=1e-3)
+
+
+def test_nash_mtl_is_scale_free(jitted):
+    """The bargaining solution of c G is alpha / c, so the update sum_i alpha_i g_i is the
+    same for any gradient scale: norm sqrt(T), clipped to max_norm. (Solving the normalised
+    system alone, as before, gave alpha off by sqrt(||G G^T||_F): gradients 100x smaller gave
+    an update of norm 0.012 instead of 1.)"""
+    g, losses = scenario("random")
+    present = np.ones(T, bool)
+    s = W.get_strategy("nash_mtl", max_norm=0.0)
+    updates, alphas = [], []
+    for c in (1.0, 0.01, 30.0):
+        out, _, aux = combine(jitted, s, c * g, losses, present)
+        updates.append(out @ (c * g))
+        alphas.append(np.asarray(aux["head_weights"]) * c)
+    np.testing.assert_allclose(np.linalg.norm(updates[0]), np.sqrt(T), rtol=1e-3)
+    for u, a in zip(updates[1:], alphas[1:]):
+        np.testing.assert_allclose(u, updates[0], rtol=2e-3, atol=1e-5)
+        np.testing.assert_allclose(a, alphas[0], rtol=2e-3)
+    clipped, _, _ = combine(jitted, W.get_strategy("nash_mtl", max_norm=1.0), 0.01 * g, losses, present)
+    np.testing.assert_allclose(np.linalg.norm(clipped @ (0.01 * g)), 1.0, rtol=1e-3)
 
 
 def test_nash_mtl_keeps_previous_alpha_when_no_solution_and_between_updates(jitted):
