@@ -232,3 +232,23 @@ def test_t5_export_with_decoder_and_cross_attention_loads_in_peft(tmp_path):
         plain = torch_outputs(loaded, input_ids=ids, attention_mask=mask, decoder_input_ids=dec,
                               decoder_attention_mask=dmask)
     assert np.abs(plain["last_hidden_state"][rows] - ours[rows]).max() > 1e-3
+
+
+def test_merging_refuses_an_extension_that_scales_the_output_first():
+    """Output hooks run in config order: with (IA)^3 before LoRA on attention.value the model
+    computes (x W + b) * l + s x A B, which no merged kernel reproduces (1.53 apart); LoRA
+    first, (IA)^3 scales the merged product as it scaled the sum."""
+    from mtlx.peft.lora import check_mergeable
+    from tests.peft_common import tiny_bert
+    ia3_first = registry.attach(tiny_bert(), [{"method": "ia3"}, {"method": "lora", "rank": 2}],
+                                ["a", "b"])
+    lora = next(e for e in ia3_first.extensions if e.name == "lora")
+    with pytest.raises(ValueError, match=r"lora 'lora' cannot be merged exactly: 'ia3' changes "
+                                         r"the output of encoder.layer0.attention.value"):
+        registry.without_extension(ia3_first, "lora")
+    with pytest.raises(ValueError, match="cannot be merged exactly"):
+        merge_lora({}, lora, "a", backbone_config=ia3_first)
+    lora_first = registry.attach(tiny_bert(), [{"method": "lora", "rank": 2}, {"method": "ia3"}],
+                                 ["a", "b"])
+    check_mergeable(lora_first, next(e for e in lora_first.extensions if e.name == "lora"))
+    assert [e.name for e in registry.without_extension(lora_first, "lora").extensions] == ["ia3"]

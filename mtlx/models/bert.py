@@ -166,9 +166,13 @@ class BertConfig:
 
 @flax.struct.dataclass
 class EncoderOutput:
-    """last_hidden_state [B, L, d] (compute dtype); pooled_output [B, d] or None (no pooler)."""
+    """last_hidden_state [B, L, d] (compute dtype); pooled_output [B, d] or None (no pooler);
+    attention_mask [B, L]: which of last_hidden_state's positions a decoder may attend to,
+    when the encoder sets it (T5: an embeddings extension such as prompt tuning lengthens the
+    sequence, and rows of a task without a prompt must not see its positions)."""
     last_hidden_state: Any
     pooled_output: Optional[Any] = None
+    attention_mask: Optional[Any] = None
 
 
 def default_position_ids(input_ids, config: BertConfig):

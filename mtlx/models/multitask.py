@@ -163,7 +163,8 @@ class MultiTaskModel(nn.Module):
             if batch.decoder_input_ids is None:
                 raise ValueError("seq2seq tasks need batch.decoder_input_ids (teacher forcing)")
             outputs["seq2seq"] = self.backbone.decode(
-                batch.decoder_input_ids, hidden, batch.attention_mask,
+                batch.decoder_input_ids, hidden,
+                batch.attention_mask if enc.attention_mask is None else enc.attention_mask,
                 decoder_attention_mask=batch.decoder_attention_mask, routing=routing,
                 deterministic=deterministic)
         return outputs

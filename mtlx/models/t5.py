@@ -591,8 +591,10 @@ class T5Decoder(nn.Module):
 
 
 def _align_encoder_mask(mask, length: int):
-    """The encoder mask widened to an encoder output that an embeddings extension lengthened
-    (prompt tuning prepends positions, which every query may see)."""
+    """The encoder mask widened to an encoder output that an embeddings extension lengthened,
+    prepending positions every query may see. A caller holding the encoder's own mask
+    (`EncoderOutput.attention_mask`, which hides a prompt from rows of tasks without one)
+    passes that instead; this serves callers that pass the input mask."""
     extra = length - mask.shape[1]
     if extra < 0:
         raise ValueError(f"encoder_attention_mask covers {mask.shape[1]} positions but the "
@@ -642,7 +644,8 @@ class T5Model(nn.Module):
                                position_ids, segment_ids)
         m = mask.astype(jnp.float32)[..., None]
         pooled = (h.astype(jnp.float32) * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
-        return EncoderOutput(last_hidden_state=h, pooled_output=pooled.astype(cfg.dtype))
+        return EncoderOutput(last_hidden_state=h, pooled_output=pooled.astype(cfg.dtype),
+                             attention_mask=mask)
 
     def decode_hidden(self, decoder_input_ids, encoder_hidden, encoder_attention_mask,
                       decoder_attention_mask=None, routing: Optional[Routing] = None,
@@ -678,7 +681,7 @@ class T5Model(nn.Module):
                  routing: Optional[Routing] = None, deterministic: bool = True):
         """Teacher-forced logits [B, Lt, V] (float32)."""
         enc = self.encode(input_ids, attention_mask, routing, deterministic)
-        return self.decode(decoder_input_ids, enc.last_hidden_state, attention_mask,
+        return self.decode(decoder_input_ids, enc.last_hidden_state, enc.attention_mask,
                            decoder_attention_mask, routing, deterministic)
 
     def init_cache(self, encoder_hidden, max_length: int, routing: Optional[Routing] = None):
@@ -710,7 +713,8 @@ def _decoding_start(model: "T5Model", variables, input_ids, attention_mask, max_
         attention_mask = jnp.ones_like(input_ids)
     enc = model.apply(variables, input_ids, attention_mask, routing, method=T5Model.encode)
     hidden = enc.last_hidden_state
-    enc_mask = _align_encoder_mask(attention_mask, hidden.shape[1])
+    enc_mask = enc.attention_mask if enc.attention_mask is not None else \
+        _align_encoder_mask(attention_mask, hidden.shape[1])
     if rows_each > 1:
         hidden = jnp.repeat(hidden, rows_each, axis=0)                     # [B k, Le, d]
         enc_mask = jnp.repeat(enc_mask, rows_each, axis=0)

@@ -29,11 +29,13 @@ def ia3_scale(x, scale, group):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class IA3(TaskExtension):
-    """targets: projections whose OUTPUT is rescaled (default keys and values);
+    """targets: projections whose OUTPUT is rescaled (default the keys and values of every
+    attention: self-attention and, in an encoder-decoder, cross-attention, as in T-Few's
+    released (IA)^3 and PEFT's T5 default; until the sixteenth session self-attention only);
     input_targets: projections whose INPUT is rescaled (default the FFN's second projection,
     i.e. the FFN activations). A site may not be in both."""
     name: str = "ia3"
-    targets: Tuple[str, ...] = ("attention.key", "attention.value")
+    targets: Tuple[str, ...] = ("key", "value")
     input_targets: Tuple[str, ...] = ("ffn.output",)
 
     method = "ia3"

@@ -13,6 +13,8 @@ Single-task deployment folds a task's factors into the base weights exactly:
 
     merged = merge_lora(params, ext, 'sst2')           # kernels + (alpha/r) A B, no LoRA left
     cfg_deploy = without_extension(cfg, ext.name)      # the plain backbone runs `merged`
+                                                       # (refused if another extension changes
+                                                       # a LoRA projection's output first)
     params_again = unmerge_lora(merged, lora_params(params, ext), ext, 'sst2')
 
 LoRA dropout is not implemented (the extension hooks run without the dropout flag): PEFT's
@@ -46,12 +48,13 @@ def lora_delta(x, a, b, scale: float, group, impl: str = R.DEFAULT_IMPL):
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LoRA(TaskExtension):
     """rank r, alpha (scaling alpha / r, or alpha / sqrt(r) with use_rslora as in PEFT),
-    targets: projection-site patterns (default: self-attention query and value, as in the
-    paper and PEFT's BERT default)."""
+    targets: projection-site patterns (default: the query and value of every attention, as in
+    the paper and PEFT's BERT and T5 defaults: an encoder-decoder's cross-attention too; until
+    the sixteenth session self-attention only)."""
     name: str = "lora"
     rank: int = 8
     alpha: float = 8.0
-    targets: Tuple[str, ...] = ("attention.query", "attention.value")
+    targets: Tuple[str, ...] = ("query", "value")
     use_rslora: bool = False
 
     method = "lora"
@@ -136,9 +139,36 @@ def _rebuild(tree, path, fn):
     return out
 
 
-def merge_lora(params, ext: LoRA, task: str):
+def check_mergeable(backbone_config, ext: LoRA) -> None:
+    """Raises ValueError when folding `ext` into the kernels would not be exact: an extension
+    before it in `backbone_config.extensions` changes the output of a projection it targets
+    (output hooks run in config order: with (IA)^3 first, the model computes
+    (x W + b) * l + s x A B, and the merged kernel would give (x (W + s A B) + b) * l).
+    Input-side hooks (e.g. (IA)^3 on ffn.output's input) scale x for both terms alike."""
+    from mtlx.peft.registry import discover_sites
+    exts = list(backbone_config.extensions)
+    names = [e.name for e in exts]
+    if ext.name not in names:
+        raise KeyError(f"lora '{ext.name}' is not an extension of this config; it has {names}")
+    earlier = exts[: names.index(ext.name)]
+    for site in discover_sites(backbone_config).get("projection", ()):
+        if not ext.targets_site(site):
+            continue
+        for other in earlier:
+            if other.projection(site) is not None:
+                raise ValueError(
+                    f"lora '{ext.name}' cannot be merged exactly: '{other.name}' changes the "
+                    f"output of {site} before LoRA adds to it; list '{ext.name}' before "
+                    f"'{other.name}' in the config, or keep LoRA unmerged")
+
+
+def merge_lora(params, ext: LoRA, task: str, backbone_config=None):
     """`params` with `task`'s LoRA folded into each targeted kernel and every LoRA subtree
-    named `ext.name` removed: run it with the backbone config minus this extension."""
+    named `ext.name` removed: run it with the backbone config minus this extension
+    (`registry.without_extension`, which checks the fold is exact). With `backbone_config`,
+    that check (`check_mergeable`) runs here too."""
+    if backbone_config is not None:
+        check_mergeable(backbone_config, ext)
     if task not in ext.active:
         raise KeyError(f"lora '{ext.name}': task {task!r} has no LoRA weights; tasks with "
                        f"weights: {list(ext.active)}")

@@ -142,11 +142,16 @@ def attach(backbone_config, method_cfgs: Iterable[Any], task_names: Sequence[str
 
 
 def without_extension(backbone_config, name: str):
-    """The config without the extension called `name` (e.g. after `merge_lora`)."""
+    """The config without the extension called `name` (e.g. after `merge_lora`; a LoRA is
+    checked to fold exactly: `lora.check_mergeable`)."""
     kept = tuple(e for e in backbone_config.extensions if e.name != name)
     if len(kept) == len(backbone_config.extensions):
         raise KeyError(f"no extension named {name!r}; extensions: "
                        f"{[e.name for e in backbone_config.extensions]}")
+    from mtlx.peft.lora import LoRA, check_mergeable
+    removed = next(e for e in backbone_config.extensions if e.name == name)
+    if isinstance(removed, LoRA):
+        check_mergeable(backbone_config, removed)
     return dataclasses.replace(backbone_config, extensions=kept)
 
 
