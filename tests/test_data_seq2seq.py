@@ -80,3 +80,18 @@ def test_decoder_fields_in_mixed_batches(t5_tok):
             n = int(b.decoder_attention_mask[row].sum())
             assert b.target_ids[row, n - 1] == t5_tok.eos_token_id
             assert (b.target_ids[row, n:] == IGNORE_INDEX).all()
+
+
+def test_fields_in_t5s_order(t5_tok):
+    """T5's GLUE preprocessor writes the fields sorted by name: MNLI's input is
+    "mnli hypothesis: ... premise: ...", whatever order the task lists them in."""
+    import dataclasses
+    from mtlx.data.readers import Example, SplitData
+    from mtlx.data.errors import ReadReport
+    mnli = text_to_text(get_task("mnli"))
+    assert mnli.text_fields == ("premise", "hypothesis")
+    split = SplitData(task=mnli, split="x", examples=[Example(texts=("the cat sat", "a cat"), label=0)],
+                      report=ReadReport(path="x", task="mnli"), path="x", labelled=True)
+    tok = tokenize_split(split, t5_tok)
+    assert t5_tok.decode(tok.row_tokens(0), skip_special_tokens=True) == t5_tok.decode(
+        t5_tok("mnli hypothesis: a cat premise: the cat sat")["input_ids"], skip_special_tokens=True)

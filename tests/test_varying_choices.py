@@ -196,6 +196,12 @@ def test_training_run_and_predict_script_with_a_varying_choice_task(tmp_path):
                       f"    c.tasks = ('cola', {arc!r}, {tags!r})\n"
                       f"    return c\n")
     cfg = load_config(str(config))
+    # gradient accumulation would split a question's candidates across microbatches
+    from mtlx.train.config import apply_overrides
+    with pytest.raises(ValueError, match=r"accum_steps=2 with multiple-choice task\(s\) \['arc'\] "
+                                         r"is not supported"):
+        train_and_evaluate(apply_overrides(load_config(str(config)), ["--config.optim.accum_steps=2"]),
+                           tmp_path / "refused", progress=False)
     results = train_and_evaluate(cfg, tmp_path / "run", progress=False)
     assert set(results["arc"]) == {"accuracy", "loss"}
     assert 0.0 <= results["arc"]["accuracy"] <= 1.0 and np.isfinite(results["arc"]["loss"])

@@ -463,7 +463,10 @@ def target_text(spec, label) -> str:
 
 
 def _seq2seq(spec, examples, owned, tokenizer, max_length, labelled) -> dict:
-    inputs = [f"{spec.name} " + " ".join(f"{f}: {t}" for f, t in zip(spec.text_fields, ex.texts))
+    # T5's GLUE preprocessor (t5.data.preprocessors.glue) writes the fields in sorted name
+    # order: "mnli hypothesis: ... premise: ...", the input its released checkpoints know.
+    inputs = [f"{spec.name} " + " ".join(f"{f}: {t}" for f, t in
+                                         sorted(zip(spec.text_fields, ex.texts)))
               for ex in examples]
     enc = tokenizer(inputs, truncation=True, max_length=max_length, return_token_type_ids=True,
                     return_attention_mask=False)

@@ -224,7 +224,11 @@ def example_losses(outputs: dict, batch, tasks: Sequence[TaskHead], kinds=None):
         _, member = route(batch.task_ids, r)
         groups = batch.group_ids if batch.group_ids is not None else jnp.full((b,), -1)
         in_group = member & (groups >= 0) & (row_ok > 0)
-        seg = jnp.where(in_group, groups, b)  # rows outside any group go to a spare segment
+        # Each row's segment: the first row of this batch in its group. A group id is its
+        # first row's index in the whole batch (the pipeline's), which a microbatch of a
+        # later part of it (gradient accumulation) would hold beyond its own b rows.
+        same = (groups[:, None] == groups[None, :]) & in_group[None, :]
+        seg = jnp.where(in_group, jnp.argmax(same, axis=1), b)  # outside any group: spare
         scores = jnp.where(in_group, outputs["multiple_choice"].astype(jnp.float32), NEG_INF)
         gmax = jax.ops.segment_max(scores, seg, num_segments=b + 1)
         shifted = jnp.where(in_group, scores - gmax[seg], NEG_INF)

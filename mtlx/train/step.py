@@ -69,7 +69,9 @@ Gradient accumulation splits the batch into `accum_steps` microbatches inside th
 (`lax.scan`) and gives exactly the full-batch objective: per-task means are taken over the
 whole batch (each microbatch's loss sums are divided by the FULL batch's per-task counts),
 not averaged across microbatches. The rows of one multiple-choice question must lie in one
-microbatch (the data pipeline keeps a question's rows contiguous and aligned). It is exact for
+microbatch (its candidates are one softmax); the data pipeline keeps a question's rows
+contiguous but not inside a microbatch, so the training loop refuses accumulation with
+multiple-choice tasks (a caller building its own batches may arrange them). It is exact for
 1x strategies whose weights d total / d L do not depend on the losses (`ACCUMULATION_EXACT`:
 static, ew, uw, dwa, rlw) and for per-task strategies with ``grads_wrt='params'`` (G is a sum
 over microbatches); GLS and FAMO (weights depend on the full batch's losses) and the
