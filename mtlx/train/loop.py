@@ -428,6 +428,14 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: paths.PathLike,
     workdir.mkdir(parents=True, exist_ok=True)
 
     s = setup(cfg)
+    choice = [tk.name for tk in s.model.tasks if tk.kind == "multiple_choice"]
+    if cfg.optim.get("accum_steps", 1) > 1 and choice:
+        # A question's candidates are one softmax, and the step computes each microbatch's
+        # on its own: the batches would have to keep every question inside a microbatch,
+        # which the data pipeline does not (it fills rows without regard to their boundaries).
+        raise ValueError(f"config.optim.accum_steps={cfg.optim.accum_steps} with multiple-choice "
+                         f"task(s) {choice} is not supported: a question's candidate rows could "
+                         f"be split across microbatches; use config.optim.accum_steps=1")
     model, names, run, it, tx, state = s.model, s.names, s.run, s.iterator, s.tx, s.state
     init_batch = s.init_batch
     mesh = sharding.make_mesh(cfg.get("mesh", None) and cfg.mesh.to_dict())
@@ -453,14 +461,6 @@ def train_and_evaluate(cfg: ml_collections.ConfigDict, workdir: paths.PathLike,
         plan = stacking.StackPlan.for_tree(abstract_state, tree_sh)
         tx = optim.make_optimizer(cfg.optim, abstract_state.params, s.trainable, stacked=True)
     wc = cfg.get("weighting", None)
-    choice = [tk.name for tk in s.model.tasks if tk.kind == "multiple_choice"]
-    if cfg.optim.get("accum_steps", 1) > 1 and choice:
-        # A question's candidates are one softmax, and the step computes each microbatch's
-        # on its own: the batches would have to keep every question inside a microbatch,
-        # which the data pipeline does not (it fills rows without regard to their boundaries).
-        raise ValueError(f"config.optim.accum_steps={cfg.optim.accum_steps} with multiple-choice "
-                         f"task(s) {choice} is not supported: a question's candidate rows could "
-                         f"be split across microbatches; use config.optim.accum_steps=1")
     step_fn = make_train_step(model, tx, task_weights=cfg.get("task_weights", None),
                               accum_steps=cfg.optim.get("accum_steps", 1), schedule=s.schedule,
                               weighting=s.weighting, trainable=s.trainable,
