@@ -147,24 +147,24 @@ class ObjectAppender:
         self._part_prefix = (f"{parent}/.mtlx-part.{hashlib.sha256(name.encode()).hexdigest()[:12]}"
                              f".{os.getpid()}")
 
-    def _written(self, size: int) -> None:
+    def written_whole(self, size: int) -> None:
+        """The object has just been written whole (``size`` bytes): the next append may
+        compose."""
         self._composed, self._size = 0, size
         if self._gcs is not None:
             _forget_listings(self._gcs, self._url)
             self._generation = self._gcs.info(self._url).get("generation")
 
-    def written_whole(self, size: int) -> None:
-        """The caller has just written the object whole (``size`` bytes): the next append may
-        compose."""
-        self._written(size)
+    def _write_whole(self, whole) -> None:
+        data = whole()
+        write_atomic(self.path, data)
+        self.written_whole(len(data))
 
     def append(self, new: bytes, whole) -> None:
         if not new:
             return
         if self._gcs is None or self._composed is None or self._composed >= self.REWRITE_EVERY:
-            data = whole()
-            write_atomic(self.path, data)
-            self._written(len(data))
+            self._write_whole(whole)
             return
         part = f"{self._part_prefix}.{self._composed}"
         self._gcs.pipe_file(part, new)
@@ -179,9 +179,7 @@ class ObjectAppender:
             logging.getLogger(__name__).warning(
                 "%s holds %s bytes after a compose, %d expected: writing it whole",
                 self._url, meta["size"], self._size + len(new))
-            data = whole()
-            write_atomic(self.path, data)
-            self._written(len(data))
+            self._write_whole(whole)
             return
         self._composed += 1
         self._size, self._generation = int(meta["size"]), meta.get("generation")
@@ -208,8 +206,8 @@ class LineLog:
 
     Existing content is kept: a resumed run appends to its log (in a bucket, the object is
     written whole at the first append, then appended to by ``ObjectAppender``). ``written``:
-    the content the caller has just written whole to ``path``; it is not read back, and in a
-    bucket the appends compose onto it from the first.
+    the content ``path`` holds, as the caller has just written or read it whole; it is not
+    read back, and in a bucket the appends compose onto it from the first.
     """
 
     def __init__(self, path: PathLike, written: Optional[str] = None):

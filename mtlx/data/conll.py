@@ -35,10 +35,9 @@ def read(spec: TaskSpec, entry, path: Path, errors: RowErrors) -> list:
     examples = []
     for start, block in _sentences(decoded_lines(path, errors), spec.source.format):
         errors.report.rows_read += 1
-        undecodable = [(line, text) for line, text in block if isinstance(text, Undecodable)]
-        if undecodable:  # the whole sentence is bad, not just its line
-            line, text = undecodable[0]
-            errors.bad("invalid_utf8", text.message, line=line)
+        bad = next((text for _, text in block if isinstance(text, Undecodable)), None)
+        if bad is not None:  # the whole sentence is bad, not just its line
+            errors.bad("invalid_utf8", bad.message, line=bad.line)
             continue
         try:
             ex = parse(start, block)

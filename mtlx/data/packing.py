@@ -193,17 +193,19 @@ class PackedIterator(DataIterator):
         a = self.process_index * slots
         return ids[:, a: a + slots]
 
-    def _draws(self, step: int, state: "_State") -> np.ndarray:
-        """The draws `step` considers: the carried ones first, then fresh ones from the
-        stream (mixed mixtures); the step's own slots otherwise."""
+    def _draws(self, step: int, state: "_State") -> tuple:
+        """(the draws `step` considers, the stream position after them): the carried ones
+        first, then fresh ones from the stream (mixed mixtures); the step's own slots
+        otherwise."""
+        end = state.cursor + self.slots - len(state.carried)
         if not self.mixture.mixed:
-            return self.local_tasks(step, 1)[0]
-        fresh = self._stream(state.cursor, state.cursor + self.slots - len(state.carried))
-        return np.concatenate([np.asarray(state.carried, np.int32), fresh.astype(np.int32)])
+            return self.local_tasks(step, 1)[0], end
+        fresh = self._stream(state.cursor, end)
+        return np.concatenate([np.asarray(state.carried, np.int32), fresh.astype(np.int32)]), end
 
     def _place(self, step: int, state: "_State") -> tuple:
         """(units placed, their (row, offset), the state after `step`)."""
-        tasks = self._draws(step, state)
+        tasks, cursor = self._draws(step, state)
         units, lengths, c = [], [], state.counts.copy()
         for t in tasks:
             u = self.order.unit(int(t), int(c[t]))
@@ -216,12 +218,10 @@ class PackedIterator(DataIterator):
         counts = state.counts.copy()
         for i, _, _ in placed:
             counts[tasks[i]] += 1
-        if self.mixture.mixed:
-            taken = {i for i, _, _ in placed}
-            after = _State(counts, tuple(int(t) for i, t in enumerate(tasks) if i not in taken),
-                           state.cursor + self.slots - len(state.carried))
-        else:
-            after = _State(counts, (), state.cursor + self.slots)
+        taken = {i for i, _, _ in placed}
+        carried = tuple(int(t) for i, t in enumerate(tasks) if i not in taken) \
+            if self.mixture.mixed else ()
+        after = _State(counts, carried, cursor)
         return [units[i] for i, _, _ in placed], [(r, o) for _, r, o in placed], after
 
     def _state_at(self, step: int) -> "_State":
@@ -261,8 +261,7 @@ class PackedIterator(DataIterator):
 
     def units_at(self, step: int, counts: Optional[np.ndarray] = None, cursor=None) -> list:
         """The units `step` places (its state replayed; `counts`/`cursor` are not needed)."""
-        state = self._state if step == self.step and self._state is not None else self._state_at(step)
-        return self._place(step, state)[0]
+        return self._place(step, self._state_at(step))[0]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -240,6 +240,11 @@ def evaluate_tasks(eval_fn: Callable, params: Any, specs: Sequence, eval_data: M
     return results
 
 
+def _in_headline(key: str) -> bool:
+    """Whether a task's result `key` is one its headline averages."""
+    return key != "loss" and "." not in key and key not in SUPPORTING_KEYS
+
+
 def headline(task_results: Mapping[str, float]) -> float:
     """One number per task: the mean of its metrics (GLUE's convention), leaving out the loss,
     breakdowns ('group.metric' keys, e.g. SQuAD 2.0's 'has_answer.f1') and figures reported
@@ -247,8 +252,7 @@ def headline(task_results: Mapping[str, float]) -> float:
     mtlx.metrics.registry.SUPPORTING_KEYS). NaN when one of the metrics it averages is
     undefined (a correlation of constant predictions is NaN): the task's other metrics do not
     stand in for it."""
-    vals = [v for k, v in task_results.items()
-            if k != "loss" and "." not in k and k not in SUPPORTING_KEYS]
+    vals = [v for k, v in task_results.items() if _in_headline(k)]
     if not vals or not all(np.isfinite(v) for v in vals):
         return float("nan")
     return float(np.mean(vals))
@@ -266,7 +270,7 @@ def summary_score(results: Mapping[str, Mapping[str, float]]) -> float:
 def undefined_scores(results: Mapping[str, Mapping[str, float]]) -> list:
     """'task/metric' of every non-finite metric that a task's headline averages."""
     return [f"{t}/{k}" for t, r in results.items() for k, v in r.items()
-            if k != "loss" and "." not in k and k not in SUPPORTING_KEYS and not np.isfinite(v)]
+            if _in_headline(k) and not np.isfinite(v)]
 
 
 def selection_metrics(results: Mapping[str, Mapping[str, float]], key: str) -> Optional[dict]:

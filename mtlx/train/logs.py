@@ -70,32 +70,30 @@ class RunLogger:
                                         written=self._resume(resume_step))
 
     def _resume(self, step: Optional[int]) -> Optional[str]:
-        """Keeps metrics.jsonl's rows up to `step` and takes them into the history; returns
-        the text written back (None when the log is left as it is)."""
+        """Keeps metrics.jsonl's rows up to `step` (written back if that changed the file) and
+        takes them into the history; returns the log's text (None: no log to resume), so that
+        LineLog need not read it again."""
         path = self.workdir / "metrics.jsonl"
         if step is None or not path.exists():
             return None
         from tensorboardX.proto.event_pb2 import Event, SessionLog
         self._tb.write_event(Event(wall_time=time.time(), step=int(step) + 1,
                                    session_log=SessionLog(status=SessionLog.START)))
-        kept, dropped = [], 0
-        for line in path.read_text().splitlines(keepends=True):
+        original, kept = path.read_text(), []
+        for line in original.splitlines(keepends=True):
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:  # a line cut short by the crash
-                dropped += 1
                 continue
             if not isinstance(row, dict) or not isinstance(row.get("step"), int) or row["step"] > step:
-                dropped += 1
                 continue
             kept.append(line if line.endswith("\n") else line + "\n")
             for k, v in row.items():
                 if k not in ("step", "kind") and isinstance(v, (int, float)) and not isinstance(v, bool):
                     self.history[k].append((row["step"], float(v)))
-        if not dropped:
-            return None
         text = "".join(kept)
-        paths.write_atomic(path, text)
+        if text != original:
+            paths.write_atomic(path, text)
         return text
 
     def _upload_events(self) -> None:
